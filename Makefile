@@ -1,0 +1,41 @@
+# qmpwatch: two commands do all set-up on a fresh Debian machine.
+#   make run    set up, then show the daemon at work on a throwaway real QEMU (qmpwatch demo)
+#   make test   set up, then lint, type-check and run the whole suite (real QEMU, Alertmanager)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test lint typecheck pytest bench soak clean system-deps-test system-deps-run
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+system-deps-test:
+	scripts/ensure-system-deps test
+
+system-deps-run:
+	scripts/ensure-system-deps run
+
+run: system-deps-run $(BIN)/.installed
+	$(BIN)/qmpwatch demo
+
+test: system-deps-test $(BIN)/.installed lint typecheck pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+pytest: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: system-deps-run $(BIN)/.installed
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

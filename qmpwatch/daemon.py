@@ -1,0 +1,143 @@
+"""The daemon: start-up, the main loop, reload on SIGHUP, graceful shutdown with a deadline.
+
+start-up   load config (refuse to start on a bad one), configure logs, open the state
+           store, start one task per VM (supervisor) and the rediscovery loop
+main loop  wait for a signal: SIGHUP reloads (an invalid new config is refused with one
+           clear record and the old one keeps running), SIGTERM/SIGINT stop
+shutdown   cancel every task; sessions close cleanly within SHUTDOWN_DEADLINE_S;
+           a second SIGTERM/SIGINT exits at once
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+from qmpwatch import __version__, logs
+from qmpwatch.config import Config, load_config
+from qmpwatch.connection import Services
+from qmpwatch.errors import ConfigError
+from qmpwatch.statestore import StateStore
+from qmpwatch.supervisor import Supervisor
+
+SHUTDOWN_DEADLINE_S = 5.0
+
+
+class Daemon:
+    """One run of `qmpwatch run`."""
+
+    def __init__(self, config: Config, config_path: Path, writer: logs.LineWriter) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.writer = writer
+        self.log = structlog.get_logger()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._signals = 0
+
+    def _on_stop_signal(self, signame: str) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            self.log.warning("daemon_forced_exit", signal=signame)
+            self.writer.flush()
+            os._exit(1)
+        self.log.info("daemon_stopping", signal=signame)
+        self._stop.set()
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        store = StateStore(Path(self.config.daemon.state_dir))
+        if store.problem:
+            self.log.error("state_store_unavailable", error=store.problem)
+        services = Services(store=store)
+        self.log.info(
+            "daemon_started",
+            version=__version__,
+            config=str(self.config_path),
+            vms=len(self.config.vms),
+            discover=[d.glob for d in self.config.discover],
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                supervisor = Supervisor(self.config, services, tg)
+                supervisor.apply()
+                rediscover = tg.create_task(supervisor.rediscover_forever(), name="rediscover")
+                reloader = tg.create_task(self._reload_forever(supervisor), name="reload")
+                await self._stop.wait()
+                rediscover.cancel()
+                reloader.cancel()
+                try:
+                    async with asyncio.timeout(SHUTDOWN_DEADLINE_S):
+                        await supervisor.stop_all()
+                except TimeoutError:
+                    self.log.warning("daemon_shutdown_deadline_passed")
+        finally:
+            store.close()
+            self.log.info("daemon_stopped")
+            self.writer.flush()
+        return 0
+
+    async def _reload_forever(self, supervisor: Supervisor) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            try:
+                config = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as err:
+                self.log.error(
+                    "config_reload_refused", config=str(self.config_path), problems=err.problems
+                )
+                continue
+            self.config = config
+            supervisor.apply(config)
+            self.log.info(
+                "config_reloaded", config=str(self.config_path), vms=len(supervisor.running)
+            )
+
+
+def _open_log(path: str) -> IO[bytes]:
+    if not path:
+        return sys.stdout.buffer
+    return open(path, "ab")  # lives as long as the daemon
+
+
+def _run_loop(main: Daemon) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main.main())
+    return uvloop.run(main.main())
+
+
+def run_daemon(config_path: Path, *, log_format: str | None = None) -> int:
+    """`qmpwatch run`: returns the process exit status."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        print(f"{config_path}: invalid configuration, not starting:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    fmt = log_format or config.daemon.log_format
+    try:
+        stream = _open_log(config.daemon.log_file)
+    except OSError as err:
+        print(
+            f"daemon.log_file: cannot open {config.daemon.log_file}: {err.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+    writer = logs.configure("console" if fmt == "console" else "json", stream)
+    with contextlib.suppress(KeyboardInterrupt):
+        return _run_loop(Daemon(config, config_path, writer))
+    return 130

@@ -1,0 +1,379 @@
+"""The decoder: a raw QMP message (text, bytes or a parsed object) -> a typed, frozen event.
+
+Pure: imports neither asyncio nor qemu.qmp. Raw dicts from QMP do not travel past this module
+except as `Event.data`, the event's data object exactly as received (logged as-is).
+
+Every event of the QMP events document has a class whose documented fields are checked for
+type; fields the document does not list (real QEMU adds `qom-path`, `node-name`, `reason`,
+`nospace`, `websocket`, ...) are kept in `data` and never rejected, and an enum value the
+document does not list (a newer WATCHDOG action, say) is kept as the string it is. Anything
+else is a `DecodeError` that carries the raw text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from qmpwatch.errors import DecodeError
+
+MAX_TIMESTAMP_S = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second ISO 8601 can show
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A QMP event; subclasses add the typed fields of documented events."""
+
+    name: str
+    seconds: int
+    microseconds: int
+    data: Mapping[str, Any]
+
+    @property
+    def time(self) -> float:
+        """QEMU's timestamp as seconds since the epoch."""
+        return self.seconds + self.microseconds / 1_000_000
+
+    @property
+    def qemu_time(self) -> str:
+        """QEMU's timestamp as ISO 8601, UTC, with microseconds."""
+        return iso_utc(self.seconds, self.microseconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One side of a VNC or SPICE connection (VNC's `service` is the port)."""
+
+    host: str
+    port: str
+    family: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlockIoError(Event):
+    device: str
+    operation: str
+    action: str
+    nospace: bool | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reset(Event):
+    guest: bool | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Resume(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RtcChange(Event):
+    offset: int | float
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Event):
+    guest: bool | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stop(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Powerdown(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class VncEvent(Event):
+    """VNC_CONNECTED, VNC_INITIALIZED and VNC_DISCONNECTED (`name` tells which)."""
+
+    server: Endpoint
+    client: Endpoint
+    auth: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SpiceEvent(Event):
+    """SPICE_CONNECTED and SPICE_DISCONNECTED."""
+
+    server: Endpoint
+    client: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class SpiceInitialized(Event):
+    server: Endpoint
+    client: Endpoint
+    auth: str | None
+    connection_id: int
+    channel_type: int
+    channel_id: int
+    tls: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Watchdog(Event):
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
+class GuestPanicked(Event):
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
+class Generic(Event):
+    """An event qmpwatch has no class for; logged as it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A QMP message that is not an event: the greeting, or a command's reply."""
+
+    kind: str  # "greeting" | "return" | "error"
+    body: Mapping[str, Any]
+
+
+Message = Event | Control
+
+
+def iso_utc(seconds: int, microseconds: int) -> str:
+    """Epoch timestamp -> ISO 8601 UTC with microseconds, e.g. 2010-02-01T17:10:30.450486Z."""
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{microseconds:06d}Z"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+class _Bad(Exception):
+    """Internal: a documented field breaks its type; turned into DecodeError with the raw text."""
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _req_str(obj: Mapping[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if type(value) is not str:
+        raise _Bad(f"{where}.{key}: expected a string, got {_type_name(value)}")
+    return value
+
+
+def _opt_str(obj: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and type(value) is not str:
+        raise _Bad(f"{where}.{key}: expected a string, got {_type_name(value)}")
+    return value
+
+
+def _opt_bool(obj: Mapping[str, Any], key: str, where: str) -> bool | None:
+    value = obj.get(key)
+    if value is not None and type(value) is not bool:
+        raise _Bad(f"{where}.{key}: expected a boolean, got {_type_name(value)}")
+    return value
+
+
+def _req_int(obj: Mapping[str, Any], key: str, where: str) -> int:
+    value = obj.get(key)
+    if type(value) is not int:
+        raise _Bad(f"{where}.{key}: expected an integer, got {_type_name(value)}")
+    return value
+
+
+def _req_obj(obj: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = obj.get(key)
+    if type(value) is not dict:
+        raise _Bad(f"{where}.{key}: expected an object, got {_type_name(value)}")
+    return value
+
+
+def _endpoint(data: Mapping[str, Any], key: str, port_key: str) -> Endpoint:
+    obj = _req_obj(data, key, "data")
+    where = f"data.{key}"
+    return Endpoint(
+        host=_req_str(obj, "host", where),
+        port=_req_str(obj, port_key, where),
+        family=_req_str(obj, "family", where),
+    )
+
+
+_Head = tuple[str, int, int, Mapping[str, Any]]
+_Builder = Callable[[str, int, int, Mapping[str, Any]], Event]
+
+
+def _block_io_error(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
+    return BlockIoError(
+        n,
+        s,
+        us,
+        d,
+        device=_req_str(d, "device", "data"),
+        operation=_req_str(d, "operation", "data"),
+        action=_req_str(d, "action", "data"),
+        nospace=_opt_bool(d, "nospace", "data"),
+        reason=_opt_str(d, "reason", "data"),
+    )
+
+
+def _reset(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
+    return Reset(n, s, us, d, _opt_bool(d, "guest", "data"), _opt_str(d, "reason", "data"))
+
+
+def _shutdown(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
+    return Shutdown(n, s, us, d, _opt_bool(d, "guest", "data"), _opt_str(d, "reason", "data"))
+
+
+def _rtc_change(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
+    offset = d.get("offset")
+    if type(offset) is not int and type(offset) is not float:
+        raise _Bad(f"data.offset: expected a number, got {_type_name(offset)}")
+    return RtcChange(n, s, us, d, offset)
+
+
+def _vnc(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
+    server = _endpoint(d, "server", "service")
+    client = _endpoint(d, "client", "service")
+    client_obj = d["client"]
+    _opt_str(client_obj, "x509_dname", "data.client")
+    _opt_str(client_obj, "sasl_username", "data.client")
+    return VncEvent(n, s, us, d, server, client, _opt_str(d["server"], "auth", "data.server"))
+
+
+def _spice(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
+    return SpiceEvent(n, s, us, d, _endpoint(d, "server", "port"), _endpoint(d, "client", "port"))
+
+
+def _spice_initialized(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
+    server = _endpoint(d, "server", "port")
+    client = _endpoint(d, "client", "port")
+    c = d["client"]
+    tls = c.get("tls")
+    if type(tls) is not bool:
+        raise _Bad(f"data.client.tls: expected a boolean, got {_type_name(tls)}")
+    return SpiceInitialized(
+        n,
+        s,
+        us,
+        d,
+        server,
+        client,
+        auth=_opt_str(d["server"], "auth", "data.server"),
+        connection_id=_req_int(c, "connection-id", "data.client"),
+        channel_type=_req_int(c, "channel-type", "data.client"),
+        channel_id=_req_int(c, "channel-id", "data.client"),
+        tls=tls,
+    )
+
+
+def _watchdog(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
+    return Watchdog(n, s, us, d, _req_str(d, "action", "data"))
+
+
+def _guest_panicked(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
+    return GuestPanicked(n, s, us, d, _req_str(d, "action", "data"))
+
+
+def _no_data(cls: type[Event]) -> _Builder:
+    def build(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
+        return cls(n, s, us, d)
+
+    return build
+
+
+BUILDERS: dict[str, _Builder] = {
+    "BLOCK_IO_ERROR": _block_io_error,
+    "RESET": _reset,
+    "RESUME": _no_data(Resume),
+    "RTC_CHANGE": _rtc_change,
+    "SHUTDOWN": _shutdown,
+    "STOP": _no_data(Stop),
+    "POWERDOWN": _no_data(Powerdown),
+    "VNC_CONNECTED": _vnc,
+    "VNC_DISCONNECTED": _vnc,
+    "VNC_INITIALIZED": _vnc,
+    "SPICE_CONNECTED": _spice,
+    "SPICE_DISCONNECTED": _spice,
+    "SPICE_INITIALIZED": _spice_initialized,
+    "WATCHDOG": _watchdog,
+    "GUEST_PANICKED": _guest_panicked,
+}
+_generic = _no_data(Generic)
+_EMPTY: Mapping[str, Any] = {}
+
+
+def _raw_text(raw: object) -> str:
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "replace")
+    if isinstance(raw, str):
+        return raw
+    try:
+        return orjson.dumps(raw).decode()
+    except TypeError:
+        return repr(raw)
+
+
+def decode_object(obj: Mapping[str, Any], raw: object = None) -> Message:
+    """Decode a parsed QMP message; `raw` (the original text, if any) goes into a DecodeError."""
+    try:
+        name = obj.get("event")
+        if name is None:
+            return _control(obj)
+        if type(name) is not str:
+            raise _Bad(f"event: expected a string, got {_type_name(name)}")
+        ts = obj.get("timestamp")
+        if type(ts) is not dict:
+            raise _Bad(f"timestamp: expected an object, got {_type_name(ts)}")
+        seconds = _req_int(ts, "seconds", "timestamp")
+        micro = _req_int(ts, "microseconds", "timestamp")
+        if not (0 <= seconds <= MAX_TIMESTAMP_S and 0 <= micro < 1_000_000):
+            raise _Bad(f"timestamp: out of range ({seconds} s, {micro} µs)")
+        data = obj.get("data", _EMPTY)
+        if type(data) is not dict and data is not _EMPTY:
+            raise _Bad(f"data: expected an object, got {_type_name(data)}")
+        return BUILDERS.get(name, _generic)(name, seconds, micro, data)
+    except _Bad as bad:
+        raise DecodeError(str(bad), _raw_text(obj if raw is None else raw)) from None
+
+
+def _control(obj: Mapping[str, Any]) -> Control:
+    for kind in ("return", "error"):
+        if kind in obj:
+            return Control(kind, obj)
+    if "QMP" in obj:
+        return Control("greeting", obj)
+    raise _Bad("not a QMP message: no event, return, error or QMP key")
+
+
+def decode(raw: bytes | str) -> Message:
+    """Decode one QMP message from its JSON text."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise DecodeError(f"not JSON: {err}", _raw_text(raw)) from None
+    if type(obj) is not dict:
+        raise DecodeError(f"not a JSON object: got {_type_name(obj)}", _raw_text(raw))
+    return decode_object(obj, raw)

@@ -1,0 +1,64 @@
+"""The last known run status of every VM, in SQLite under `state_dir`, across restarts.
+
+A VM found paused when the daemon (re)starts is only "unexplained" if its status differs from
+what qmpwatch last saw; this file is that memory. Writes happen only when a status changes.
+If the state directory is unusable the store keeps working in memory and says why, once: a
+watcher that cannot persist is still far better than one that stops.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+FILE_NAME = "state.sqlite3"
+
+
+class StateStore:
+    """VM name -> last known status."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / FILE_NAME
+        self.problem: str | None = None
+        self._memory: dict[str, str | None] = {}
+        self._db: sqlite3.Connection | None = None
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS vm_status "
+                "(vm TEXT PRIMARY KEY, status TEXT, updated_at REAL NOT NULL)"
+            )
+            for vm, status in db.execute("SELECT vm, status FROM vm_status"):
+                self._memory[vm] = status
+            self._db = db
+        except (OSError, sqlite3.Error) as err:
+            self.problem = f"{self.path}: {err}"
+
+    def last_status(self, vm: str) -> str | None:
+        return self._memory.get(vm)
+
+    def set_status(self, vm: str, status: str | None) -> None:
+        if vm in self._memory and self._memory[vm] == status:
+            return
+        self._memory[vm] = status
+        if self._db is None:
+            return
+        try:
+            self._db.execute(
+                "INSERT INTO vm_status (vm, status, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(vm) DO UPDATE SET status = excluded.status, "
+                "updated_at = excluded.updated_at",
+                (vm, status, time.time()),
+            )
+            self.problem = None
+        except sqlite3.Error as err:
+            self.problem = f"{self.path}: {err}"
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

@@ -1,0 +1,107 @@
+"""The supervisor: one `VmConnection` task per VM, kept in line with config and discovery.
+
+`apply()` diffs the wanted VMs against the running ones: new VMs start, removed VMs stop,
+VMs whose target did not change keep their task and session untouched (so a reload or a
+discovery rescan loses no events). Every task belongs to the daemon's TaskGroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import structlog
+
+from qmpwatch.config import Config
+from qmpwatch.connection import Services, VmConnection, VmTarget
+from qmpwatch.discovery import discover
+
+DISCOVER_INTERVAL_S = 2.0
+
+
+@dataclass(slots=True)
+class _Running:
+    target: VmTarget
+    connection: VmConnection
+    task: asyncio.Task[None]
+
+
+class Supervisor:
+    """Starts and stops VM connection tasks to match the configuration."""
+
+    def __init__(self, config: Config, services: Services, tg: asyncio.TaskGroup) -> None:
+        self.config = config
+        self.services = services
+        self._tg = tg
+        self.running: dict[str, _Running] = {}
+        self._conflicts_reported: set[str] = set()
+        self.log = structlog.get_logger()
+
+    def wanted(self) -> dict[str, VmTarget]:
+        """Configured VMs, then discovered sockets (a [[vm]] for the same socket wins)."""
+        targets = {vm.name: VmTarget(vm.name, vm.socket, vm.no_shutdown) for vm in self.config.vms}
+        configured_sockets = {vm.socket for vm in self.config.vms}
+        for path, (name, rule) in discover(self.config.discover).items():
+            if path in configured_sockets:
+                continue
+            if name in targets:
+                if path not in self._conflicts_reported:
+                    self._conflicts_reported.add(path)
+                    self.log.warning(
+                        "discover_name_conflict",
+                        socket=path,
+                        vm=name,
+                        other_socket=targets[name].socket,
+                    )
+                continue
+            targets[name] = VmTarget(name, path, rule.no_shutdown)
+        return targets
+
+    def apply(self, config: Config | None = None) -> None:
+        """Reconcile the running tasks with `config` (or the current one) and discovery."""
+        if config is not None:
+            self.config = config
+        wanted = self.wanted()
+        for name in list(self.running):
+            if name not in wanted or wanted[name] != self.running[name].target:
+                self._stop(name)
+        for name, target in wanted.items():
+            if name not in self.running:
+                self._start(target)
+
+    def _start(self, target: VmTarget) -> None:
+        connection = VmConnection(
+            target,
+            connect=self.config.connect,
+            followup=self.config.followup,
+            client_stop_severity=self.config.alert.client_stop_severity,
+            services=self.services,
+        )
+        task = self._tg.create_task(connection.run(), name=f"vm:{target.name}")
+        self.running[target.name] = _Running(target, connection, task)
+        self.log.info("vm_added", vm=target.name, socket=target.socket)
+
+    def _stop(self, name: str) -> None:
+        entry = self.running.pop(name)
+        entry.task.cancel()
+        self.log.info("vm_removed", vm=name, socket=entry.target.socket)
+
+    async def stop_all(self) -> None:
+        """Cancel every VM task and wait for them (their sessions close cleanly)."""
+        tasks = [entry.task for entry in self.running.values()]
+        self.running.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def rediscover_forever(self, interval_s: float = DISCOVER_INTERVAL_S) -> None:
+        """Pick up sockets created or removed while running."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.config.discover:
+                self.apply()
+
+    def summary(self) -> str:
+        connected = sum(1 for r in self.running.values() if r.connection.connected)
+        return f"{len(self.running)} VMs, {connected} connected"
