@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO
 
 from qmpwatch import __version__
-from qmpwatch.config import DEFAULT_PATH, Config, load_config
+from qmpwatch.config import DEFAULT_PATH, Config, NoShutdown, load_config
 from qmpwatch.errors import ConfigError
 
 EXIT_OK = 0
@@ -61,6 +61,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("-c", "--config", type=Path, help="take follow-up deadlines from this file")
     rep.add_argument("--log-format", choices=("json", "console"), default="json")
+
+    tail = sub.add_parser(
+        "tail",
+        help="attach to monitor sockets ad hoc and print their events for people",
+        description="Attach to QMP monitor sockets and print every event, follow-up and alert, "
+        "one line each (coloured on a terminal). VM name = socket file name without extension.",
+    )
+    tail.add_argument("sockets", nargs="+", metavar="SOCKET", help="QMP monitor unix socket")
+    tail.add_argument("--json", action="store_true", help="print JSON lines instead")
+    tail.add_argument("--no-shutdown", choices=("auto", "true", "false"), default="auto")
+
+    demo = sub.add_parser(
+        "demo",
+        help="start a throwaway real QEMU and walk it through the documented sequences",
+    )
+    demo.add_argument("--log-format", choices=("json", "console"), default="json")
     return parser
 
 
@@ -123,4 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from qmpwatch.daemon import run_daemon
 
         return run_daemon(args.config, log_format=args.log_format)
+    if args.command == "tail":
+        from qmpwatch.daemon import run_tail
+
+        no_shutdown: NoShutdown = (
+            "auto" if args.no_shutdown == "auto" else args.no_shutdown == "true"
+        )
+        return run_tail(args.sockets, json=args.json, no_shutdown=no_shutdown)
+    if args.command == "demo":
+        from qmpwatch.demo import run_demo
+
+        return run_demo(args.log_format)
     raise AssertionError(f"unhandled command {args.command}")

@@ -21,7 +21,7 @@ from typing import IO
 import structlog
 
 from qmpwatch import __version__, logs
-from qmpwatch.config import Config, load_config
+from qmpwatch.config import Config, DaemonConfig, NoShutdown, VmConfig, load_config
 from qmpwatch.connection import Services
 from qmpwatch.errors import ConfigError
 from qmpwatch.statestore import StateStore
@@ -33,7 +33,7 @@ SHUTDOWN_DEADLINE_S = 5.0
 class Daemon:
     """One run of `qmpwatch run`."""
 
-    def __init__(self, config: Config, config_path: Path, writer: logs.LineWriter) -> None:
+    def __init__(self, config: Config, config_path: Path | None, writer: logs.LineWriter) -> None:
         self.config = config
         self.config_path = config_path
         self.writer = writer
@@ -56,14 +56,15 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
-        store = StateStore(Path(self.config.daemon.state_dir))
+        state_dir = self.config.daemon.state_dir
+        store = StateStore(Path(state_dir) if state_dir else None)
         if store.problem:
             self.log.error("state_store_unavailable", error=store.problem)
         services = Services(store=store)
         self.log.info(
             "daemon_started",
             version=__version__,
-            config=str(self.config_path),
+            config=str(self.config_path or ""),
             vms=len(self.config.vms),
             discover=[d.glob for d in self.config.discover],
         )
@@ -91,6 +92,8 @@ class Daemon:
         while True:
             await self._reload.wait()
             self._reload.clear()
+            if self.config_path is None:
+                continue
             try:
                 config = await asyncio.to_thread(load_config, self.config_path)
             except ConfigError as err:
@@ -117,6 +120,25 @@ def _run_loop(main: Daemon) -> int:
     except ImportError:
         return asyncio.run(main.main())
     return uvloop.run(main.main())
+
+
+def run_tail(sockets: list[str], *, json: bool, no_shutdown: NoShutdown) -> int:
+    """`qmpwatch tail`: the daemon on the given sockets, no sinks, state kept in memory."""
+    vms: list[VmConfig] = []
+    names: set[str] = set()
+    for path in sockets:
+        name = stem = Path(path).stem or path
+        n = 1
+        while name in names:
+            n += 1
+            name = f"{stem}-{n}"
+        names.add(name)
+        vms.append(VmConfig(name, path, no_shutdown))
+    config = Config(daemon=DaemonConfig(state_dir="", metrics_listen=""), vms=tuple(vms))
+    writer = logs.configure("json" if json else "console", sys.stdout.buffer)
+    with contextlib.suppress(KeyboardInterrupt):
+        return _run_loop(Daemon(config, None, writer))
+    return 130
 
 
 def run_daemon(config_path: Path, *, log_format: str | None = None) -> int:

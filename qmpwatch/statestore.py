@@ -18,11 +18,14 @@ FILE_NAME = "state.sqlite3"
 class StateStore:
     """VM name -> last known status."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / FILE_NAME
+    def __init__(self, state_dir: Path | None) -> None:
+        """Open (or create) the store under `state_dir`; None keeps it in memory only."""
+        self.path = state_dir / FILE_NAME if state_dir is not None else None
         self.problem: str | None = None
         self._memory: dict[str, str | None] = {}
         self._db: sqlite3.Connection | None = None
+        if state_dir is None or self.path is None:
+            return
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

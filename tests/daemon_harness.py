@@ -1,0 +1,195 @@
+"""The real daemon under test: `python -m qmpwatch run` as a subprocess, its JSON log read live.
+
+Tests observe qmpwatch the way an operator does: through the JSON lines it writes. Waiting is
+on conditions with deadlines (`wait_for`), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        )
+    return repr(value)
+
+
+def write_config(
+    path: Path,
+    *,
+    state_dir: Path,
+    vms: Sequence[Mapping[str, object]] = (),
+    discover: Sequence[Mapping[str, object]] = (),
+    sections: Mapping[str, Mapping[str, object]] | None = None,
+    arrays: Mapping[str, Sequence[Mapping[str, object]]] | None = None,
+) -> Path:
+    """A config file with fast test timings; `sections`/`arrays` add or override tables."""
+    tables: dict[str, dict[str, object]] = {
+        "daemon": {"state_dir": str(state_dir), "metrics_listen": ""},
+        "connect": {"timeout_s": 2.0, "backoff_initial_s": 0.1, "backoff_max_s": 0.5},
+    }
+    for name, values in (sections or {}).items():
+        tables.setdefault(name, {}).update(values)
+    lines: list[str] = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    all_arrays: dict[str, Sequence[Mapping[str, object]]] = {"vm": vms, "discover": discover}
+    all_arrays.update(arrays or {})
+    for name, entries in all_arrays.items():
+        for entry in entries:
+            lines.append(f"[[{name}]]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def matches(record: Mapping[str, Any], match: Mapping[str, Any]) -> bool:
+    """Every key of `match` equals the record's value ("a.b" looks into nested objects)."""
+    for key, want in match.items():
+        value: Any = record
+        for part in key.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                return False
+            value = value[part]
+        if value != want:
+            return False
+    return True
+
+
+class DaemonProcess:
+    """A running `qmpwatch run` and the records it has logged so far."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, config: Path) -> None:
+        self.proc = proc
+        self.config = config
+        self.records: list[Record] = []
+        self.bad_lines: list[str] = []
+        self.stderr = b""
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(
+        cls, config: Path, *, env: Mapping[str, str] | None = None
+    ) -> AsyncIterator[DaemonProcess]:
+        full_env = {**os.environ, **(env or {})}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=full_env,
+        )  # fmt: skip
+        daemon = cls(proc, config)
+        try:
+            await daemon.wait_for("daemon_started", timeout=20)
+            yield daemon
+        finally:
+            await daemon.stop()
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                self.bad_lines.append(line.decode("utf-8", "replace"))
+            else:
+                self.records.append(record)
+            self._changed.set()
+        self._changed.set()
+
+    def mark(self) -> int:
+        """How many records exist now; pass as `after` to look only at newer ones."""
+        return len(self.records)
+
+    def find(
+        self,
+        event: str,
+        *,
+        after: int = 0,
+        where: Callable[[Record], bool] | None = None,
+        **match: Any,
+    ) -> list[Record]:
+        return [
+            r
+            for r in self.records[after:]
+            if r.get("event") == event and matches(r, match) and (where is None or where(r))
+        ]
+
+    async def wait_for(
+        self,
+        event: str,
+        *,
+        timeout: float = 15.0,
+        after: int = 0,
+        count: int = 1,
+        where: Callable[[Record], bool] | None = None,
+        **match: Any,
+    ) -> Record:
+        """Wait until `count` records of kind `event` matching `match` exist; return the last."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    self._changed.clear()
+                    found = self.find(event, after=after, where=where, **match)
+                    if len(found) >= count:
+                        return found[count - 1]
+                    if self._reader.done():
+                        raise AssertionError(
+                            f"daemon exited ({self.proc.returncode}) before {event} {match}; "
+                            f"stderr: {self.stderr_text()}"
+                        )
+                    await self._changed.wait()
+        except TimeoutError:
+            seen = [
+                (r.get("event"), r.get("vm"), r.get("qmp") or r.get("alert"))
+                for r in self.records[after:]
+            ]
+            raise AssertionError(
+                f"no {count}x {event} {match} within {timeout} s; records since mark: {seen[-40:]}"
+            ) from None
+
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", "replace")[-4000:]
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        """Stop the daemon with `sig` and wait for it; SIGKILL if it overstays `timeout`."""
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        if self.proc.stderr is not None:
+            self.stderr = await self.proc.stderr.read()
+        assert self.proc.returncode is not None
+        return self.proc.returncode
