@@ -1,0 +1,1145 @@
+"""A throwaway real QEMU, driven from outside the way a guest would drive its devices.
+
+Used by the test suite (ground truth for the daemon) and by ``qmpwatch demo``. Imports only
+the standard library, qemu.qmp and qmpwatch's exception root: no test dependencies.
+
+The VM runs no guest OS: the firmware is 64 KiB of ``hlt`` (``halt_firmware``), so the CPU
+halts at the reset vector while every emulated device keeps working. QEMU serves two QMP
+monitors: ``watch_socket`` is left free for the daemon under test; the control monitor
+belongs to `LabVM`, which pokes I/O ports through HMP (``o``/``i``) to make the devices act
+(keyboard-controller reset, ACPI power-off, ib700 watchdog, an ATA read hitting an injected
+blkdebug error, a CMOS clock write) and records every event QEMU broadcasts — the same
+events the watched monitor receives.
+
+Exceptions (all carry their cause)::
+
+    QmpwatchError                  (qmpwatch.errors)
+     └── LabError                  anything this module raises on purpose
+          ├── QemuNotFound         no qemu-system-x86_64; says what to install
+          ├── QemuStartError       QEMU exited or hung during start-up; holds its stderr
+          ├── LabClosed            the control monitor is gone (QEMU exited or was killed)
+          └── LabTimeout           a bounded wait ran out (also a TimeoutError)
+
+Life cycle: ``async with LabVM.start(spec, workdir) as vm:`` starts QEMU and returns once
+both monitors exist and the control monitor is negotiated; leaving the block quits QEMU
+politely, SIGKILLs it after a deadline, always reaps it and removes the files the lab
+created. QEMU also gets ``PR_SET_PDEATHSIG=SIGKILL`` and its own session, so a dead test
+runner or a Ctrl-C in a terminal never leaves a stray QEMU behind or kills it abruptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno as errno_mod
+import functools
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Final, Literal, Self
+
+from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp.message import Message
+from qemu.qmp.protocol import Runstate, StateError
+
+from qmpwatch.errors import QmpwatchError
+
+__all__ = [
+    "FIRMWARE_SIZE",
+    "QEMU_INSTALL_HINT",
+    "BlkdebugSpec",
+    "ErrorPolicy",
+    "LabClosed",
+    "LabError",
+    "LabEvent",
+    "LabSpec",
+    "LabTimeout",
+    "LabVM",
+    "PortWidth",
+    "QemuNotFound",
+    "QemuStartError",
+    "ReadErrorPolicy",
+    "WatchdogAction",
+    "halt_firmware",
+    "kvm_usable",
+    "qemu_binary",
+    "require_qemu",
+]
+
+_log = logging.getLogger(__name__)
+
+
+class _DemoteToDebug(logging.Filter):
+    """Turn qemu.qmp's records about the control monitor into DEBUG records.
+
+    qemu.qmp logs every failed connect or session at ERROR; the lab reports those through
+    its own exceptions (with QEMU's stderr), so the library's lines are detail, not news.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno = logging.DEBUG
+        record.levelname = logging.getLevelName(logging.DEBUG)
+        return _qmp_log.isEnabledFor(logging.DEBUG)
+
+
+_qmp_log = logging.getLogger(f"{__name__}.qmp")
+_qmp_log.addFilter(_DemoteToDebug())
+
+QEMU_BINARY: Final = "qemu-system-x86_64"
+QEMU_ENV: Final = "QMPWATCH_QEMU"
+QEMU_INSTALL_HINT: Final = "apt-get install qemu-system-x86"
+FIRMWARE_SIZE: Final = 65_536
+_HLT: Final = 0xF4
+
+#: sun_path holds 108 bytes; stay well below so a path never gets truncated.
+_MAX_SOCKET_PATH: Final = 100
+#: Events kept by the recorder; the oldest are dropped beyond this (a lab VM is short-lived,
+#: but nothing here grows without bound).
+DEFAULT_EVENT_HISTORY: Final = 10_000
+_STDERR_TAIL: Final = 4096
+
+ReadErrorPolicy = Literal["stop", "report", "ignore"]
+ErrorPolicy = Literal["stop", "report", "ignore", "enospc"]  # enospc: werror only
+WatchdogAction = Literal["reset", "shutdown", "poweroff", "pause", "debug", "none", "inject-nmi"]
+PortWidth = Literal["b", "h", "w"]
+Accel = Literal["auto", "kvm", "tcg"]
+
+_READ_ERROR_POLICIES: Final = frozenset({"stop", "report", "ignore"})
+_WRITE_ERROR_POLICIES: Final = _READ_ERROR_POLICIES | {"enospc"}
+_WATCHDOG_ACTIONS: Final = frozenset(
+    {"reset", "shutdown", "poweroff", "pause", "debug", "none", "inject-nmi"}
+)
+_PORT_WIDTH_BITS: Final[Mapping[str, int]] = {"b": 8, "h": 16, "w": 32}
+_HMP_PORT_VALUE: Final = re.compile(r"=\s*0x([0-9a-fA-F]+)")
+
+# Guest-side constants (PC machine, QEMU 7.2).
+_KBD_CMD_PORT: Final = 0x64
+_KBD_CMD_RESET: Final = 0xFE
+_PCI_CONFIG_ADDRESS: Final = 0xCF8
+_PCI_CONFIG_DATA: Final = 0xCFC
+_PIIX4_PM_DEVFN: Final = (1, 3)  # PCI 00:01.3
+_PIIX4_PMBA: Final = 0x40  # power-management I/O base register
+_PIIX4_PMREGMISC: Final = 0x80  # bit 0 enables the PM I/O space
+_PM_IO_BASE: Final = 0x600
+_PM1_CNT: Final = _PM_IO_BASE + 4
+_PM1_CNT_SOFT_OFF: Final = 0x2000  # SLP_EN with SLP_TYP 0
+_IB700_TIMEOUT_PORT: Final = 0x443
+_ATA_PORT: Final = 0x1F0
+_ATA_CMD_READ_SECTORS: Final = 0x20
+_CMOS_INDEX: Final = 0x70
+_CMOS_DATA: Final = 0x71
+_CMOS_YEAR: Final = 0x09
+_CMOS_REG_B: Final = 0x0B
+_CMOS_REG_B_BINARY: Final = 0x04
+
+_DRIVE_ID: Final = "drive0"
+
+
+class LabError(QmpwatchError):
+    """Anything the lab raises on purpose."""
+
+
+class QemuNotFound(LabError):
+    """qemu-system-x86_64 is not installed (or not on PATH)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"{QEMU_BINARY} not found on PATH (or ${QEMU_ENV} is not executable); "
+            f"install it with `{QEMU_INSTALL_HINT}` (Debian/Ubuntu)"
+        )
+
+
+class QemuStartError(LabError):
+    """QEMU exited, or did not open its monitors, during start-up."""
+
+    def __init__(self, message: str, *, stderr: str, returncode: int | None) -> None:
+        detail = f"{message} (exit status {returncode})" if returncode is not None else message
+        if stderr.strip():
+            detail += "\nQEMU stderr:\n" + stderr.rstrip()
+        super().__init__(detail)
+        self.stderr = stderr
+        self.returncode = returncode
+
+
+class LabClosed(LabError):
+    """The control monitor is gone: QEMU exited, was killed, or the lab was closed."""
+
+
+class LabTimeout(LabError, TimeoutError):
+    """A bounded wait of the lab ran out."""
+
+
+# --------------------------------------------------------------------------------------
+# Specs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BlkdebugSpec:
+    """An IDE disk behind blkdebug that fails one kind of request at one sector.
+
+    The drive is ``-drive ...,id=drive0,rerror=R,werror=W`` on ``ide.0`` (so QEMU's
+    BLOCK_IO_ERROR says ``device: "drive0"``). ``once`` makes the rule fire a single time,
+    so the retry after ``cont`` succeeds; it is restricted to ``sector`` because QEMU reads
+    sector 0 itself at start-up.
+    """
+
+    errno: int = errno_mod.EIO
+    sector: int = 8
+    once: bool = True
+    rerror: ReadErrorPolicy = "stop"
+    werror: ErrorPolicy = "stop"
+    event: str = "read_aio"
+    image_size: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for key, policy, allowed in (
+            ("rerror", self.rerror, _READ_ERROR_POLICIES),
+            ("werror", self.werror, _WRITE_ERROR_POLICIES),
+        ):
+            if policy not in allowed:
+                raise ValueError(f"{key} must be one of {sorted(allowed)}, not {policy!r}")
+        if self.errno <= 0:
+            raise ValueError(f"errno must be positive, not {self.errno}")
+        if self.image_size < 512 or self.image_size % 512:
+            raise ValueError(
+                f"image_size must be a positive multiple of 512, not {self.image_size}"
+            )
+        if not 0 <= self.sector < self.image_size // 512:
+            raise ValueError(f"sector {self.sector} is outside the {self.image_size}-byte image")
+        if not re.fullmatch(r"[a-z_]+", self.event):
+            raise ValueError(f"not a blkdebug event name: {self.event!r}")
+
+    def config_text(self) -> str:
+        """The blkdebug configuration file."""
+        lines = [
+            "[inject-error]",
+            f'event = "{self.event}"',
+            f'errno = "{self.errno}"',
+            f'sector = "{self.sector}"',
+        ]
+        if self.once:
+            lines.append('once = "on"')
+        return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class LabSpec:
+    """What to start: a name and the devices/options that make the wanted events possible."""
+
+    name: str
+    no_shutdown: bool = False
+    watchdog_action: WatchdogAction | None = None
+    blkdebug: BlkdebugSpec | None = None
+    vnc_display: int | None = None
+    spice_port: int | None = None
+    extra_args: tuple[str, ...] = ()
+    accel: Accel = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.name or any(ch in self.name for ch in ",\0\n"):
+            raise ValueError(f"VM name must be non-empty without commas or newlines: {self.name!r}")
+        if self.watchdog_action is not None and self.watchdog_action not in _WATCHDOG_ACTIONS:
+            raise ValueError(
+                f"watchdog_action must be one of {sorted(_WATCHDOG_ACTIONS)}, "
+                f"not {self.watchdog_action!r}"
+            )
+        if self.vnc_display is not None and not 0 <= self.vnc_display <= 65535 - 5900:
+            raise ValueError(f"vnc_display out of range: {self.vnc_display}")
+        if self.spice_port is not None and not 1 <= self.spice_port <= 65535:
+            raise ValueError(f"spice_port out of range: {self.spice_port}")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise ValueError(f"accel must be auto, kvm or tcg, not {self.accel!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class LabEvent:
+    """One event seen on the control monitor."""
+
+    seq: int  #: 1, 2, 3, ... in arrival order; compare with `LabVM.mark()`
+    name: str
+    data: dict[str, Any]
+    qemu_time: float  #: QEMU's own timestamp, seconds since the epoch
+    received: float  #: ``time.monotonic()`` on arrival
+
+
+# --------------------------------------------------------------------------------------
+# Host helpers
+# --------------------------------------------------------------------------------------
+
+
+def qemu_binary() -> str | None:
+    """The QEMU binary to use: ``$QMPWATCH_QEMU`` if set, else qemu-system-x86_64 on PATH."""
+    override = os.environ.get(QEMU_ENV)
+    if override:
+        return override if os.access(override, os.X_OK) else None
+    return shutil.which(QEMU_BINARY)
+
+
+def require_qemu() -> str:
+    """Like `qemu_binary`, but raise `QemuNotFound` (which says what to install)."""
+    binary = qemu_binary()
+    if binary is None:
+        raise QemuNotFound()
+    return binary
+
+
+def kvm_usable() -> bool:
+    """Whether /dev/kvm can be opened read-write by this process."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def halt_firmware(path: Path | str) -> Path:
+    """Write a 64 KiB BIOS image of ``hlt`` instructions to ``path`` and return it."""
+    target = Path(path)
+    target.write_bytes(bytes([_HLT]) * FIRMWARE_SIZE)
+    return target
+
+
+def _accel_args(accel: Accel) -> list[str]:
+    if accel == "tcg" or (accel == "auto" and not kvm_usable()):
+        return ["-accel", "tcg"]
+    if accel == "kvm":
+        return ["-accel", "kvm"]
+    # QEMU tries accelerators in order: if KVM cannot create a VM here, TCG takes over.
+    return ["-accel", "kvm", "-accel", "tcg"]
+
+
+def _opt(value: Path | str) -> str:
+    """A value inside a QEMU ``key=value,...`` option string (commas are doubled)."""
+    return str(value).replace(",", ",,")
+
+
+def _check_socket_path(path: Path) -> None:
+    if len(os.fsencode(path)) >= _MAX_SOCKET_PATH:
+        raise ValueError(f"unix socket path too long (>= {_MAX_SOCKET_PATH} bytes): {path}")
+    if "," in str(path):
+        raise ValueError(f"unix socket path must not contain a comma: {path}")
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def _is_new_socket(path: Path, stale: tuple[int, int, int] | None) -> bool:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino, st.st_ctime_ns) != stale
+
+
+def _pci_config_address(bus: int, device: int, function: int, register: int) -> int:
+    return 0x8000_0000 | bus << 16 | device << 11 | function << 8 | (register & 0xFC)
+
+
+def _to_bcd(value: int) -> int:
+    return (value // 10) << 4 | value % 10
+
+
+def _from_bcd(value: int) -> int:
+    return (value >> 4) * 10 + (value & 0x0F)
+
+
+@functools.cache
+def _prctl() -> Any:
+    """libc's prctl(2), or None where there is none (not Linux)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _make_pdeathsig_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child die with SIGKILL when its parent dies (Linux)."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return hook
+
+
+def _sigkill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------
+# The control-monitor client
+# --------------------------------------------------------------------------------------
+
+
+class _ControlClient(QMPClient):
+    """A QMPClient whose events go to one callback instead of qemu.qmp's listeners.
+
+    Stock qemu.qmp appends every event to the default listener's unbounded queue and
+    history; overriding the dispatch keeps nothing but what the recorder keeps. The
+    callback runs in the reader task, so it must neither raise nor block.
+    """
+
+    def __init__(self, name: str, on_event: Callable[[Message], None]) -> None:
+        super().__init__(name)
+        self.logger = _qmp_log
+        self._on_event = on_event
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        # Skip the stock DEBUG line, which pretty-prints every message even with logging off.
+        return msg
+
+    async def _event_dispatch(self, msg: Message) -> None:
+        try:
+            self._on_event(msg)
+        except Exception:  # a failure here must not kill the session
+            _log.exception("lab event recorder failed on %r", msg.get("event"))
+
+
+# --------------------------------------------------------------------------------------
+# LabVM
+# --------------------------------------------------------------------------------------
+
+
+class LabVM:
+    """A running QEMU with a free watch monitor and a control monitor driven by the lab.
+
+    Create it with ``async with LabVM.start(spec, workdir) as vm`` (or ``await
+    LabVM.launch(...)`` and later ``await vm.aclose()``). Every method that talks to QEMU
+    is bounded by ``command_timeout`` unless given its own ``timeout``.
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: LabSpec,
+        proc: asyncio.subprocess.Process,
+        argv: tuple[str, ...],
+        run_dir: Path,
+        watch_socket: Path,
+        control_socket: Path,
+        stderr_path: Path,
+        disk_image: Path | None,
+        command_timeout: float,
+        event_history: int,
+    ) -> None:
+        """Internal: use `LabVM.start` or `LabVM.launch`."""
+        self.spec: Final = spec
+        self.argv: Final = argv
+        self.watch_socket: Final = watch_socket
+        self.control_socket: Final = control_socket
+        self.disk_image: Final = disk_image
+        self.command_timeout = command_timeout
+        self._proc = proc
+        self._run_dir = run_dir
+        self._stderr_path = stderr_path
+        self._stderr_tail = ""
+        self._events: deque[LabEvent] = deque(maxlen=event_history)
+        self._seq = 0
+        self._changed = asyncio.Event()
+        self._closed_reason: str | None = None
+        self._closing = False
+        self._closed = False
+        self._frozen = False
+        self._qmp = _ControlClient(f"qlab-{spec.name}", self._record)
+        self._exit_task: asyncio.Task[int] = asyncio.ensure_future(proc.wait())
+        self._exit_task.add_done_callback(self._on_exit)
+        self._runstate_task: asyncio.Task[None] | None = None
+        # Last resort if the object is dropped without aclose(): never leave QEMU running.
+        self._finalizer = weakref.finalize(self, _sigkill, proc.pid)
+
+    # ----- creation ---------------------------------------------------------------------
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(
+        cls,
+        spec: LabSpec,
+        workdir: Path | str,
+        *,
+        watch_socket: Path | str | None = None,
+        disk_image: Path | str | None = None,
+        start_timeout: float = 30.0,
+        command_timeout: float = 10.0,
+        event_history: int = DEFAULT_EVENT_HISTORY,
+    ) -> AsyncIterator[LabVM]:
+        """Start QEMU for the block's duration; see `launch` for the arguments."""
+        vm = await cls.launch(
+            spec,
+            workdir,
+            watch_socket=watch_socket,
+            disk_image=disk_image,
+            start_timeout=start_timeout,
+            command_timeout=command_timeout,
+            event_history=event_history,
+        )
+        try:
+            yield vm
+        finally:
+            await vm.aclose()
+
+    @classmethod
+    async def launch(
+        cls,
+        spec: LabSpec,
+        workdir: Path | str,
+        *,
+        watch_socket: Path | str | None = None,
+        disk_image: Path | str | None = None,
+        start_timeout: float = 30.0,
+        command_timeout: float = 10.0,
+        event_history: int = DEFAULT_EVENT_HISTORY,
+    ) -> LabVM:
+        """Start QEMU and return once both monitors exist and the control one is negotiated.
+
+        ``workdir`` must exist; the lab's private files (firmware, sockets, blkdebug config,
+        QEMU's stderr) go in a fresh directory inside it, or under /tmp when socket paths
+        there would be too long, and are removed by `aclose`. ``watch_socket`` puts the
+        daemon's monitor at a given path (e.g. the path of a QEMU killed earlier: a stale
+        socket file there is replaced by QEMU); the caller owns that path. ``disk_image``
+        reuses an image for the blkdebug disk (created when missing); by default the image
+        is ``workdir/NAME.img`` and is kept, like everything else the caller owns.
+        """
+        binary = require_qemu()
+        plan = _plan(binary, spec, workdir, watch_socket=watch_socket, disk_image=disk_image)
+        try:
+            log = _open_log(plan.stderr_path)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *plan.argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,  # a terminal's Ctrl-C is for the lab, not QEMU
+                    preexec_fn=_make_pdeathsig_hook(),
+                )
+            finally:
+                log.close()
+        except BaseException:
+            shutil.rmtree(plan.run_dir, ignore_errors=True)
+            raise
+        vm = cls(
+            spec=spec,
+            proc=proc,
+            argv=plan.argv,
+            run_dir=plan.run_dir,
+            watch_socket=plan.watch,
+            control_socket=plan.control,
+            stderr_path=plan.stderr_path,
+            disk_image=plan.image,
+            command_timeout=command_timeout,
+            event_history=event_history,
+        )
+        try:
+            await vm._connect(start_timeout, plan.stale_watch)
+        except BaseException:
+            await vm.aclose(timeout=2.0)
+            raise
+        return vm
+
+    async def _connect(self, start_timeout: float, stale: tuple[int, int, int] | None) -> None:
+        try:
+            async with asyncio.timeout(start_timeout):
+                sock = await self._wait_listening(self.control_socket)
+                try:
+                    await self._qmp.connect(sock)
+                except Exception as exc:
+                    sock.close()
+                    # Monitors open before devices are created: a bad command line shows
+                    # up as EOF here. Give QEMU a moment to exit so the error has its status.
+                    await asyncio.wait({self._exit_task}, timeout=2.0)
+                    if self._exit_task.done():
+                        raise self._start_error("QEMU exited during start-up") from exc
+                    raise self._start_error(f"control monitor handshake failed: {exc!r}") from exc
+                self._runstate_task = asyncio.ensure_future(self._watch_runstate())
+                delay = 0.001
+                while not _is_new_socket(self.watch_socket, stale):
+                    await self._pause_unless_exited(delay)
+                    delay = min(delay * 2, 0.05)
+        except TimeoutError as exc:
+            raise self._start_error(
+                f"QEMU did not open its monitors within {start_timeout:g} s"
+            ) from exc
+
+    async def _wait_listening(self, path: Path) -> socket.socket:
+        """Connect to a unix socket QEMU is about to create; fail fast if QEMU exits."""
+        loop = asyncio.get_running_loop()
+        delay = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, os.fspath(path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+            except BaseException:
+                sock.close()
+                raise
+            else:
+                return sock
+            await self._pause_unless_exited(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def _pause_unless_exited(self, delay: float) -> None:
+        await asyncio.wait({self._exit_task}, timeout=delay)
+        if self._exit_task.done():
+            raise self._start_error("QEMU exited during start-up")
+
+    def _start_error(self, message: str) -> QemuStartError:
+        return QemuStartError(
+            f"{self.spec.name}: {message}", stderr=self.stderr(), returncode=self.returncode
+        )
+
+    # ----- the event recorder -------------------------------------------------------------
+
+    def _record(self, msg: Message) -> None:
+        name = msg.get("event")
+        if not isinstance(name, str):
+            return
+        data = msg.get("data")
+        stamp = msg.get("timestamp")
+        qemu_time = 0.0
+        if isinstance(stamp, dict):
+            qemu_time = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+        self._seq += 1
+        self._events.append(
+            LabEvent(
+                seq=self._seq,
+                name=name,
+                data=dict(data) if isinstance(data, dict) else {},
+                qemu_time=qemu_time,
+                received=time.monotonic(),
+            )
+        )
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _mark_closed(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        self._notify()
+
+    def _on_exit(self, task: asyncio.Task[int]) -> None:
+        # Not "closed" yet: events QEMU wrote before exiting may still sit unread in the
+        # control socket. The control monitor's EOF (below) is what ends the recording.
+        self._finalizer.detach()
+        if self._runstate_task is None:
+            self._mark_closed(f"QEMU exited with status {self.returncode}")
+
+    async def _watch_runstate(self) -> None:
+        while self._qmp.runstate == Runstate.RUNNING:
+            await self._qmp.runstate_changed()
+        status = self.returncode
+        exited = f"; QEMU exited with status {status}" if status is not None else ""
+        self._mark_closed(f"control monitor disconnected{exited}")
+
+    @property
+    def events(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(name, data)`` of the events recorded so far, oldest first."""
+        return [(ev.name, ev.data) for ev in self._events]
+
+    @property
+    def event_log(self) -> list[LabEvent]:
+        """The recorded events with sequence numbers and timestamps, oldest first."""
+        return list(self._events)
+
+    def mark(self) -> int:
+        """The sequence number of the newest event; pass it as ``after`` to `wait_event`."""
+        return self._seq
+
+    def find_event(
+        self,
+        name: str,
+        predicate: Callable[[dict[str, Any]], bool] | None = None,
+        *,
+        after: int = 0,
+    ) -> LabEvent | None:
+        """The first recorded event named ``name`` newer than ``after`` that matches."""
+        for ev in self._events:
+            if ev.seq > after and ev.name == name and (predicate is None or predicate(ev.data)):
+                return ev
+        return None
+
+    async def wait_event(
+        self,
+        name: str,
+        timeout: float = 10.0,
+        predicate: Callable[[dict[str, Any]], bool] | None = None,
+        *,
+        after: int = 0,
+    ) -> LabEvent:
+        """Wait for an event named ``name`` (newer than sequence ``after``) whose data matches.
+
+        Events recorded before the call count, so ``mark()`` before acting and pass it as
+        ``after`` when an earlier event of the same name must not match. Raises `LabTimeout`
+        after ``timeout`` seconds and `LabClosed` when the control monitor goes away first;
+        both messages list the events seen.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    changed = self._changed
+                    found = self.find_event(name, predicate, after=after)
+                    if found is not None:
+                        return found
+                    if self._closed_reason is not None:
+                        raise LabClosed(
+                            f"{self.spec.name}: {name} not seen before the control monitor "
+                            f"closed ({self._closed_reason}); events: {self._event_names(after)}"
+                        )
+                    await changed.wait()
+        except TimeoutError as exc:
+            raise LabTimeout(
+                f"{self.spec.name}: no {name} within {timeout:g} s; "
+                f"events: {self._event_names(after)}"
+            ) from exc
+
+    def _event_names(self, after: int) -> str:
+        names = [ev.name for ev in self._events if ev.seq > after]
+        return ", ".join(names) if names else "none"
+
+    # ----- QMP ------------------------------------------------------------------------------
+
+    async def execute(
+        self,
+        cmd: str,
+        args: Mapping[str, object] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> object:
+        """Run a QMP command on the control monitor and return its ``return`` value.
+
+        Raises qemu.qmp's `ExecuteError` when QEMU answers with an error, `LabTimeout` when
+        no answer comes in time (a frozen QEMU never answers) and `LabClosed` when the
+        monitor is gone.
+        """
+        limit = self.command_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                return await self._qmp.execute(cmd, args)
+        except TimeoutError as exc:
+            frozen = " (QEMU is frozen)" if self._frozen else ""
+            raise LabTimeout(
+                f"{self.spec.name}: {cmd} got no answer within {limit:g} s{frozen}"
+            ) from exc
+        except (ExecInterruptedError, StateError) as exc:
+            raise LabClosed(f"{self.spec.name}: {cmd}: control monitor closed: {exc}") from exc
+
+    async def hmp(
+        self,
+        command_line: str,
+        *,
+        timeout: float | None = None,
+    ) -> str:
+        """Run a human-monitor command and return its text output."""
+        out = await self.execute(
+            "human-monitor-command", {"command-line": command_line}, timeout=timeout
+        )
+        if not isinstance(out, str):
+            raise LabError(f"human-monitor-command returned {type(out).__name__}, not text")
+        return out
+
+    async def stop(self) -> None:
+        """Pause the VM (QMP ``stop``): STOP."""
+        await self.execute("stop")
+
+    async def cont(self) -> None:
+        """Resume the VM (QMP ``cont``): RESUME."""
+        await self.execute("cont")
+
+    async def system_reset(self) -> None:
+        """Reset from the host: RESET ``{guest: false, reason: host-qmp-system-reset}``."""
+        await self.execute("system_reset")
+
+    async def query_status(self) -> str:
+        """The run state from ``query-status`` (``running``, ``paused``, ``io-error``, ...)."""
+        out = await self.execute("query-status")
+        if not isinstance(out, dict) or not isinstance(out.get("status"), str):
+            raise LabError(f"unexpected query-status answer: {out!r}")
+        status: str = out["status"]
+        return status
+
+    async def vnc_address(self) -> tuple[str, int]:
+        """Where QEMU's VNC server listens (from ``query-vnc``)."""
+        out = await self.execute("query-vnc")
+        if not isinstance(out, dict) or not out.get("enabled"):
+            raise LabError(f"{self.spec.name}: VNC is not enabled")
+        return str(out["host"]), int(out["service"])
+
+    async def quit(self, *, timeout: float | None = None) -> int:
+        """QMP ``quit`` (SHUTDOWN ``host-qmp-quit``), then wait for QEMU to exit."""
+        limit = self.command_timeout if timeout is None else timeout
+        if self.returncode is None:
+            with contextlib.suppress(LabClosed):
+                await self.execute("quit", timeout=limit)
+        return await self.wait_exit(limit)
+
+    # ----- the guest's side: I/O ports --------------------------------------------------------
+
+    async def port_out(self, port: int, value: int, width: PortWidth = "b") -> None:
+        """Write ``value`` to I/O ``port`` as a byte (``b``), 16-bit (``h``) or 32-bit (``w``)."""
+        bits = _PORT_WIDTH_BITS.get(width)
+        if bits is None:
+            raise ValueError(f"width must be 'b', 'h' or 'w', not {width!r}")
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"I/O port out of range: {port:#x}")
+        if not 0 <= value < 1 << bits:
+            raise ValueError(f"value {value:#x} does not fit in {bits} bits")
+        out = await self.hmp(f"o /{width} {port:#x} {value:#x}")
+        if out.strip():
+            raise LabError(f"o /{width} {port:#x} {value:#x}: {out.strip()}")
+
+    async def port_in(self, port: int, width: PortWidth = "b") -> int:
+        """Read I/O ``port`` (``b``, ``h`` or ``w`` as in `port_out`)."""
+        if width not in _PORT_WIDTH_BITS:
+            raise ValueError(f"width must be 'b', 'h' or 'w', not {width!r}")
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"I/O port out of range: {port:#x}")
+        out = await self.hmp(f"i /{width} {port:#x}")
+        match = _HMP_PORT_VALUE.search(out)
+        if match is None:
+            raise LabError(f"i /{width} {port:#x}: unexpected answer {out.strip()!r}")
+        return int(match.group(1), 16)
+
+    async def guest_reset(self) -> None:
+        """Reset as a guest does, through the keyboard controller: RESET ``guest-reset``."""
+        await self.port_out(_KBD_CMD_PORT, _KBD_CMD_RESET)
+
+    async def guest_poweroff(self) -> None:
+        """ACPI soft-off as a guest does: SHUTDOWN ``guest-shutdown``.
+
+        Enables the PIIX4 power-management I/O block (PCI 00:01.3) at 0x600, then sets
+        SLP_EN in PM1_CNT. With ``-no-shutdown`` QEMU then stops (STOP, status
+        ``shutdown``); without it QEMU exits.
+        """
+        dev, fn = _PIIX4_PM_DEVFN
+        await self.port_out(_PCI_CONFIG_ADDRESS, _pci_config_address(0, dev, fn, _PIIX4_PMBA), "w")
+        await self.port_out(_PCI_CONFIG_DATA, _PM_IO_BASE | 1, "w")
+        await self.port_out(
+            _PCI_CONFIG_ADDRESS, _pci_config_address(0, dev, fn, _PIIX4_PMREGMISC), "w"
+        )
+        await self.port_out(_PCI_CONFIG_DATA, 0x01, "b")
+        try:
+            await self.port_out(_PM1_CNT, _PM1_CNT_SOFT_OFF, "h")
+        except LabClosed:
+            if self.spec.no_shutdown:
+                raise
+            # Without -no-shutdown QEMU may exit before answering; that is the point.
+
+    async def arm_watchdog(self, seconds: int = 2) -> None:
+        """Start the ib700 watchdog; it fires after ``seconds`` (even, 0..30) of VM time.
+
+        Needs ``LabSpec.watchdog_action``. The ib700 takes a 4-bit index into a table of
+        30, 28, ..., 2, 0 seconds; the default writes 14 to port 0x443.
+        """
+        if seconds % 2 or not 0 <= seconds <= 30:
+            raise ValueError(f"the ib700 supports even timeouts of 0..30 s, not {seconds}")
+        if self.spec.watchdog_action is None:
+            raise LabError(f"{self.spec.name}: no watchdog (LabSpec.watchdog_action is None)")
+        await self.port_out(_IB700_TIMEOUT_PORT, (30 - seconds) // 2)
+
+    async def ata_read_sector(self, lba: int) -> None:
+        """Issue ATA READ SECTORS for one sector at ``lba`` on the primary IDE master."""
+        if not 0 <= lba < 1 << 28:
+            raise ValueError(f"LBA28 out of range: {lba}")
+        base = _ATA_PORT
+        await self.port_out(base + 6, 0xE0 | (lba >> 24) & 0x0F)  # drive 0, LBA mode
+        await self.port_out(base + 2, 1)  # sector count
+        await self.port_out(base + 3, lba & 0xFF)
+        await self.port_out(base + 4, (lba >> 8) & 0xFF)
+        await self.port_out(base + 5, (lba >> 16) & 0xFF)
+        await self.port_out(base + 7, _ATA_CMD_READ_SECTORS)
+
+    async def ata_status(self) -> int:
+        """The primary IDE status register (BSY 0x80, DRDY 0x40, DRQ 0x08, ERR 0x01)."""
+        return await self.port_in(_ATA_PORT + 7)
+
+    async def rtc_change(self, year: int | None = None) -> None:
+        """Write the CMOS year register (two digits; default: next year): RTC_CHANGE."""
+        await self.port_out(_CMOS_INDEX, _CMOS_REG_B)
+        binary = bool(await self.port_in(_CMOS_DATA) & _CMOS_REG_B_BINARY)
+        if year is None:
+            await self.port_out(_CMOS_INDEX, _CMOS_YEAR)
+            raw = await self.port_in(_CMOS_DATA)
+            year = ((raw if binary else _from_bcd(raw)) + 1) % 100
+        if not 0 <= year <= 99:
+            raise ValueError(f"year must have two digits, not {year}")
+        await self.port_out(_CMOS_INDEX, _CMOS_YEAR)
+        await self.port_out(_CMOS_DATA, year if binary else _to_bcd(year))
+
+    # ----- the process ------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """QEMU's process id."""
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """QEMU's exit status once reaped (negative: killed by that signal), else None."""
+        return self._proc.returncode
+
+    @property
+    def running(self) -> bool:
+        """Whether QEMU has not exited yet."""
+        return self._proc.returncode is None
+
+    @property
+    def frozen(self) -> bool:
+        """Whether QEMU is stopped with SIGSTOP by `freeze`."""
+        return self._frozen
+
+    async def wait_exit(self, timeout: float = 10.0) -> int:
+        """Wait for QEMU to exit and return its status; `LabTimeout` if it keeps running.
+
+        Also waits for the control monitor's end of file, so every event QEMU sent before
+        exiting is in `events` when this returns.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                status = await asyncio.shield(self._exit_task)
+                if self._runstate_task is not None:
+                    await asyncio.wait({self._runstate_task})
+                return status
+        except TimeoutError as exc:
+            raise LabTimeout(f"{self.spec.name}: QEMU still running after {timeout:g} s") from exc
+
+    async def kill(self, timeout: float = 10.0) -> int:
+        """SIGKILL QEMU (as a crash would) and wait for it; returns the exit status."""
+        if self.running:
+            _sigkill(self.pid)
+        self._frozen = False
+        return await self.wait_exit(timeout)
+
+    def freeze(self) -> None:
+        """SIGSTOP QEMU: its monitors accept nothing and answer nothing until `thaw`."""
+        if self.running:
+            os.kill(self.pid, signal.SIGSTOP)
+            self._frozen = True
+
+    def thaw(self) -> None:
+        """SIGCONT QEMU after `freeze`."""
+        if self.running:
+            os.kill(self.pid, signal.SIGCONT)
+        self._frozen = False
+
+    def stderr(self) -> str:
+        """The end of what QEMU wrote to stdout/stderr (kept after `aclose`)."""
+        if not self._closed:
+            with contextlib.suppress(OSError), self._stderr_path.open("rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - _STDERR_TAIL))
+                self._stderr_tail = log.read().decode(errors="replace")
+        return self._stderr_tail
+
+    # ----- shutting down --------------------------------------------------------------------
+
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Quit QEMU politely, SIGKILL it after ``timeout``, reap it and remove lab files.
+
+        Safe to call more than once. Even when cancelled, QEMU gets SIGKILL before this
+        returns (the reaping then finishes in asyncio's child watcher).
+        """
+        if self._closing:
+            await self.wait_exit(timeout)
+            return
+        self._closing = True
+        try:
+            if self.running:
+                if self._frozen:
+                    self.thaw()
+                with contextlib.suppress(LabError, ExecuteError):
+                    await self.quit(timeout=timeout / 2)
+            if self.running:
+                _log.warning("lab VM %s did not quit; killing it", self.spec.name)
+                await self.kill(timeout / 2)
+        finally:
+            # The synchronous part first, so that even a cancelled close leaves nothing.
+            if self.running:
+                _sigkill(self.pid)
+            self.stderr()  # keep the tail before the log file goes
+            self._closed = True
+            self._cleanup_files()
+            await self._close_control()
+            if self.running:
+                with contextlib.suppress(LabError):
+                    await self.wait_exit(timeout)
+            self._mark_closed("lab closed")
+
+    async def _close_control(self) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await self._qmp.disconnect()
+        except Exception as exc:  # EOFError when QEMU exited first; nothing to report
+            _log.debug("control monitor of %s ended with %r", self.spec.name, exc)
+        if self._runstate_task is not None and not self._runstate_task.done():
+            self._runstate_task.cancel()  # only if disconnect() itself timed out
+            await asyncio.wait({self._runstate_task})
+
+    def _cleanup_files(self) -> None:
+        # A watch socket at a caller-given path is the caller's (a killed QEMU leaves it
+        # stale on purpose); the default one lives in the run directory.
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else f"exited({self.returncode})"
+        return f"LabVM(name={self.spec.name!r}, pid={self.pid}, {state})"
+
+
+def _make_run_dir(work: Path) -> Path:
+    """A fresh private directory, short enough for unix socket paths inside it."""
+    # mkdtemp adds "qlab-" + 8 characters; the longest name inside is "watch.sock".
+    if len(os.fsencode(work)) + len("/qlab-XXXXXXXX/watch.sock") < _MAX_SOCKET_PATH:
+        base = work
+    else:
+        tmp = Path(tempfile.gettempdir())
+        base = tmp if len(os.fsencode(tmp)) < 40 else Path("/tmp")
+    return Path(tempfile.mkdtemp(prefix="qlab-", dir=base))
+
+
+def _open_log(path: Path) -> BinaryIO:
+    return path.open("wb")
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    run_dir: Path
+    watch: Path
+    control: Path
+    image: Path | None
+    stderr_path: Path
+    stale_watch: tuple[int, int, int] | None
+    argv: tuple[str, ...]
+
+
+def _plan(
+    binary: str,
+    spec: LabSpec,
+    workdir: Path | str,
+    *,
+    watch_socket: Path | str | None,
+    disk_image: Path | str | None,
+) -> _Plan:
+    """Create the run directory and the lab's files; work out QEMU's command line."""
+    work = Path(workdir).absolute()
+    if not work.is_dir():
+        raise ValueError(f"workdir does not exist: {work}")
+    run_dir = _make_run_dir(work)
+    try:
+        watch = Path(watch_socket).absolute() if watch_socket else run_dir / "watch.sock"
+        control = run_dir / "ctl.sock"
+        _check_socket_path(watch)
+        _check_socket_path(control)
+        image: Path | None = None
+        if spec.blkdebug is not None:
+            image = Path(disk_image).absolute() if disk_image else work / f"{spec.name}.img"
+        argv = _command_line(
+            binary, spec, run_dir=run_dir, watch=watch, control=control, image=image
+        )
+        return _Plan(
+            run_dir=run_dir,
+            watch=watch,
+            control=control,
+            image=image,
+            stderr_path=run_dir / "qemu.log",
+            stale_watch=_file_identity(watch),
+            argv=tuple(argv),
+        )
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _command_line(
+    binary: str,
+    spec: LabSpec,
+    *,
+    run_dir: Path,
+    watch: Path,
+    control: Path,
+    image: Path | None,
+) -> list[str]:
+    """Write the lab's files and return QEMU's command line."""
+    firmware = halt_firmware(run_dir / "halt.bin")
+    argv = [
+        binary,
+        "-machine",
+        "pc",
+        *_accel_args(spec.accel),
+        "-bios",
+        _opt(firmware),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-name",
+        spec.name,
+    ]
+    if spec.no_shutdown:
+        argv.append("-no-shutdown")
+    argv += ["-qmp", f"unix:{watch},server=on,wait=off"]
+    argv += ["-qmp", f"unix:{control},server=on,wait=off"]
+    if spec.watchdog_action is not None:
+        argv += ["-device", "ib700", "-watchdog-action", spec.watchdog_action]
+    if spec.blkdebug is not None:
+        assert image is not None
+        bd = spec.blkdebug
+        if not image.exists():
+            with image.open("wb") as f:
+                f.truncate(bd.image_size)
+        config = run_dir / "blkdebug.conf"
+        if ":" in str(config):
+            raise ValueError(f"blkdebug needs a config path without ':': {config}")
+        config.write_text(bd.config_text())
+        argv += [
+            "-drive",
+            f"file=blkdebug:{_opt(config)}:{_opt(image)},if=none,format=raw,id={_DRIVE_ID},"
+            f"rerror={bd.rerror},werror={bd.werror}",
+            "-device",
+            f"ide-hd,drive={_DRIVE_ID},bus=ide.0",
+        ]
+    if spec.vnc_display is not None:
+        argv += ["-vnc", f"127.0.0.1:{spec.vnc_display}"]
+    if spec.spice_port is not None:
+        argv += ["-spice", f"port={spec.spice_port},addr=127.0.0.1,disable-ticketing=on"]
+    argv += spec.extra_args
+    return argv
