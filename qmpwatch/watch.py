@@ -146,9 +146,12 @@ class VmWatch:
 
     def on_disconnected(self, now: float, cause: str, error: str = "") -> None:
         """The session ended: `cause` is "eof", "error" or "closed" (qmpwatch closed it)."""
+        self.tick(now)  # a deadline already over is missed, even if no tick() came in time
         exited = self.tracker.satisfy(QEMU_EXIT, now) if cause != "closed" else []
         self._ended(exited)
-        clean = self.saw_shutdown or bool(exited)
+        # qmpwatch closing the session says nothing about QEMU, even after a SHUTDOWN (QEMU
+        # under -no-shutdown is still there, stopped): only an ending QEMU can exit cleanly.
+        clean = cause != "closed" and (self.saw_shutdown or bool(exited))
         logged_cause = "shutdown" if clean else cause
         level = "info" if clean or cause == "closed" else "warning"
         self.out.record("vm_disconnected", level, now, {"cause": logged_cause, "error": error})
@@ -188,6 +191,8 @@ class VmWatch:
         if qemu_time is not None:
             full["qemu_time"] = qemu_time
         alert = Alert(kind, severity, self.vm, summary, cause, now, full)
+        if alert.fingerprint in self.firing:
+            return self.firing[alert.fingerprint]  # already firing: one alert, not a duplicate
         self.out.record(
             "alert",
             severity,

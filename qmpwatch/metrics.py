@@ -1,0 +1,302 @@
+"""Prometheus metrics: counters derived from the core's log records, plus a few setters.
+
+`Metrics.observe_record` takes every record a `WatchOutput` writes (same `kind` and `fields`),
+so the numbers and the log can never disagree; the daemon adds what records do not carry
+(reconnect attempts, alert deliveries, the outbox depth, the status after `query-status`).
+Everything lives in the instance's own `CollectorRegistry`, never the process-global one, so
+tests and a reload get a fresh set. Not thread-safe beyond prometheus-client's own locks: it is
+called from the event loop only.
+
+    qmpwatch_events_total{vm,event}                 QMP events by name       (qmp_event)
+    qmpwatch_event_lag_seconds                      QEMU timestamp -> processed, histogram
+    qmpwatch_decode_errors_total{vm}                undecodable messages     (qmp_decode_error)
+    qmpwatch_followups_total{vm,rule,outcome}       outcome: satisfied | missed (deadline
+                                                    passed) | disconnected (session ended first)
+    qmpwatch_alerts_total{vm,alert,severity}        alerts raised            (alert)
+    qmpwatch_alerts_resolved_total{vm,alert}        alerts resolved          (alert_resolved)
+    qmpwatch_vm_connected{vm}                       1 while a session is up  (vm_connected, ...)
+    qmpwatch_vm_running{vm}                         1 while the run status is "running"
+    qmpwatch_vm_status{vm,status}                   1, one series per VM: its current status
+    qmpwatch_disconnects_total{vm,cause}            sessions ended           (vm_disconnected)
+    qmpwatch_connect_failures_total{vm,reason}      attempts that failed     (vm_connect_failed)
+    qmpwatch_reconnects_total{vm,reason}            reconnect attempts       (reconnect())
+    qmpwatch_alert_deliveries_total{alert,sink,result}                       (alert_delivery())
+    qmpwatch_outbox_depth                           alerts waiting for a sink
+    qmpwatch_info{version}                          1
+    process_*, python_*                             the daemon process itself
+
+The `qmp_event` path runs for every event, so it touches only cached label children and parses
+QEMU's ISO 8601 timestamp through a one-entry cache of its whole-second part.
+"""
+
+from __future__ import annotations
+
+import bisect
+import calendar
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from qmpwatch import __version__
+
+# Event lag: QEMU stamps an event when it emits it; the daemon normally processes it within
+# a millisecond, a busy loop in tens of milliseconds; seconds mean the loop is in trouble.
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+UNKNOWN_STATUS = "unknown"  # the status label while it is not known (None in the core)
+
+
+class _LagHistogram(Collector):
+    """The event-lag histogram, kept as plain numbers: one `bisect` and two adds per event.
+
+    prometheus-client's Histogram takes a lock per bucket and per sum; this one runs on the
+    event loop only, so it needs none, and costs a fraction of that on the per-event path.
+    """
+
+    name = "qmpwatch_event_lag_seconds"
+    documentation = "Delay from QEMU's event timestamp to qmpwatch processing the event."
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterable[Metric]:
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += count
+            buckets.append((_bound_text(bound), cumulative))
+        yield HistogramMetricFamily(
+            self.name, self.documentation, buckets=buckets, sum_value=self.sum
+        )
+
+
+def _bound_text(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+class _ProcessCollector(ProcessCollector):
+    """process_* metrics that also work under systemd's `ProcSubset=pid`.
+
+    prometheus-client reads the boot time from /proc/stat, which `ProcSubset=pid` hides, and
+    then exports no process metrics at all; the clocks give the same number.
+    """
+
+    def _boot_time(self) -> float:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class Metrics:
+    """qmpwatch's metrics in a registry of their own; see the module docstring for the list."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._events = Counter(
+            "qmpwatch_events", "QMP events received.", ["vm", "event"], registry=r
+        )
+        self._lag = _LagHistogram(LAG_BUCKETS)
+        r.register(self._lag)
+        self._decode_errors = Counter(
+            "qmpwatch_decode_errors",
+            "QMP messages that were not valid JSON or broke the spec's types.",
+            ["vm"],
+            registry=r,
+        )
+        self._followups = Counter(
+            "qmpwatch_followups",
+            "Follow-up expectations ended, by rule and outcome (satisfied, missed, disconnected).",
+            ["vm", "rule", "outcome"],
+            registry=r,
+        )
+        self._alerts = Counter(
+            "qmpwatch_alerts", "Alerts raised.", ["vm", "alert", "severity"], registry=r
+        )
+        self._resolved = Counter(
+            "qmpwatch_alerts_resolved", "Alerts resolved.", ["vm", "alert"], registry=r
+        )
+        self._connected = Gauge(
+            "qmpwatch_vm_connected", "1 while a QMP session to the VM is up.", ["vm"], registry=r
+        )
+        self._running = Gauge(
+            "qmpwatch_vm_running", "1 while the VM's run status is running.", ["vm"], registry=r
+        )
+        self._status = Gauge(
+            "qmpwatch_vm_status",
+            "The VM's current run status (query-status word, or unknown) as a label; always 1.",
+            ["vm", "status"],
+            registry=r,
+        )
+        self._disconnects = Counter(
+            "qmpwatch_disconnects",
+            "QMP sessions ended, by cause (shutdown, eof, error, closed).",
+            ["vm", "cause"],
+            registry=r,
+        )
+        self._connect_failures = Counter(
+            "qmpwatch_connect_failures",
+            "Attempts to attach to a QMP socket that failed, by reason.",
+            ["vm", "reason"],
+            registry=r,
+        )
+        self._reconnects = Counter(
+            "qmpwatch_reconnects", "Reconnect attempts, by reason.", ["vm", "reason"], registry=r
+        )
+        self._deliveries = Counter(
+            "qmpwatch_alert_deliveries",
+            "Alert deliveries to sinks, by result.",
+            ["alert", "sink", "result"],
+            registry=r,
+        )
+        self._outbox = Gauge(
+            "qmpwatch_outbox_depth", "Alerts in the outbox waiting for delivery.", registry=r
+        )
+        Gauge("qmpwatch_info", "qmpwatch version.", ["version"], registry=r).labels(
+            __version__
+        ).set(1)
+        _ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+        # Label children by label values, so the per-event path skips prometheus-client's
+        # label validation; and per VM, every (metric, labels) made, for forget_vm().
+        self._event_children: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._series_of_vm: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        self._status_of_vm: dict[str, str] = {}
+        # one-entry cache: "YYYY-MM-DDTHH:MM:SS" -> its epoch seconds
+        self._last_second_text = ""
+        self._last_second = 0
+
+    # -- records --------------------------------------------------------------------------
+
+    def observe_record(self, vm: str, kind: str, fields: Mapping[str, Any], now: float) -> None:
+        """Count one log record of `vm` (as written by the watch core), processed at `now`."""
+        if kind == "qmp_event":
+            child = self._event_children.get((vm, fields["qmp"]))
+            if child is None:
+                child = self._event_children[(vm, fields["qmp"])] = self._child(
+                    self._events, vm, fields["qmp"]
+                )
+            child.inc()
+            stamp = self._qemu_epoch(fields["qemu_time"])
+            if stamp is not None:
+                lag = now - stamp
+                self._lag.observe(lag if lag > 0.0 else 0.0)
+        elif kind == "followup_satisfied":
+            self._child(self._followups, vm, fields["rule"], "satisfied").inc()
+        elif kind == "followup_missed":
+            outcome = "disconnected" if fields.get("reason") == "disconnected" else "missed"
+            self._child(self._followups, vm, fields["rule"], outcome).inc()
+        elif kind == "alert":
+            self._child(self._alerts, vm, fields["alert"], fields["severity"]).inc()
+        elif kind == "alert_resolved":
+            self._child(self._resolved, vm, fields["alert"]).inc()
+        elif kind == "qmp_decode_error":
+            self._child(self._decode_errors, vm).inc()
+        elif kind == "vm_connected":
+            self.set_connected(vm, True)
+            self.set_status(vm, fields.get("status"))
+        elif kind == "vm_disconnected":
+            self.set_connected(vm, False)
+            self._child(self._disconnects, vm, fields.get("cause", "unknown")).inc()
+        elif kind == "vm_connect_failed":
+            self._child(self._connect_failures, vm, fields.get("reason", "unknown")).inc()
+
+    def _qemu_epoch(self, text: str) -> float | None:
+        """`2010-02-01T17:10:30.450486Z` -> epoch seconds (None if malformed); a one-entry
+        cache keeps the calendar arithmetic to once per second."""
+        try:
+            second = text[:19]
+            if second != self._last_second_text:
+                self._last_second = calendar.timegm(
+                    (
+                        int(second[0:4]),
+                        int(second[5:7]),
+                        int(second[8:10]),
+                        int(second[11:13]),
+                        int(second[14:16]),
+                        int(second[17:19]),
+                    )
+                )
+                self._last_second_text = second
+            return self._last_second + int(text[20:26]) / 1_000_000
+        except (ValueError, TypeError):
+            return None
+
+    # -- setters --------------------------------------------------------------------------
+
+    def set_connected(self, vm: str, connected: bool) -> None:
+        """Whether a QMP session to `vm` is up (also set from vm_connected/vm_disconnected)."""
+        self._child(self._connected, vm).set(1 if connected else 0)
+
+    def set_status(self, vm: str, status: str | None) -> None:
+        """The VM's current run status (None: unknown); cheap when it did not change."""
+        label = UNKNOWN_STATUS if status is None else status
+        previous = self._status_of_vm.get(vm)
+        if previous == label:
+            return
+        if previous is not None:
+            self._status.remove(vm, previous)
+            self._children.pop((self._status, (vm, previous)), None)
+            self._series_of_vm[vm].discard((self._status, (vm, previous)))
+        self._status_of_vm[vm] = label
+        self._child(self._status, vm, label).set(1)
+        self._child(self._running, vm).set(1 if label == "running" else 0)
+
+    def reconnect(self, vm: str, reason: str) -> None:
+        """One reconnect attempt of `vm`, e.g. after "eof" or a failed attempt's "missing"."""
+        self._child(self._reconnects, vm, reason).inc()
+
+    def alert_delivery(self, kind: str, sink: str, result: str) -> None:
+        """One delivery of an alert of `kind` to `sink` ("webhook", ...) ended in `result`."""
+        self._child(self._deliveries, kind, sink, result, per_vm=False).inc()
+
+    def set_outbox_depth(self, depth: int) -> None:
+        """Alerts waiting in the outbox."""
+        self._outbox.set(depth)
+
+    def forget_vm(self, vm: str) -> None:
+        """Drop every series of `vm` (it was removed from the config)."""
+        for metric, labels in self._series_of_vm.pop(vm, ()):
+            metric.remove(*labels)
+            self._children.pop((metric, labels), None)
+        self._status_of_vm.pop(vm, None)
+        for key in [k for k in self._event_children if k[0] == vm]:
+            del self._event_children[key]
+
+    # -- output ---------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text exposition format (0.0.4)."""
+        return generate_latest(self.registry)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _child(self, metric: Any, *labels: str, per_vm: bool = True) -> Any:
+        """The labelled child of `metric`, made once; with `per_vm`, the first label is the VM
+        and the series is remembered for forget_vm()."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+            if per_vm:
+                self._series_of_vm.setdefault(labels[0], set()).add(key)
+        return child
