@@ -35,6 +35,7 @@ from qmpwatch.config import ConnectConfig, FollowupConfig, NoShutdown
 from qmpwatch.errors import ConnectFailed, DecodeError
 from qmpwatch.events import Control, decode_object
 from qmpwatch.logs import RecordLogger
+from qmpwatch.metrics import Metrics
 from qmpwatch.peer import QemuCommandLine, parse_cmdline, peer_pid, read_cmdline
 from qmpwatch.qmpclient import WatchClient
 from qmpwatch.statestore import StateStore
@@ -73,6 +74,7 @@ class Services:
     store: StateStore
     alerts: AlertSink | None = None
     observe: RecordObserver | None = None  # (vm, kind, fields, now), e.g. metrics
+    metrics: Metrics | None = None
 
 
 class Backoff:
@@ -167,6 +169,8 @@ class VmConnection:
                     peer = await self._attach(client)
                 except ConnectFailed as err:
                     attempts += 1
+                    if self.services.metrics is not None:
+                        self.services.metrics.reconnect(self.target.name, err.reason)
                     delay = backoff.next()
                     now = time.monotonic()
                     if err.reason != last_reason or now - last_logged >= FAILURE_LOG_INTERVAL_S:
@@ -420,6 +424,8 @@ class VmConnection:
 
     def _store_status(self) -> None:
         self.services.store.set_status(self.target.name, self.watch.status)
+        if self.services.metrics is not None:
+            self.services.metrics.set_status(self.target.name, self.watch.status)
 
 
 def _connect_reason(exc: BaseException) -> str:

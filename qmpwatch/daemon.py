@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -20,14 +21,17 @@ from typing import IO
 
 import structlog
 
-from qmpwatch import __version__, logs
+from qmpwatch import __version__, logs, sdnotify
 from qmpwatch.config import Config, DaemonConfig, NoShutdown, VmConfig, load_config
 from qmpwatch.connection import Services
 from qmpwatch.errors import ConfigError
+from qmpwatch.httpserver import Health, HttpServer, ListenError
+from qmpwatch.metrics import Metrics
 from qmpwatch.statestore import StateStore
 from qmpwatch.supervisor import Supervisor
 
 SHUTDOWN_DEADLINE_S = 5.0
+STATUS_INTERVAL_S = 1.0
 
 
 class Daemon:
@@ -41,6 +45,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._signals = 0
+        self._supervisor: Supervisor | None = None
 
     def _on_stop_signal(self, signame: str) -> None:
         self._signals += 1
@@ -60,7 +65,8 @@ class Daemon:
         store = StateStore(Path(state_dir) if state_dir else None)
         if store.problem:
             self.log.error("state_store_unavailable", error=store.problem)
-        services = Services(store=store)
+        metrics = Metrics()
+        services = Services(store=store, observe=metrics.observe_record, metrics=metrics)
         self.log.info(
             "daemon_started",
             version=__version__,
@@ -69,24 +75,57 @@ class Daemon:
             discover=[d.glob for d in self.config.discover],
         )
         try:
-            async with asyncio.TaskGroup() as tg:
-                supervisor = Supervisor(self.config, services, tg)
-                supervisor.apply()
-                rediscover = tg.create_task(supervisor.rediscover_forever(), name="rediscover")
-                reloader = tg.create_task(self._reload_forever(supervisor), name="reload")
-                await self._stop.wait()
-                rediscover.cancel()
-                reloader.cancel()
-                try:
-                    async with asyncio.timeout(SHUTDOWN_DEADLINE_S):
-                        await supervisor.stop_all()
-                except TimeoutError:
-                    self.log.warning("daemon_shutdown_deadline_passed")
+            async with contextlib.AsyncExitStack() as stack:
+                listen = self.config.daemon.metrics_listen
+                if listen:
+                    server = HttpServer(listen, metrics, self._health)
+                    try:
+                        await stack.enter_async_context(server)
+                    except ListenError as err:
+                        self.log.error("metrics_listen_failed", error=str(err))
+                        return 1
+                    self.log.info("metrics_listening", listen=listen, port=server.port)
+                async with asyncio.TaskGroup() as tg:
+                    supervisor = Supervisor(self.config, services, tg)
+                    self._supervisor = supervisor
+                    supervisor.apply()
+                    sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
+                    background = [
+                        tg.create_task(supervisor.rediscover_forever(), name="rediscover"),
+                        tg.create_task(self._reload_forever(supervisor), name="reload"),
+                        tg.create_task(sdnotify.keep_alive(), name="watchdog"),
+                        tg.create_task(self._status_forever(supervisor), name="status"),
+                    ]
+                    await self._stop.wait()
+                    sdnotify.stopping()
+                    for task in background:
+                        task.cancel()
+                    try:
+                        async with asyncio.timeout(SHUTDOWN_DEADLINE_S):
+                            await supervisor.stop_all()
+                    except TimeoutError:
+                        self.log.warning("daemon_shutdown_deadline_passed")
         finally:
             store.close()
             self.log.info("daemon_stopped")
             self.writer.flush()
         return 0
+
+    def _health(self) -> Health:
+        if self._supervisor is None:
+            return Health(False, {"reason": "starting"})
+        vms, connected, firing = self._supervisor.counts()
+        return Health(True, {"vms": vms, "connected": connected, "alerts_firing": firing})
+
+    async def _status_forever(self, supervisor: Supervisor) -> None:
+        """Keep systemd's STATUS= line current (sent only when it changes)."""
+        last = ""
+        while True:
+            line = sdnotify.status_line(*supervisor.counts())
+            if line != last:
+                sdnotify.status(line)
+                last = line
+            await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _reload_forever(self, supervisor: Supervisor) -> None:
         while True:
@@ -94,18 +133,20 @@ class Daemon:
             self._reload.clear()
             if self.config_path is None:
                 continue
+            sdnotify.reloading()
             try:
                 config = await asyncio.to_thread(load_config, self.config_path)
             except ConfigError as err:
                 self.log.error(
                     "config_reload_refused", config=str(self.config_path), problems=err.problems
                 )
-                continue
-            self.config = config
-            supervisor.apply(config)
-            self.log.info(
-                "config_reloaded", config=str(self.config_path), vms=len(supervisor.running)
-            )
+            else:
+                self.config = config
+                supervisor.apply(config)
+                self.log.info(
+                    "config_reloaded", config=str(self.config_path), vms=len(supervisor.running)
+                )
+            sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
 
 
 def _open_log(path: str) -> IO[bytes]:
@@ -115,6 +156,7 @@ def _open_log(path: str) -> IO[bytes]:
 
 
 def _run_loop(main: Daemon) -> int:
+    faulthandler.enable()  # a watchdog SIGABRT of a stuck loop leaves tracebacks in the journal
     try:
         import uvloop
     except ImportError:

@@ -84,6 +84,8 @@ class Supervisor:
     def _stop(self, name: str) -> None:
         entry = self.running.pop(name)
         entry.task.cancel()
+        if self.services.metrics is not None:
+            self.services.metrics.forget_vm(name)
         self.log.info("vm_removed", vm=name, socket=entry.target.socket)
 
     async def stop_all(self) -> None:
@@ -102,6 +104,8 @@ class Supervisor:
             if self.config.discover:
                 self.apply()
 
-    def summary(self) -> str:
+    def counts(self) -> tuple[int, int, int]:
+        """(VMs, connected, alerts firing) for the status line and /healthz."""
         connected = sum(1 for r in self.running.values() if r.connection.connected)
-        return f"{len(self.running)} VMs, {connected} connected"
+        firing = sum(len(r.connection.watch.firing) for r in self.running.values())
+        return len(self.running), connected, firing
