@@ -94,19 +94,24 @@ class WebhookConfig:
     url: str
     headers: Mapping[str, Secret] = field(default_factory=dict)
     hmac_secret: Secret | None = None
-    timeout_s: float = 5.0
+    timeout_s: float = 5.0  # per attempt
 
 
 @dataclass(frozen=True, slots=True)
 class AlertmanagerConfig:
-    url: str
-    timeout_s: float = 5.0
+    url: str  # base URL; alerts go to {url}/api/v2/alerts
+    timeout_s: float = 5.0  # per attempt
+    headers: Mapping[str, Secret] = field(default_factory=dict)
+    # Firing alerts are posted again this often; each post says endsAt = now + 4 intervals,
+    # so Alertmanager resolves an alert by itself only when qmpwatch stops confirming it.
+    resend_interval_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class ExecConfig:
     command: tuple[str, ...]
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # per attempt; then the process group is killed
+    env: Mapping[str, Secret] = field(default_factory=dict)
 
 
 Severity = Literal["critical", "warning", "info"]
@@ -115,9 +120,26 @@ Severity = Literal["critical", "warning", "info"]
 @dataclass(frozen=True, slots=True)
 class AlertConfig:
     client_stop_severity: Severity | Literal["none"] = "warning"
+    host: str = ""  # the `host` of payloads and Alertmanager labels; empty: the hostname
+    outbox_max_entries: int = 10000  # undelivered alerts kept; see qmpwatch.outbox
+    retry_initial_s: float = 1.0  # delivery backoff: first retry ...
+    retry_max_s: float = 60.0  # ... doubling up to this (jittered)
     webhook: tuple[WebhookConfig, ...] = ()
     alertmanager: tuple[AlertmanagerConfig, ...] = ()
     exec: tuple[ExecConfig, ...] = ()
+
+    def secrets(self) -> tuple[Secret, ...]:
+        """Every secret the sinks use (to keep them out of logs and child environments)."""
+        found: list[Secret] = []
+        for w in self.webhook:
+            found.extend(w.headers.values())
+            if w.hmac_secret is not None:
+                found.append(w.hmac_secret)
+        for a in self.alertmanager:
+            found.extend(a.headers.values())
+        for e in self.exec:
+            found.extend(e.env.values())
+        return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,12 +203,27 @@ class _Reader:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 self.problems.append(f"{key}: expected a number, got {_show(value)}")
                 return None
+            if isinstance(value, int) and abs(value) > 2**53:  # math.isfinite would overflow
+                self.problems.append(f"{key}: number too large, got {str(value)[:20]}...")
+                return None
             if not math.isfinite(value) or (positive and value <= minimum):
                 self.problems.append(
                     f"{key}: must be a number greater than {minimum:g}, got {value}"
                 )
                 return None
             return float(value)
+
+        return check
+
+    def integer(self, *, minimum: int = 1) -> Callable[[str, Any], int | None]:
+        def check(key: str, value: Any) -> int | None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.problems.append(f"{key}: expected an integer, got {_show(value)}")
+                return None
+            if value < minimum:
+                self.problems.append(f"{key}: must be at least {minimum}, got {value}")
+                return None
+            return value
 
         return check
 
@@ -252,6 +289,9 @@ def resolve_secret(key: str, ref: str, problems: list[str]) -> Secret | None:
         except OSError as err:
             problems.append(f"{key}: cannot read secret file {path}: {err.strerror}")
             return None
+        except UnicodeDecodeError:  # its text is the secret: say nothing of it
+            problems.append(f"{key}: cannot read secret file {path}: not UTF-8 text")
+            return None
     return Secret(ref, ref)
 
 
@@ -266,7 +306,13 @@ def _parse_daemon(r: _Reader) -> DaemonConfig:
     )
     if cfg.metrics_listen:
         host, sep, port = cfg.metrics_listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if (
+            not sep
+            or not host
+            or not port.isascii()
+            or not port.isdigit()
+            or not 0 < int(port) < 65536
+        ):
             r.bad("metrics_listen", f'expected "HOST:PORT" or "", got {_show(cfg.metrics_listen)}')
     r.finish()
     return cfg
@@ -304,7 +350,7 @@ def _parse_vms(readers: list[_Reader], problems: list[str]) -> tuple[VmConfig, .
         for required in ("name", "socket"):
             if required not in r.table:
                 r.bad(required, "missing (required)")
-        if name in names:
+        if name and name in names:
             r.bad("name", f"duplicate VM name {_show(name)} (also {names[name]})")
         names.setdefault(name, r.key("name"))
         r.finish()
@@ -333,25 +379,36 @@ def _url(r: _Reader) -> str:
     return url
 
 
+def _secret_table(r: _Reader, name: str, problems: list[str]) -> dict[str, Secret]:
+    """A table of `NAME = "env:VAR" | "file:/path" | "text"` values (headers, environments)."""
+    out: dict[str, Secret] = {}
+    raw: dict[str, Any] = r.get(name, lambda k, v: v if isinstance(v, dict) else None, {})
+    if name in r.table and not isinstance(r.table[name], dict):
+        r.bad(name, f"expected a table, got {_show(r.table[name])}")
+    for item, value in raw.items():
+        key = r.key(f"{name}.{item}")
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {_show(value)}")
+        elif (secret := resolve_secret(key, value, problems)) is not None:
+            out[item] = secret
+    return out
+
+
 def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
+    d = AlertConfig()
     severity = r.get(
         "client_stop_severity", r.string(choices=("critical", "warning", "info", "none")), "warning"
     )
+    host = r.get("host", r.string(), d.host)
+    outbox_max = r.get("outbox_max_entries", r.integer(minimum=1), d.outbox_max_entries)
+    retry_initial = r.get("retry_initial_s", r.number(), d.retry_initial_s)
+    retry_max = r.get("retry_max_s", r.number(), d.retry_max_s)
+    if retry_max < retry_initial:
+        r.bad("retry_max_s", f"must not be less than retry_initial_s ({retry_initial:g})")
     webhooks: list[WebhookConfig] = []
     for w in r.array_of_tables("webhook"):
         url = _url(w)
-        headers: dict[str, Secret] = {}
-        raw_headers: dict[str, Any] = w.get(
-            "headers", lambda k, v: v if isinstance(v, dict) else None, {}
-        )
-        if "headers" in w.table and not isinstance(w.table["headers"], dict):
-            w.bad("headers", f"expected a table, got {_show(w.table['headers'])}")
-        for hname, hvalue in raw_headers.items():
-            key = w.key(f"headers.{hname}")
-            if not isinstance(hvalue, str):
-                problems.append(f"{key}: expected a string, got {_show(hvalue)}")
-            elif (secret := resolve_secret(key, hvalue, problems)) is not None:
-                headers[hname] = secret
+        headers = _secret_table(w, "headers", problems)
         hmac_ref = w.get("hmac_secret", w.string(nonempty=True), "")
         hmac = resolve_secret(w.key("hmac_secret"), hmac_ref, problems) if hmac_ref else None
         timeout = w.get("timeout_s", w.number(), 5.0)
@@ -361,8 +418,10 @@ def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
     for a in r.array_of_tables("alertmanager"):
         url = _url(a)
         timeout = a.get("timeout_s", a.number(), 5.0)
+        am_headers = _secret_table(a, "headers", problems)
+        resend = a.get("resend_interval_s", a.number(), 60.0)
         a.finish()
-        managers.append(AlertmanagerConfig(url, timeout))
+        managers.append(AlertmanagerConfig(url, timeout, am_headers, resend))
     execs: list[ExecConfig] = []
     for e in r.array_of_tables("exec"):
 
@@ -382,11 +441,16 @@ def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
         if "command" not in e.table:
             e.bad("command", "missing (required)")
         timeout = e.get("timeout_s", e.number(), 10.0)
+        env = _secret_table(e, "env", problems)
         e.finish()
-        execs.append(ExecConfig(command, timeout))
+        execs.append(ExecConfig(command, timeout, env))
     r.finish()
     return AlertConfig(
         client_stop_severity=severity,  # type: ignore[arg-type]
+        host=host,
+        outbox_max_entries=outbox_max,
+        retry_initial_s=retry_initial,
+        retry_max_s=retry_max,
         webhook=tuple(webhooks),
         alertmanager=tuple(managers),
         exec=tuple(execs),

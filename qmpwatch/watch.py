@@ -156,7 +156,11 @@ class VmWatch:
         level = "info" if clean or cause == "closed" else "warning"
         self.out.record("vm_disconnected", level, now, {"cause": logged_cause, "error": error})
         self._ended(self.tracker.abandon(now))
-        if self.pending_stop is not None:
+        if self.pending_stop is not None and cause == "closed":
+            # qmpwatch itself closed the session (stopping, reload): nothing happened to the
+            # VM; the next session's resync reports the stop if the VM is still stopped.
+            self.pending_stop = None
+        elif self.pending_stop is not None:
             self._classify_stop(self.pending_stop, None, now, "the session ended")
         if cause != "closed":
             if clean:
@@ -236,6 +240,8 @@ class VmWatch:
                 )
                 if rule.alert is not None:
                     self._alert_for_satisfied(rule.alert, exp.cause, end.at)
+                elif rule.expected == "STOP" and rule.cause == "SHUTDOWN":
+                    self.status = "shutdown"
                 continue
             self.out.record(
                 "followup_missed",
@@ -268,7 +274,7 @@ class VmWatch:
                 kind,
                 "critical",
                 f"VM {self.vm} paused: {_io_error_words(cause)}",
-                cause=f"BLOCK_IO_ERROR:{cause.device}",
+                cause=f"BLOCK_IO_ERROR:{_disk_name(cause)}",
                 details={
                     "device": cause.device,
                     "operation": cause.operation,
@@ -313,11 +319,15 @@ class VmWatch:
         )
 
 
+def _disk_name(event: BlockIoError) -> str:
+    """The failing disk: its device, or (a -blockdev disk reports device "") its node-name."""
+    node = event.data.get("node-name")
+    return event.device or (node if isinstance(node, str) else "")
+
+
 def _io_error_words(event: BlockIoError) -> str:
     reason = event.reason or ("No space left on device" if event.nospace else "")
-    node = event.data.get("node-name")
-    device = event.device or (node if isinstance(node, str) else "") or "a disk"
-    words = f"{event.operation} error on {device}"
+    words = f"{event.operation} error on {_disk_name(event) or 'a disk'}"
     return f"{words} ({reason})" if reason else words
 
 
