@@ -23,7 +23,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -75,6 +75,7 @@ class Services:
     alerts: AlertSink | None = None
     observe: RecordObserver | None = None  # (vm, kind, fields, now), e.g. metrics
     metrics: Metrics | None = None
+    restored: Mapping[str, list[Alert]] = field(default_factory=dict)  # firing at start-up
 
 
 class Backoff:
@@ -145,6 +146,9 @@ class VmConnection:
             client_stop_severity=client_stop_severity,
             last_status=services.store.last_status(target.name),
         )
+        for alert in services.restored.get(target.name, ()):
+            # Alerts still firing when the daemon last stopped: they resolve like new ones.
+            self.watch.firing[alert.fingerprint] = alert
         self.connected = False
         self._status_wanted = asyncio.Event()
         self._deadline_handle: asyncio.TimerHandle | None = None

@@ -16,14 +16,17 @@ import faulthandler
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 import structlog
 
 from qmpwatch import __version__, logs, sdnotify
+from qmpwatch.alert import Alert
 from qmpwatch.config import Config, DaemonConfig, NoShutdown, VmConfig, load_config
 from qmpwatch.connection import Services
+from qmpwatch.dispatch import AlertDispatcher
 from qmpwatch.errors import ConfigError
 from qmpwatch.httpserver import Health, HttpServer, ListenError
 from qmpwatch.metrics import Metrics
@@ -31,6 +34,7 @@ from qmpwatch.statestore import StateStore
 from qmpwatch.supervisor import Supervisor
 
 SHUTDOWN_DEADLINE_S = 5.0
+ALERT_FLUSH_DEADLINE_S = 3.0  # last delivery attempts on shutdown; the rest waits
 STATUS_INTERVAL_S = 1.0
 
 
@@ -46,6 +50,8 @@ class Daemon:
         self._reload = asyncio.Event()
         self._signals = 0
         self._supervisor: Supervisor | None = None
+        self._dispatcher: AlertDispatcher | None = None
+        self._metrics_outbox: Callable[[int], None] = lambda depth: None
 
     def _on_stop_signal(self, signame: str) -> None:
         self._signals += 1
@@ -66,7 +72,24 @@ class Daemon:
         if store.problem:
             self.log.error("state_store_unavailable", error=store.problem)
         metrics = Metrics()
-        services = Services(store=store, observe=metrics.observe_record, metrics=metrics)
+        dispatcher = AlertDispatcher(
+            self.config.alert,
+            Path(state_dir) if state_dir else None,
+            host=self.config.alert.host,
+            on_result=metrics.alert_delivery,
+        )
+        restored: dict[str, list[Alert]] = {}
+        for alert in dispatcher.firing_alerts():
+            restored.setdefault(alert.vm, []).append(alert)
+        services = Services(
+            store=store,
+            alerts=dispatcher,
+            observe=metrics.observe_record,
+            metrics=metrics,
+            restored=restored,
+        )
+        self._dispatcher = dispatcher
+        self._metrics_outbox = metrics.set_outbox_depth
         self.log.info(
             "daemon_started",
             version=__version__,
@@ -90,6 +113,7 @@ class Daemon:
                     self._supervisor = supervisor
                     supervisor.apply()
                     sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
+                    delivery = tg.create_task(dispatcher.run(), name="alert-delivery")
                     background = [
                         tg.create_task(supervisor.rediscover_forever(), name="rediscover"),
                         tg.create_task(self._reload_forever(supervisor), name="reload"),
@@ -105,6 +129,8 @@ class Daemon:
                             await supervisor.stop_all()
                     except TimeoutError:
                         self.log.warning("daemon_shutdown_deadline_passed")
+                    await dispatcher.aclose(ALERT_FLUSH_DEADLINE_S)
+                    await delivery
         finally:
             store.close()
             self.log.info("daemon_stopped")
@@ -125,6 +151,8 @@ class Daemon:
             if line != last:
                 sdnotify.status(line)
                 last = line
+            if self._dispatcher is not None:
+                self._metrics_outbox(self._dispatcher.depth())
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _reload_forever(self, supervisor: Supervisor) -> None:
@@ -141,6 +169,12 @@ class Daemon:
                     "config_reload_refused", config=str(self.config_path), problems=err.problems
                 )
             else:
+                if config.alert != self.config.alert:
+                    self.log.warning(
+                        "config_reload_partial",
+                        detail="[alert] changed: alert sinks are set up at start-up; "
+                        "restart qmpwatch to apply the new ones",
+                    )
                 self.config = config
                 supervisor.apply(config)
                 self.log.info(

@@ -22,8 +22,8 @@ Record = dict[str, Any]
 def toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
@@ -156,6 +156,9 @@ class DaemonProcess:
                     if len(found) >= count:
                         return found[count - 1]
                     if self._reader.done():
+                        await self.proc.wait()
+                        if self.proc.stderr is not None and not self.stderr:
+                            self.stderr = await self.proc.stderr.read()
                         raise AssertionError(
                             f"daemon exited ({self.proc.returncode}) before {event} {match}; "
                             f"stderr: {self.stderr_text()}"
