@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+
+from tests.ports import free_tcp_port
 
 T = TypeVar("T")
 
@@ -49,12 +50,6 @@ def binary() -> str | None:
         or shutil.which("prometheus-alertmanager")
         or shutil.which("alertmanager")
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -115,7 +110,7 @@ async def running_alertmanager(
     config, log_path = _prepare(tmp_dir)
     chosen = port
     for _ in range(1 if chosen else 3):  # a free port may be taken before it is bound
-        port = chosen or free_port()
+        port = chosen or free_tcp_port()
         url = f"http://127.0.0.1:{port}"
         with log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(

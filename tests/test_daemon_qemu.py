@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ from qmpwatch.lab import (
 from qmpwatch.statestore import FILE_NAME as STATE_FILE
 from tests.daemon_harness import DaemonProcess, write_config
 from tests.display_clients import spice_link_main_channel, vnc_session
+from tests.ports import free_tcp_port, free_vnc_display
 
 pytestmark = pytest.mark.qemu
 
@@ -118,27 +117,6 @@ async def lab_vms(*launches: Awaitable[LabVM]) -> AsyncIterator[list[LabVM]]:
         yield vms
     finally:
         await asyncio.gather(*(vm.aclose() for vm in vms), return_exceptions=True)
-
-
-def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOCALHOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def free_vnc_display() -> int:
-    """A VNC display number N whose TCP port 5900+N was free a moment ago."""
-    for _ in range(200):
-        display = random.randint(100, 20000)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((LOCALHOST, 5900 + display))
-            except OSError:
-                continue
-            return display
-    raise RuntimeError("no free VNC display found")
 
 
 async def launch_display_vm(name: str, workdir: Path) -> LabVM:

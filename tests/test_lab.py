@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import random
 import socket
 import struct
 import time
@@ -35,6 +34,7 @@ from qmpwatch.lab import (
     qemu_binary,
 )
 from tests.display_clients import spice_connect_close, spice_link_main_channel, vnc_session
+from tests.ports import free_tcp_port, free_vnc_display
 
 _T = TypeVar("_T", bound=Callable[..., object])
 
@@ -50,27 +50,6 @@ ATA_BSY = 0x80
 ATA_DRQ = 0x08
 ATA_ERR = 0x01
 LOCALHOST = "127.0.0.1"
-
-
-def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOCALHOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def free_vnc_display() -> int:
-    """A VNC display number N whose TCP port 5900+N was free a moment ago."""
-    for _ in range(200):
-        display = random.randint(100, 20000)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((LOCALHOST, 5900 + display))
-            except OSError:
-                continue
-            return display
-    raise RuntimeError("no free VNC display found")
 
 
 def peer_pid(sock: socket.socket) -> int:

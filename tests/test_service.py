@@ -15,15 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qmpwatch.lab import LabSpec, LabVM
 from tests.daemon_harness import DaemonProcess, write_config
+from tests.ports import free_tcp_port
 
 pytestmark = pytest.mark.qemu
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -60,7 +54,7 @@ class NotifyListener:
 
 async def test_metrics_healthz_and_sd_notify(tmp_path: Path, sock_dir: Path) -> None:
     """After a scripted run /metrics counts the events, /healthz is 200, systemd hears READY."""
-    port = free_port()
+    port = free_tcp_port()
     notify = NotifyListener(sock_dir / "notify")
     try:
         async with LabVM.start(LabSpec(name="web01"), sock_dir) as vm:

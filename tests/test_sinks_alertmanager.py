@@ -13,7 +13,8 @@ from structlog.testing import capture_logs
 from qmpwatch.config import AlertConfig, AlertmanagerConfig
 from qmpwatch.dispatch import AlertDispatcher
 from tests.alert_fixtures import make_alert, running, wait_until
-from tests.alertmanager import Alertmanager, alertmanager, free_port, running_alertmanager
+from tests.alertmanager import Alertmanager, alertmanager, running_alertmanager
+from tests.ports import free_tcp_port
 
 __all__ = ["alertmanager"]  # the fixture
 
@@ -116,7 +117,7 @@ async def test_firing_alerts_are_reposted_and_one_shots_expire(
 async def test_alertmanager_down_then_up_and_restarted(tmp_path: Path) -> None:
     """Posts to an Alertmanager that is not up yet are retried until it is; an Alertmanager
     that restarts empty gets the active alerts again (re-posted at the next interval)."""
-    port = free_port()
+    port = free_tcp_port()
     url = f"http://127.0.0.1:{port}"
     dispatcher = AlertDispatcher(fast(url, resend_interval_s=0.3), tmp_path / "state", host="h")
     alert = make_alert(vm="late")

@@ -29,7 +29,7 @@ from tests.alert_fixtures import (
     running,
     wait_until,
 )
-from tests.alertmanager import free_port
+from tests.ports import free_tcp_port
 
 TOKEN = "tok-3f9a1c-very-secret"
 HMAC_KEY = "hmac-key-77c2-very-secret"
@@ -141,7 +141,7 @@ async def test_retries_while_receiver_answers_500(tmp_path: Path) -> None:
 async def test_receiver_down_then_back(tmp_path: Path) -> None:
     """While nothing listens, attempts fail and back off; once the receiver is up every
     alert arrives once, in order per alert; URL path and query never reach the log."""
-    port = free_port()
+    port = free_tcp_port()
     url = f"http://127.0.0.1:{port}/hook/path-secret-91?token=query-secret-42"
     dispatcher = AlertDispatcher(fast(WebhookConfig(url)), tmp_path, host="h")
     alerts = [make_alert(vm=f"vm{i}") for i in range(3)]
@@ -267,7 +267,7 @@ async def test_sigkill_with_pending_alerts_delivers_each_once_after_restart(
     failing (500, or not listening) gets each alert once."""
     count = 5
     state = tmp_path / "state"
-    down_port = free_port()
+    down_port = free_tcp_port()
     async with receiving() as healthy, receiving(mode="fail") as failing:
         broken_url = failing.url if failure == "500" else f"http://127.0.0.1:{down_port}/hook"
         first = await _child(state, count, healthy.url, broken_url)
