@@ -36,6 +36,11 @@ pytest: $(BIN)/.installed
 
 bench: system-deps-run $(BIN)/.installed
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.alert_latency
+
+# 20 real VMs, every scenario, 10 minutes: event counts, crashes, RSS and fds (not in CI)
+soak: system-deps-run $(BIN)/.installed
+	$(BIN)/python -m bench.soak --vms 20 --minutes 10
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

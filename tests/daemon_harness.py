@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 Record = dict[str, Any]
+PIPE_LINE_LIMIT = 16 * 1024 * 1024  # a log line can carry a 1 MiB event (and more)
 
 
 def toml_value(value: object) -> str:
@@ -99,6 +100,7 @@ class DaemonProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=full_env,
+            limit=PIPE_LINE_LIMIT,
         )  # fmt: skip
         daemon = cls(proc, config)
         try:
