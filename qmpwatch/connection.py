@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import random
 import socket
@@ -32,6 +33,7 @@ from qemu.qmp.protocol import Runstate
 
 from qmpwatch.alert import Alert
 from qmpwatch.config import ConnectConfig, FollowupConfig, NoShutdown
+from qmpwatch.discovery import inside
 from qmpwatch.errors import ConnectFailed, DecodeError
 from qmpwatch.events import Control, decode_object
 from qmpwatch.logs import RecordLogger
@@ -54,6 +56,7 @@ class VmTarget:
     name: str
     socket: str
     no_shutdown: NoShutdown = "auto"
+    confine: str = ""  # discovered: the directory the socket's real path must stay in
 
 
 class AlertSink(Protocol):
@@ -104,11 +107,12 @@ class _Output:
         self._records = RecordLogger(conn.target.name)
         self._vm = conn.target.name
         self._services = conn.services
+        self._observe = conn.services.observe  # Services is frozen; this runs per event
 
     def record(self, kind: str, level: str, now: float, fields: dict[str, Any]) -> None:
         self._records.record(kind, level, now, fields)
-        if self._services.observe is not None:
-            self._services.observe(self._vm, kind, fields, now)
+        if self._observe is not None:
+            self._observe(self._vm, kind, fields, now)
 
     def raise_alert(self, alert: Alert) -> None:
         if self._services.alerts is not None:
@@ -212,7 +216,16 @@ class VmConnection:
             raise ConnectFailed("error", f"{path}: {err.strerror}") from None
         if not stat.S_ISSOCK(mode):
             raise ConnectFailed("not_a_socket", f"{path} is not a unix socket")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.target.confine and not inside(path, self.target.confine):
+            raise ConnectFailed(
+                "outside_dir",
+                f"{path} now leads out of {self.target.confine}, where it was discovered",
+            )
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as err:  # EMFILE: RLIMIT_NOFILE is too low for this many VMs
+            reason = "fd_limit" if err.errno in (errno.EMFILE, errno.ENFILE) else "error"
+            raise ConnectFailed(reason, f"cannot create a socket: {err.strerror}") from None
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         try:
@@ -291,11 +304,18 @@ class VmConnection:
         else:
             watch.no_shutdown = self.target.no_shutdown
         cause, error = "closed", ""
+        unresponsive = False
         self.connected = True
         try:
             try:
                 status, version = await self._resync(client)
-            except (QMPError, OSError, TimeoutError, EOFError) as err:
+            except TimeoutError:
+                # The monitor greeted but does not answer (QEMU frozen, its main loop stuck):
+                # not a crash. Say so, hang up, and attach again after the backoff.
+                status, version, unresponsive = "", "", True
+                error = f"resync: no answer to query-status within {COMMAND_TIMEOUT_S:g} s"
+                self.log.warning("vm_unresponsive", error=error)
+            except (QMPError, OSError, EOFError) as err:
                 status, version = "", ""
                 error = f"resync failed: {err!r}"
             if status:
@@ -314,6 +334,8 @@ class VmConnection:
                         await client.runstate_changed()
                     worker.cancel()
             cause, error = await self._close(client, error)
+            if unresponsive and cause == "error":
+                cause = "closed"  # qmpwatch hung up; QEMU did not go away
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await self._close(client, "")

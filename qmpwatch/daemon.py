@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import faulthandler
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -36,6 +37,10 @@ from qmpwatch.supervisor import Supervisor
 SHUTDOWN_DEADLINE_S = 5.0
 ALERT_FLUSH_DEADLINE_S = 3.0  # last delivery attempts on shutdown; the rest waits
 STATUS_INTERVAL_S = 1.0
+# Open files qmpwatch needs beside one socket per VM: stdio, the event loop, the state and
+# outbox databases (3 files each), the HTTP listener and its clients, sink connections, an
+# exec sink's pipes, /proc reads. Measured near 25; the rest is margin.
+FD_HEADROOM = 64
 
 
 class Daemon:
@@ -111,6 +116,7 @@ class Daemon:
                 async with asyncio.TaskGroup() as tg:
                     supervisor = Supervisor(self.config, services, tg)
                     self._supervisor = supervisor
+                    check_fd_limit(len(supervisor.wanted()), self.log)
                     supervisor.apply()
                     sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
                     delivery = tg.create_task(dispatcher.run(), name="alert-delivery")
@@ -177,10 +183,42 @@ class Daemon:
                     )
                 self.config = config
                 supervisor.apply(config)
+                check_fd_limit(len(supervisor.running), self.log)
                 self.log.info(
                     "config_reloaded", config=str(self.config_path), vms=len(supervisor.running)
                 )
             sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
+
+
+def check_fd_limit(vms: int, log: structlog.typing.FilteringBoundLogger) -> None:
+    """Fit RLIMIT_NOFILE to `vms` sockets plus FD_HEADROOM: raise the soft limit, or say why not.
+
+    The soft limit goes up to the hard limit when it is below what is needed (`fd_limit_raised`,
+    info). A hard limit below the need is `fd_limit_too_low` (error): the VMs beyond it get
+    `vm_connect_failed` with reason `fd_limit` and are retried, the others are watched.
+    """
+    needed = vms + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    new_soft = needed if hard == resource.RLIM_INFINITY else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+    except (ValueError, OSError):
+        new_soft = soft
+    fields = {"soft": soft, "hard": hard, "new_soft": new_soft, "needed": needed, "vms": vms}
+    if new_soft >= needed:
+        log.info("fd_limit_raised", **fields)
+        return
+    log.error(
+        "fd_limit_too_low",
+        summary=(
+            f"RLIMIT_NOFILE allows {new_soft} open files, but {vms} VMs need {needed} (a socket "
+            f"each, plus {FD_HEADROOM} for qmpwatch itself): VMs beyond the limit are not "
+            "watched; raise LimitNOFILE= in the systemd unit (or ulimit -n)"
+        ),
+        **fields,
+    )
 
 
 def _open_log(path: str) -> IO[bytes]:

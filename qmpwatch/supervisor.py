@@ -14,7 +14,7 @@ import structlog
 
 from qmpwatch.config import Config
 from qmpwatch.connection import Services, VmConnection, VmTarget
-from qmpwatch.discovery import discover
+from qmpwatch.discovery import discover, glob_root
 
 DISCOVER_INTERVAL_S = 2.0
 
@@ -54,7 +54,7 @@ class Supervisor:
                         other_socket=targets[name].socket,
                     )
                 continue
-            targets[name] = VmTarget(name, path, rule.no_shutdown)
+            targets[name] = VmTarget(name, path, rule.no_shutdown, confine=glob_root(rule.glob))
         return targets
 
     def apply(self, config: Config | None = None) -> None:

@@ -24,6 +24,7 @@ from qmpwatch.events import (
     Event,
     GuestPanicked,
     Watchdog,
+    iso_utc,
 )
 from qmpwatch.tracker import QEMU_EXIT, Ended, FollowUpTracker, Rules
 
@@ -85,7 +86,11 @@ class VmWatch:
             "qmp_event",
             "info",
             now,
-            {"qmp": event.name, "qemu_time": event.qemu_time, "data": event.data},
+            {
+                "qmp": event.name,
+                "qemu_time": iso_utc(event.seconds, event.microseconds),  # event.qemu_time
+                "data": event.data,
+            },
         )
         for handler in self.handlers.get(event.name, ()):
             handler(self, event, now)
@@ -342,7 +347,9 @@ def _describe_cause(event: Event) -> str:
 
 def track_followups(watch: VmWatch, event: Event, now: float) -> None:
     """Close the expectations this event satisfies, then open the one it causes."""
-    watch._ended(watch.tracker.satisfy(event.name, now))
+    satisfied = watch.tracker.satisfy(event.name, now)
+    if satisfied:
+        watch._ended(satisfied)
     rule = watch.rules.opened_by(event, watch.no_shutdown)
     if rule is not None:
         watch.tracker.open(rule, event, now)
