@@ -23,6 +23,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from qmpwatch import console
 from qmpwatch.events import iso_utc
 
 LogFormat = Literal["json", "console"]
@@ -101,8 +102,8 @@ def configure(fmt: LogFormat = "json", stream: IO[bytes] | None = None) -> LineW
     if fmt == "json":
         renderer = _render_json
     else:
-        colors = hasattr(writer.stream, "isatty") and writer.stream.isatty()
-        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        colours = hasattr(writer.stream, "isatty") and writer.stream.isatty()
+        renderer = console.renderer(colours)
     structlog.configure(
         processors=[structlog.processors.add_log_level, _add_timestamp, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

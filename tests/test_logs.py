@@ -274,10 +274,19 @@ def test_console_format_is_for_people() -> None:
     buffer = io.BytesIO()
     try:
         logs.configure("console", buffer)
-        RecordLogger("web01").record("vm_connected", "info", 0.0, {"status": "running"})
+        RecordLogger("web01").record(
+            "vm_connected",
+            "info",
+            0.0,
+            {"socket": "/run/qemu/web01.qmp", "qemu_version": "7.2.22", "status": "running"},
+        )
+        RecordLogger("web01").record(
+            "qmp_event", "info", 1.5, {"qmp": "STOP", "qemu_time": "x", "data": {}}
+        )
     finally:
         _unconfigure()
-    text = buffer.getvalue().decode()
-    assert "vm_connected" in text
-    assert "web01" in text
-    assert not text.lstrip().startswith("{")
+    first, second = buffer.getvalue().decode().splitlines()
+    assert first == (
+        "00:00:00.000 web01      connected to /run/qemu/web01.qmp (QEMU 7.2.22, status running)"
+    )
+    assert second == "00:00:01.500 web01      STOP"
