@@ -45,10 +45,10 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(
-    events=20_000,
+    events=15_000,
     rounds=5,
     vms=200,
-    idle_s=2.0,
+    idle_s=1.0,
     trials=12,
     flood_events=20_000,
     memory_events=100_000,

@@ -13,11 +13,12 @@ The benchmark drives the process through JSON lines on stdin; answers (with the 
 `id`) and the start-up line `{"ready": true, "pid": ...}` go to stdout. Times are
 `time.monotonic()` (CLOCK_MONOTONIC, comparable with the measuring process on the same host).
 
-    {"op": "arm", "vm": NAME, "count": N, "seed": S}
+    {"op": "arm", "vm": NAME, "count": N, "seed": S, "mix": MIX}
         the next `query-version` on NAME starts a stream of N events (+ POWERDOWN)
     {"op": "connected", "count": N}              answer once N sessions are negotiated
-    {"op": "stream", "vm": NAME, "count": N, "seed": S, "end": BOOL}
-        stream now on NAME's newest session; answer when written
+    {"op": "stream", "vm": NAME, "count": N, "seed": S, "end": BOOL, "mix": MIX}
+        stream now on NAME's newest session (`bench.stream`, + POWERDOWN with `end`);
+        answer when written
     {"op": "send", "vm": NAME, "event": "STOP"}  one event; answers `sent_at`
     {"op": "fairness", "flood": NAME, "quiet": NAME, "flood_events": N, "trials": T,
      "resume_after_s": S}

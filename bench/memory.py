@@ -5,7 +5,7 @@
 prints one JSON object. The real daemon (`bench.inproc`) runs in this process and watches one
 fake VM. Once its session is up, RSS is read (`start`); the fake server streams EVENTS events
 of the storm mix and the end mark; RSS is sampled every 100 ms meanwhile (`peak`) and read
-again once the end mark's line is written (`end`, and `settled` one second later).
+again once the end mark's line is written (`end`, and `settled` half a second later).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ async def measure(workdir: Path, events: int) -> dict[str, object]:
             await sampler
         gc.collect()
         end = rss_bytes()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.5)
         gc.collect()
         settled = rss_bytes()
         status = await daemon.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-_TICKS = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
 
@@ -18,14 +17,6 @@ def peak_rss_bytes(pid: int | str = "self") -> int:
     return _status_kib(pid, "VmHWM:") * 1024
 
 
-def cpu_seconds(pid: int | str = "self") -> float:
-    """User + system CPU time consumed so far (clock-tick resolution)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-
-
 def _status_kib(pid: int | str, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -34,7 +25,7 @@ def _status_kib(pid: int | str, key: str) -> int:
     raise KeyError(key)
 
 
-def cpu_seconds_precise(pid: int | str = "self") -> float:
+def cpu_seconds(pid: int | str = "self") -> float:
     """CPU time of every thread of the process so far, from schedstat (nanoseconds)."""
     total = 0
     for task in os.listdir(f"/proc/{pid}/task"):

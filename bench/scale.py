@@ -8,8 +8,8 @@ outside through /proc and its log:
 - connect: seconds from starting the process (interpreter start-up and imports included)
   until the log holds a `vm_connected` line for every VM; also from `daemon_started`;
 - RSS of the daemon process once all are connected, and after the idle period;
-- idle CPU: user + system time of the daemon over `idle_s` seconds with every session up
-  and no events, as a percentage of one core.
+- idle CPU: CPU time of the daemon's threads (schedstat, nanoseconds) over `idle_s` seconds
+  with every session up and no events, as a percentage of one core.
 
 Then SIGTERM, and the daemon must exit 0 with `daemon_stopped` as its last line.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.fakeqmp import FakeQmp
-from bench.procstat import MIB, cpu_seconds_precise, peak_rss_bytes, rss_bytes
+from bench.procstat import MIB, cpu_seconds, peak_rss_bytes, rss_bytes
 
 
 @dataclass
@@ -129,10 +129,10 @@ async def run(vms: int, idle_s: float, connect_timeout_s: float = 60.0) -> Scale
                 connected = len(tail.connected)
                 await asyncio.sleep(0.5)  # let the last sessions' start-up work finish
                 rss = rss_bytes(daemon.pid)
-                cpu0 = cpu_seconds_precise(daemon.pid)
+                cpu0 = cpu_seconds(daemon.pid)
                 t0 = time.monotonic()
                 await asyncio.sleep(idle_s)
-                cpu1 = cpu_seconds_precise(daemon.pid)
+                cpu1 = cpu_seconds(daemon.pid)
                 idle = time.monotonic() - t0
                 rss_idle = rss_bytes(daemon.pid)
                 peak = peak_rss_bytes(daemon.pid)

@@ -49,8 +49,8 @@ MIXES: dict[str, Mix] = {
         ("vnc", 10.0),  # VNC_CONNECTED, VNC_INITIALIZED, VNC_DISCONNECTED
         ("block_report", 15.0),  # BLOCK_IO_ERROR, action report
         ("reset", 4.0),  # RESET (host or guest)
-        ("pause", 0.0),  # STOP, RESUME
-        ("io_pause", 0.0),  # BLOCK_IO_ERROR action stop, STOP, RESUME
+        ("pause", 0.1),  # STOP, RESUME
+        ("io_pause", 0.05),  # BLOCK_IO_ERROR action stop, STOP, RESUME
     ),
     "rtc": (("rtc", 1.0),),
     "vnc": (("vnc", 1.0),),
