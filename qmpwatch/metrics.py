@@ -46,7 +46,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from qmpwatch import __version__
@@ -88,6 +88,30 @@ class _LagHistogram(Collector):
         )
 
 
+class _EventCounter(Collector):
+    """`qmpwatch_events_total{vm,event}`, kept as a plain dict: one add per event.
+
+    prometheus-client's Counter takes a lock per increment; this runs on the event loop
+    only, so it needs none (the per-event path is the daemon's hottest).
+    """
+
+    name = "qmpwatch_events"
+    documentation = "QMP events received."
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=["vm", "event"])
+        for (vm, event), count in list(self.counts.items()):
+            family.add_metric([vm, event], count)
+        yield family
+
+    def forget(self, vm: str) -> None:
+        for key in [k for k in self.counts if k[0] == vm]:
+            del self.counts[key]
+
+
 def _bound_text(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
@@ -109,9 +133,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._events = Counter(
-            "qmpwatch_events", "QMP events received.", ["vm", "event"], registry=r
-        )
+        self._events = _EventCounter()
+        r.register(self._events)
+        self._event_counts = self._events.counts
         self._lag = _LagHistogram(LAG_BUCKETS)
         r.register(self._lag)
         self._decode_errors = Counter(
@@ -177,7 +201,6 @@ class Metrics:
 
         # Label children by label values, so the per-event path skips prometheus-client's
         # label validation; and per VM, every (metric, labels) made, for forget_vm().
-        self._event_children: dict[tuple[str, str], Any] = {}
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._series_of_vm: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
         self._status_of_vm: dict[str, str] = {}
@@ -190,12 +213,9 @@ class Metrics:
     def observe_record(self, vm: str, kind: str, fields: Mapping[str, Any], now: float) -> None:
         """Count one log record of `vm` (as written by the watch core), processed at `now`."""
         if kind == "qmp_event":
-            child = self._event_children.get((vm, fields["qmp"]))
-            if child is None:
-                child = self._event_children[(vm, fields["qmp"])] = self._child(
-                    self._events, vm, fields["qmp"]
-                )
-            child.inc()
+            key = (vm, fields["qmp"])
+            counts = self._event_counts
+            counts[key] = counts.get(key, 0) + 1
             stamp = self._qemu_epoch(fields["qemu_time"])
             if stamp is not None:
                 lag = now - stamp
@@ -279,8 +299,7 @@ class Metrics:
             metric.remove(*labels)
             self._children.pop((metric, labels), None)
         self._status_of_vm.pop(vm, None)
-        for key in [k for k in self._event_children if k[0] == vm]:
-            del self._event_children[key]
+        self._events.forget(vm)
 
     # -- output ---------------------------------------------------------------------------
 
