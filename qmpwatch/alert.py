@@ -47,12 +47,12 @@ class Alert:
     cause: str  # what raised it, e.g. "BLOCK_IO_ERROR:drive0" or "STOP:paused"
     raised_at: float  # epoch seconds (the watch clock)
     details: Mapping[str, Any] = field(default_factory=dict)
+    #: Stable identity for deduplication: VM + kind + cause (computed once).
+    fingerprint: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def fingerprint(self) -> str:
-        """Stable identity for deduplication: VM + kind + cause."""
+    def __post_init__(self) -> None:
         key = f"{self.vm}\x00{self.kind}\x00{self.cause}".encode()
-        return hashlib.sha256(key).hexdigest()[:16]
+        object.__setattr__(self, "fingerprint", hashlib.sha256(key).hexdigest()[:16])
 
 
 # Statuses of a stopped VM that need no alert: explained by a shutdown, or normal states.

@@ -35,6 +35,7 @@ class Supervisor:
         self._tg = tg
         self.running: dict[str, _Running] = {}
         self._conflicts_reported: set[str] = set()
+        self._config_changed = asyncio.Event()
         self.log = structlog.get_logger()
 
     def wanted(self) -> dict[str, VmTarget]:
@@ -61,6 +62,7 @@ class Supervisor:
         """Reconcile the running tasks with `config` (or the current one) and discovery."""
         if config is not None:
             self.config = config
+            self._config_changed.set()
         wanted = self.wanted()
         for name in list(self.running):
             if name not in wanted or wanted[name] != self.running[name].target:
@@ -98,8 +100,12 @@ class Supervisor:
             await asyncio.wait(tasks)
 
     async def rediscover_forever(self, interval_s: float = DISCOVER_INTERVAL_S) -> None:
-        """Pick up sockets created or removed while running."""
+        """Pick up sockets created or removed while running; asleep without [[discover]]."""
         while True:
+            if not self.config.discover:
+                self._config_changed.clear()
+                await self._config_changed.wait()  # a reload may add [[discover]] globs
+                continue
             await asyncio.sleep(interval_s)
             if self.config.discover:
                 self.apply()
