@@ -159,6 +159,8 @@ class VmConnection:
         self._deadline_at: float | None = None
         self._cmdline_warned = False
         self._qemu_pid: int | None = None
+        self._changes_at_reply = 0  # watch.run_changes when the latest reply was read
+        self._resync_as_of = 0
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -171,7 +173,10 @@ class VmConnection:
         try:
             while True:
                 client = WatchClient(
-                    self.target.name, on_event=self._on_event, on_decode_error=self._on_bad
+                    self.target.name,
+                    on_event=self._on_event,
+                    on_decode_error=self._on_bad,
+                    on_reply=self._on_reply,
                 )
                 try:
                     peer = await self._attach(client)
@@ -326,7 +331,7 @@ class VmConnection:
                 }
                 if peer is not None:
                     fields["pid"] = self._qemu_pid
-                watch.on_connected(time.time(), status, fields)
+                watch.on_connected(time.time(), status, fields, self._resync_as_of)
                 self._store_status()
                 async with asyncio.TaskGroup() as tg:
                     worker = tg.create_task(self._status_worker(client))
@@ -352,6 +357,7 @@ class VmConnection:
     async def _resync(self, client: WatchClient) -> tuple[str, str]:
         async with asyncio.timeout(COMMAND_TIMEOUT_S):
             status = await client.execute("query-status")
+            self._resync_as_of = self._changes_at_reply
             version = await client.execute("query-version")
         word = status.get("status") if isinstance(status, dict) else None
         qemu = version.get("qemu") if isinstance(version, dict) else None
@@ -402,6 +408,10 @@ class VmConnection:
         except Exception as bug:
             self.log.error("internal_error", error=repr(bug), where="decode error handling")
 
+    def _on_reply(self) -> None:
+        """Reader-task callback: a reply was read; remember how far the events had got."""
+        self._changes_at_reply = self.watch.run_changes
+
     def request_status(self) -> None:
         self._status_wanted.set()
 
@@ -420,8 +430,10 @@ class VmConnection:
                 self.log.warning("vm_unresponsive", error=why)
                 self.watch.status_unknown(time.time(), why)
                 continue
+            as_of = self._changes_at_reply
             status = reply.get("status") if isinstance(reply, dict) else None
-            self.watch.on_status(status if isinstance(status, str) else "unknown", time.time())
+            word = status if isinstance(status, str) else "unknown"
+            self.watch.on_status(word, time.time(), as_of)
             self._store_status()
 
     def _arm_deadline(self) -> None:

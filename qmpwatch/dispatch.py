@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -299,13 +300,7 @@ class AlertDispatcher:
                 self._on_result(alert.kind, sink.name, "delivered")
             _log.info(
                 "alert_delivered",
-                vm=alert.vm,
-                alert=alert.kind,
-                status=entry.status,
-                fingerprint=alert.fingerprint,
-                sink=sink.name,
-                target=sink.target,
-                attempt=attempt,
+                **_attempt_fields(sink, entry, attempt),
                 latency_ms=round((self._clock() - entry.at) * 1000, 1),
             )
             return None
@@ -319,13 +314,7 @@ class AlertDispatcher:
             self._on_result(alert.kind, sink.name, "failed")
         _log.warning(
             "alert_delivery_failed",
-            vm=alert.vm,
-            alert=alert.kind,
-            status=entry.status,
-            fingerprint=alert.fingerprint,
-            sink=sink.name,
-            target=sink.target,
-            attempt=attempt,
+            **_attempt_fields(sink, entry, attempt),
             error=error,
             retry_in_s=round(retry_in, 3),
         )
@@ -383,3 +372,17 @@ class AlertDispatcher:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._closing.wait()
+
+
+def _attempt_fields(sink: Sink, entry: Entry, attempt: int) -> dict[str, Any]:
+    """The keys every delivery-attempt record carries."""
+    alert = entry.alert
+    return {
+        "vm": alert.vm,
+        "alert": alert.kind,
+        "status": entry.status,
+        "fingerprint": alert.fingerprint,
+        "sink": sink.name,
+        "target": sink.target,
+        "attempt": attempt,
+    }

@@ -67,6 +67,10 @@ def _ignore_error(err: DecodeError) -> None:
     return None
 
 
+def _ignore_reply() -> None:
+    return None
+
+
 class WatchClient(QMPClient):
     """A QMP client whose events go to `on_event` instead of listener queues."""
 
@@ -76,10 +80,14 @@ class WatchClient(QMPClient):
         *,
         on_event: EventCallback = _ignore_event,
         on_decode_error: ErrorCallback = _ignore_error,
+        on_reply: Callable[[], None] = _ignore_reply,
     ) -> None:
+        """`on_reply()` runs in the reader the moment a command's reply is read, so that the
+        caller can tell the reply apart from events read after it."""
         super().__init__(name, readbuflen=STREAM_BUFFER)
         self.on_event = on_event
         self.on_decode_error = on_decode_error
+        self.on_reply = on_reply
         self._in_a_row = 0
         self._greeted = False
         self._negotiated = False
@@ -143,6 +151,7 @@ class WatchClient(QMPClient):
                     else:
                         problem = self._unroutable(obj)
                         if not problem:
+                            self.on_reply()
                             return _message(obj)
                         if problem is _LATE:
                             continue

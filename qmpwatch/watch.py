@@ -75,6 +75,10 @@ class VmWatch:
         self.firing: dict[str, Alert] = {}  # fingerprint -> alert, until resolved
         self.pending_stop: Event | None = None  # an unexplained STOP awaiting its status
         self.saw_shutdown = False  # in this session
+        # STOP/RESUME events handled so far. An answer to query-status carries the count at
+        # the moment it was read (`as_of`); if a STOP/RESUME was handled since, the answer is
+        # older than what the events said, and is not applied.
+        self.run_changes = 0
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -113,10 +117,15 @@ class VmWatch:
     def next_deadline(self) -> float | None:
         return self.tracker.next_deadline()
 
-    def on_connected(self, now: float, status: str, fields: Mapping[str, Any]) -> None:
-        """A session is up and `query-status` said `status`; `fields` go into `vm_connected`."""
+    def on_connected(
+        self, now: float, status: str, fields: Mapping[str, Any], as_of: int | None = None
+    ) -> None:
+        """A session is up and `query-status` said `status` (read when `run_changes` was
+        `as_of`, None: just now); `fields` go into `vm_connected`."""
         self.out.record("vm_connected", "info", now, {**fields, "status": status})
         self._resolve(now, lambda a: a.kind == "vm_crashed")
+        if as_of is not None and as_of != self.run_changes:
+            return  # a STOP/RESUME of this session came after the answer: the events are newer
         previous = self.status
         self.status = status
         if status == "running":
@@ -136,8 +145,16 @@ class VmWatch:
             details={"status": status, "previous_status": previous},
         )
 
-    def on_status(self, status: str, now: float) -> None:
-        """A `query-status` answer asked for by `query_status()`."""
+    def on_status(self, status: str, now: float, as_of: int | None = None) -> None:
+        """A `query-status` answer asked for by `query_status()`, read when `run_changes`
+        was `as_of` (None: just now).
+
+        Ignored when a STOP or RESUME was handled after the answer was read: the reader
+        passes such events on before the task that asked sees its answer, and they are newer
+        (a new STOP asks again).
+        """
+        if as_of is not None and as_of != self.run_changes:
+            return
         self.status = status
         if self.pending_stop is not None:
             self._classify_stop(self.pending_stop, status, now)
@@ -357,6 +374,7 @@ def track_followups(watch: VmWatch, event: Event, now: float) -> None:
 
 def on_stop(watch: VmWatch, event: Event, now: float) -> None:
     """A STOP explains itself through a satisfied expectation, or gets classified."""
+    watch.run_changes += 1
     satisfied = watch.tracker.satisfy("STOP", now)
     if satisfied:
         watch._ended(satisfied)
@@ -370,6 +388,7 @@ def on_stop(watch: VmWatch, event: Event, now: float) -> None:
 
 def on_resume(watch: VmWatch, event: Event, now: float) -> None:
     """Running again: a stop not yet classified was a client's pause; stopped alerts resolve."""
+    watch.run_changes += 1
     if watch.pending_stop is not None:
         watch._classify_stop(watch.pending_stop, "paused", now, "resumed before query-status")
     watch.status = "running"

@@ -877,3 +877,39 @@ def test_shutdown_then_stop_under_no_shutdown_leaves_status_shutdown() -> None:
     watch.on_event(ev("STOP", T0 + 0.01), T0 + 0.01)
     assert watch.status == "shutdown"
     assert out.raised == []
+
+
+def test_status_answer_older_than_a_resume_is_ignored() -> None:
+    """A `paused` answer handled after a later RESUME does not make the VM look paused."""
+    watch, out = make_watch()
+    watch.on_event(ev("STOP", T0), T0)
+    watch.on_event(ev("RESUME", T0 + 0.01), T0 + 0.01)
+    watch.on_status("paused", T0 + 0.02, as_of=1)  # read before RESUME, handled after it
+    assert watch.status == "running"
+    assert out.alert_kinds() == ["vm_stopped_unexpected"]
+    assert [a.kind for a in out.resolved] == ["vm_stopped_unexpected"]
+
+
+def test_status_answer_after_a_second_stop_waits_for_the_second_question() -> None:
+    """STOP, RESUME, STOP: the first answer is stale; the second one classifies the stop."""
+    watch, out = make_watch()
+    watch.on_event(ev("STOP", T0), T0)
+    watch.on_event(ev("RESUME", T0 + 0.01), T0 + 0.01)
+    watch.on_event(ev("STOP", T0 + 0.02), T0 + 0.02)
+    assert out.status_queries == 2
+    watch.on_status("running", T0 + 0.03, as_of=2)  # read between RESUME and the 2nd STOP
+    assert watch.pending_stop is not None
+    watch.on_status("io-error", T0 + 0.04, as_of=3)
+    assert watch.status == "io-error"
+    assert out.alert_kinds() == ["vm_stopped_unexpected", "vm_stopped_io_error"]
+
+
+def test_resync_answer_older_than_a_session_event_keeps_the_event_state() -> None:
+    """A resync `running` read before a STOP of the same session does not hide the stop."""
+    watch, out = make_watch(last_status="running")
+    watch.on_event(ev("STOP", T0), T0)  # handled before the task that resyncs sees its answer
+    watch.on_connected(T0 + 0.01, "running", {"socket": "/s"}, as_of=0)
+    assert watch.pending_stop is not None
+    watch.on_status("paused", T0 + 0.02, as_of=1)
+    assert watch.status == "paused"
+    assert out.alert_kinds() == ["vm_stopped_unexpected"]
