@@ -17,7 +17,6 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -55,8 +54,6 @@ class Daemon:
         self._reload = asyncio.Event()
         self._signals = 0
         self._supervisor: Supervisor | None = None
-        self._dispatcher: AlertDispatcher | None = None
-        self._metrics_outbox: Callable[[int], None] = lambda depth: None
 
     def _on_stop_signal(self, signame: str) -> None:
         self._signals += 1
@@ -93,8 +90,6 @@ class Daemon:
             metrics=metrics,
             restored=restored,
         )
-        self._dispatcher = dispatcher
-        self._metrics_outbox = metrics.set_outbox_depth
         self.log.info(
             "daemon_started",
             version=__version__,
@@ -124,7 +119,9 @@ class Daemon:
                         tg.create_task(supervisor.rediscover_forever(), name="rediscover"),
                         tg.create_task(self._reload_forever(supervisor), name="reload"),
                         tg.create_task(sdnotify.keep_alive(), name="watchdog"),
-                        tg.create_task(self._status_forever(supervisor), name="status"),
+                        tg.create_task(
+                            self._status_forever(supervisor, dispatcher, metrics), name="status"
+                        ),
                     ]
                     await self._stop.wait()
                     sdnotify.stopping()
@@ -149,16 +146,17 @@ class Daemon:
         vms, connected, firing = self._supervisor.counts()
         return Health(True, {"vms": vms, "connected": connected, "alerts_firing": firing})
 
-    async def _status_forever(self, supervisor: Supervisor) -> None:
-        """Keep systemd's STATUS= line current (sent only when it changes)."""
+    async def _status_forever(
+        self, supervisor: Supervisor, dispatcher: AlertDispatcher, metrics: Metrics
+    ) -> None:
+        """Keep systemd's STATUS= line (sent when it changes) and the outbox gauge current."""
         last = ""
         while True:
             line = sdnotify.status_line(*supervisor.counts())
             if line != last:
                 sdnotify.status(line)
                 last = line
-            if self._dispatcher is not None:
-                self._metrics_outbox(self._dispatcher.depth())
+            metrics.set_outbox_depth(dispatcher.depth())
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _reload_forever(self, supervisor: Supervisor) -> None:
