@@ -137,8 +137,9 @@ async def measure(s: Settings, only: set[str]) -> dict[str, Any]:
             "qmpwatch_over_floor": t.vs_floor("qmpwatch"),
             "stock_over_qmpwatch": t.stock_over("qmpwatch"),
             "metrics_us": t.median_us("qmpwatch") - t.median_us("path"),
-            "pass": t.vs_floor("path") <= MAX_TIMES_FLOOR * s.margin
-            and t.stock_over("path") >= MIN_TIMES_CHEAPER_THAN_STOCK / s.margin,
+            # the target is met by the daemon as wired, metrics and all (and so by the path)
+            "pass": t.vs_floor("qmpwatch") <= MAX_TIMES_FLOOR * s.margin
+            and t.stock_over("qmpwatch") >= MIN_TIMES_CHEAPER_THAN_STOCK / s.margin,
         }
     if "scale" in only:
         sc = await scale.run(s.vms, s.idle_s)
@@ -209,12 +210,11 @@ def report(r: dict[str, Any]) -> str:
             "tracker, a JSON log line in a file",
             f"   daemon    {med['qmpwatch']:6.2f} µs  `qmpwatch run` as wired: the same, and "
             "every record fed to the Prometheus metrics",
-            f"   qmpwatch: {t['path_over_floor']:.2f}x the floor (target <= {MAX_TIMES_FLOOR:g}), "
-            f"{t['stock_over_path']:.2f}x cheaper than stock (target >= "
-            f"{MIN_TIMES_CHEAPER_THAN_STOCK:g}): {_verdict(t['pass'])}",
-            f"   daemon:   {t['qmpwatch_over_floor']:.2f}x the floor, "
-            f"{t['stock_over_qmpwatch']:.2f}x cheaper than stock; the metrics observer costs "
-            f"{t['metrics_us']:.2f} µs per event",
+            f"   daemon:   {t['qmpwatch_over_floor']:.2f}x the floor (target <= "
+            f"{MAX_TIMES_FLOOR:g}), {t['stock_over_qmpwatch']:.2f}x cheaper than stock (target "
+            f">= {MIN_TIMES_CHEAPER_THAN_STOCK:g}): {_verdict(t['pass'])}",
+            f"   qmpwatch: {t['path_over_floor']:.2f}x the floor, {t['stock_over_path']:.2f}x "
+            f"cheaper than stock; the metrics cost {t['metrics_us']:.2f} µs per event",
             "",
         ]
     if "scale" in r:

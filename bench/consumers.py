@@ -149,10 +149,15 @@ def _no_observation(self: object, vm: str, kind: str, fields: object, now: float
     return None
 
 
+def _no_event(self: object, event: object, now: float) -> None:
+    return None
+
+
 async def path(socket: Path, workdir: Path, seg: Segments) -> None:
-    from qmpwatch.metrics import Metrics
+    from qmpwatch.metrics import EventMeter, Metrics
 
     setattr(Metrics, "observe_record", _no_observation)  # noqa: B010 - this variant's point
+    setattr(EventMeter, "observe", _no_event)  # noqa: B010
     await qmpwatch(socket, workdir, seg)
 
 
@@ -161,7 +166,7 @@ async def client(socket: Path, workdir: Path, seg: Segments) -> None:
 
     done = asyncio.Event()
 
-    def on_event(obj: dict[str, Any]) -> None:
+    def on_event(obj: dict[str, Any], now: float) -> None:
         seg.seen += 1
         if obj["event"] == END_EVENT:
             done.set()

@@ -35,8 +35,8 @@ from qmpwatch.alert import Alert
 from qmpwatch.config import ConnectConfig, FollowupConfig, NoShutdown
 from qmpwatch.discovery import inside
 from qmpwatch.errors import ConnectFailed, DecodeError
-from qmpwatch.events import Control, decode_object
-from qmpwatch.logs import RecordLogger
+from qmpwatch.events import Control, Event, decode_object
+from qmpwatch.logs import RecordLogger, qmp_event_fields
 from qmpwatch.metrics import Metrics
 from qmpwatch.peer import QemuCommandLine, parse_cmdline, peer_pid, read_cmdline
 from qmpwatch.qmpclient import WatchClient
@@ -76,8 +76,8 @@ class Services:
 
     store: StateStore
     alerts: AlertSink | None = None
-    observe: RecordObserver | None = None  # (vm, kind, fields, now), e.g. metrics
-    metrics: Metrics | None = None
+    observe: RecordObserver | None = None  # (vm, kind, fields, now) of every record
+    metrics: Metrics | None = None  # counts the records and events too
     restored: Mapping[str, list[Alert]] = field(default_factory=dict)  # firing at start-up
 
 
@@ -100,19 +100,32 @@ class Backoff:
 
 
 class _Output:
-    """The daemon's WatchOutput for one VM."""
+    """The daemon's WatchOutput for one VM: the log, the metrics, the alert dispatcher."""
 
     def __init__(self, conn: VmConnection) -> None:
         self._conn = conn
-        self._records = RecordLogger(conn.target.name)
-        self._vm = conn.target.name
+        vm = self._vm = conn.target.name
+        self._records = RecordLogger(vm)
         self._services = conn.services
-        self._observe = conn.services.observe  # Services is frozen; this runs per event
+        metrics = conn.services.metrics
+        # Services is frozen: what runs per event is looked up once, here.
+        self._observe = conn.services.observe
+        self._observe_record = metrics.observe_record if metrics is not None else None
+        self._meter = metrics.event_meter(vm) if metrics is not None else None
 
     def record(self, kind: str, level: str, now: float, fields: dict[str, Any]) -> None:
         self._records.record(kind, level, now, fields)
+        if self._observe_record is not None:
+            self._observe_record(self._vm, kind, fields, now)
         if self._observe is not None:
             self._observe(self._vm, kind, fields, now)
+
+    def qmp_event(self, event: Event, now: float) -> None:
+        self._records.qmp_event(event, now)
+        if self._meter is not None:
+            self._meter.observe(event, now)
+        if self._observe is not None:
+            self._observe(self._vm, "qmp_event", qmp_event_fields(event), now)
 
     def raise_alert(self, alert: Alert) -> None:
         if self._services.alerts is not None:
@@ -381,9 +394,8 @@ class VmConnection:
 
     # -- events, status and deadlines -------------------------------------------------------
 
-    def _on_event(self, obj: dict[str, Any]) -> None:
-        """Reader-task callback: must not raise and must not await."""
-        now = time.time()
+    def _on_event(self, obj: dict[str, Any], now: float) -> None:
+        """Reader-task callback (the event was read at `now`): must not raise or await."""
         watch = self.watch
         try:
             try:
@@ -397,7 +409,7 @@ class VmConnection:
             watch.on_event(event, now)
             if watch.status != before:
                 self._store_status()
-            if watch.tracker.pending or self._deadline_handle is not None:
+            if watch.tracker.waiting or self._deadline_handle is not None:
                 self._arm_deadline()
         except Exception as err:  # a bug must not end the session
             self.log.error("internal_error", error=repr(err), where="event handling")

@@ -86,7 +86,6 @@ class Daemon:
         services = Services(
             store=store,
             alerts=dispatcher,
-            observe=metrics.observe_record,
             metrics=metrics,
             restored=restored,
         )

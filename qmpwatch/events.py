@@ -29,7 +29,13 @@ MAX_DEPTH = 250
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A QMP event; subclasses add the typed fields of documented events."""
+    """A QMP event; subclasses add the typed fields of documented events.
+
+    An event holds its name, QEMU's timestamp and its data exactly as received; the typed
+    fields of a subclass are read from `data`, whose types the decoder checked before it made
+    the event. (Storing them again cost more than the rest of decoding: an event is made for
+    every message, and a typed field is read for a few.)
+    """
 
     name: str
     seconds: int
@@ -56,88 +62,159 @@ class Endpoint:
     family: str
 
 
-@dataclass(frozen=True, slots=True)
+def _field(event: Event, key: str) -> Any:
+    return event.data.get(key)
+
+
+def _endpoint_of(event: Event, key: str, port_key: str) -> Endpoint:
+    side = event.data[key]
+    return Endpoint(side["host"], side[port_key], side["family"])
+
+
 class BlockIoError(Event):
-    device: str
-    operation: str
-    action: str
-    nospace: bool | None
-    reason: str | None
+    __slots__ = ()
+
+    @property
+    def device(self) -> str:
+        return _field(self, "device")  # type: ignore[no-any-return]
+
+    @property
+    def operation(self) -> str:
+        return _field(self, "operation")  # type: ignore[no-any-return]
+
+    @property
+    def action(self) -> str:
+        return _field(self, "action")  # type: ignore[no-any-return]
+
+    @property
+    def nospace(self) -> bool | None:
+        return _field(self, "nospace")  # type: ignore[no-any-return]
+
+    @property
+    def reason(self) -> str | None:
+        return _field(self, "reason")  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True, slots=True)
 class Reset(Event):
-    guest: bool | None
-    reason: str | None
+    __slots__ = ()
+
+    @property
+    def guest(self) -> bool | None:
+        return _field(self, "guest")  # type: ignore[no-any-return]
+
+    @property
+    def reason(self) -> str | None:
+        return _field(self, "reason")  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True, slots=True)
 class Resume(Event):
-    pass
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
 class RtcChange(Event):
-    offset: int | float
+    __slots__ = ()
+
+    @property
+    def offset(self) -> int | float:
+        return _field(self, "offset")  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True, slots=True)
 class Shutdown(Event):
-    guest: bool | None
-    reason: str | None
+    __slots__ = ()
+
+    @property
+    def guest(self) -> bool | None:
+        return _field(self, "guest")  # type: ignore[no-any-return]
+
+    @property
+    def reason(self) -> str | None:
+        return _field(self, "reason")  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True, slots=True)
 class Stop(Event):
-    pass
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
 class Powerdown(Event):
-    pass
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class VncEvent(Event):
-    """VNC_CONNECTED, VNC_INITIALIZED and VNC_DISCONNECTED (`name` tells which)."""
-
-    server: Endpoint
-    client: Endpoint
-    auth: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class SpiceEvent(Event):
     """SPICE_CONNECTED and SPICE_DISCONNECTED."""
 
-    server: Endpoint
-    client: Endpoint
+    __slots__ = ()
+
+    @property
+    def server(self) -> Endpoint:
+        return _endpoint_of(self, "server", "port")
+
+    @property
+    def client(self) -> Endpoint:
+        return _endpoint_of(self, "client", "port")
 
 
-@dataclass(frozen=True, slots=True)
-class SpiceInitialized(Event):
-    server: Endpoint
-    client: Endpoint
-    auth: str | None
-    connection_id: int
-    channel_type: int
-    channel_id: int
-    tls: bool
+class VncEvent(Event):
+    """VNC_CONNECTED, VNC_INITIALIZED and VNC_DISCONNECTED (`name` tells which)."""
+
+    __slots__ = ()
+
+    @property
+    def server(self) -> Endpoint:
+        return _endpoint_of(self, "server", "service")
+
+    @property
+    def client(self) -> Endpoint:
+        return _endpoint_of(self, "client", "service")
+
+    @property
+    def auth(self) -> str | None:
+        return self.data["server"].get("auth")  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True, slots=True)
+class SpiceInitialized(SpiceEvent):
+    __slots__ = ()
+
+    @property
+    def auth(self) -> str | None:
+        return self.data["server"].get("auth")  # type: ignore[no-any-return]
+
+    @property
+    def connection_id(self) -> int:
+        return self.data["client"]["connection-id"]  # type: ignore[no-any-return]
+
+    @property
+    def channel_type(self) -> int:
+        return self.data["client"]["channel-type"]  # type: ignore[no-any-return]
+
+    @property
+    def channel_id(self) -> int:
+        return self.data["client"]["channel-id"]  # type: ignore[no-any-return]
+
+    @property
+    def tls(self) -> bool:
+        return self.data["client"]["tls"]  # type: ignore[no-any-return]
+
+
 class Watchdog(Event):
-    action: str
+    __slots__ = ()
+
+    @property
+    def action(self) -> str:
+        return _field(self, "action")  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True, slots=True)
 class GuestPanicked(Event):
-    action: str
+    __slots__ = ()
+
+    @property
+    def action(self) -> str:
+        return _field(self, "action")  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True, slots=True)
 class Generic(Event):
     """An event qmpwatch has no class for; logged as it is."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,167 +347,145 @@ def _req_obj(obj: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
     return value
 
 
-def _endpoint_or_none(obj: Mapping[str, Any], port_key: str) -> Endpoint | None:
-    """The endpoint when all three fields are strings, else None (`_endpoint` says why)."""
-    host = obj.get("host")
-    port = obj.get(port_key)
-    family = obj.get("family")
-    if type(host) is str and type(port) is str and type(family) is str:
-        return _new_endpoint(host, port, family)
-    return None
-
-
-def _endpoint(data: Mapping[str, Any], key: str, port_key: str) -> Endpoint:
-    obj = _req_obj(data, key, "data")
-    where = f"data.{key}"
-    return Endpoint(
-        host=_req_str(obj, "host", where),
-        port=_req_str(obj, port_key, where),
-        family=_req_str(obj, "family", where),
+def _is_endpoint(obj: Mapping[str, Any], port_key: str) -> bool:
+    """Whether host, the port key and family are all strings (`_check_endpoint` says why not)."""
+    return (
+        type(obj.get("host")) is str
+        and type(obj.get(port_key)) is str
+        and type(obj.get("family")) is str
     )
 
 
-_Head = tuple[str, int, int, Mapping[str, Any]]
+def _check_endpoint(data: Mapping[str, Any], key: str, port_key: str) -> Mapping[str, Any]:
+    obj = _req_obj(data, key, "data")
+    where = f"data.{key}"
+    for field_key in ("host", port_key, "family"):
+        _req_str(obj, field_key, where)
+    return obj
+
+
 _Builder = Callable[[str, int, int, Mapping[str, Any]], Event]
 
 
-# Each builder below first checks the common, valid case in one go and builds the event
-# directly; anything else takes the field-by-field checks (in document order), which say what
-# is wrong, or build the same event.
+# Each builder below checks the documented fields of its event (the common, valid case in one
+# go; anything else field by field, in document order, to say what is wrong) and makes the
+# event with `_make` (see `_constructor`).
 
 
 def _block_io_error(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
-    device = d.get("device")
-    operation = d.get("operation")
-    action = d.get("action")
     nospace = d.get("nospace")
     reason = d.get("reason")
-    if (
-        type(device) is str
-        and type(operation) is str
-        and type(action) is str
+    if not (
+        type(d.get("device")) is str
+        and type(d.get("operation")) is str
+        and type(d.get("action")) is str
         and (nospace is None or type(nospace) is bool)
         and (reason is None or type(reason) is str)
     ):
-        return _new_block_io_error(n, s, us, d, device, operation, action, nospace, reason)
-    return BlockIoError(
-        n,
-        s,
-        us,
-        d,
-        device=_req_str(d, "device", "data"),
-        operation=_req_str(d, "operation", "data"),
-        action=_req_str(d, "action", "data"),
-        nospace=_opt_bool(d, "nospace", "data"),
-        reason=_opt_str(d, "reason", "data"),
-    )
+        _req_str(d, "device", "data")
+        _req_str(d, "operation", "data")
+        _req_str(d, "action", "data")
+        _opt_bool(d, "nospace", "data")
+        _opt_str(d, "reason", "data")
+    return _new_block_io_error(n, s, us, d)
+
+
+def _guest_and_reason(d: Mapping[str, Any]) -> None:
+    guest = d.get("guest")
+    reason = d.get("reason")
+    if not ((guest is None or type(guest) is bool) and (reason is None or type(reason) is str)):
+        _opt_bool(d, "guest", "data")
+        _opt_str(d, "reason", "data")
 
 
 def _reset(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
-    guest = d.get("guest")
-    reason = d.get("reason")
-    if (guest is None or type(guest) is bool) and (reason is None or type(reason) is str):
-        return _new_reset(n, s, us, d, guest, reason)
-    return Reset(n, s, us, d, _opt_bool(d, "guest", "data"), _opt_str(d, "reason", "data"))
+    _guest_and_reason(d)
+    return _new_reset(n, s, us, d)
 
 
 def _shutdown(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
-    guest = d.get("guest")
-    reason = d.get("reason")
-    if (guest is None or type(guest) is bool) and (reason is None or type(reason) is str):
-        return _new_shutdown(n, s, us, d, guest, reason)
-    return Shutdown(n, s, us, d, _opt_bool(d, "guest", "data"), _opt_str(d, "reason", "data"))
+    _guest_and_reason(d)
+    return _new_shutdown(n, s, us, d)
 
 
 def _rtc_change(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
     offset = d.get("offset")
     if type(offset) is not int and type(offset) is not float:
         raise _Bad(f"data.offset: expected a number, got {_type_name(offset)}")
-    return _new_rtc_change(n, s, us, d, offset)
+    return _new_rtc_change(n, s, us, d)
 
 
 def _vnc(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
-    server_obj = d.get("server")
-    client_obj = d.get("client")
-    if type(server_obj) is dict and type(client_obj) is dict:
-        auth = server_obj.get("auth")
-        x509 = client_obj.get("x509_dname")
-        sasl = client_obj.get("sasl_username")
+    server = d.get("server")
+    client = d.get("client")
+    if type(server) is dict and type(client) is dict:
+        auth = server.get("auth")
+        x509 = client.get("x509_dname")
+        sasl = client.get("sasl_username")
         if (
             (auth is None or type(auth) is str)
             and (x509 is None or type(x509) is str)
             and (sasl is None or type(sasl) is str)
-            and (server := _endpoint_or_none(server_obj, "service")) is not None
-            and (client := _endpoint_or_none(client_obj, "service")) is not None
+            and _is_endpoint(server, "service")
+            and _is_endpoint(client, "service")
         ):
-            return _new_vnc(n, s, us, d, server, client, auth)
-    return _vnc_checked(n, s, us, d)
-
-
-def _vnc_checked(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
-    server = _endpoint(d, "server", "service")
-    client = _endpoint(d, "client", "service")
-    client_obj = d["client"]
-    _opt_str(client_obj, "x509_dname", "data.client")
-    _opt_str(client_obj, "sasl_username", "data.client")
-    return VncEvent(n, s, us, d, server, client, _opt_str(d["server"], "auth", "data.server"))
+            return _new_vnc(n, s, us, d)
+    server = _check_endpoint(d, "server", "service")
+    client = _check_endpoint(d, "client", "service")
+    _opt_str(client, "x509_dname", "data.client")
+    _opt_str(client, "sasl_username", "data.client")
+    _opt_str(server, "auth", "data.server")
+    return _new_vnc(n, s, us, d)
 
 
 def _spice(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
-    return SpiceEvent(n, s, us, d, _endpoint(d, "server", "port"), _endpoint(d, "client", "port"))
+    _check_endpoint(d, "server", "port")
+    _check_endpoint(d, "client", "port")
+    return _new_spice(n, s, us, d)
 
 
 def _spice_initialized(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
-    server = _endpoint(d, "server", "port")
-    client = _endpoint(d, "client", "port")
-    c = d["client"]
-    tls = c.get("tls")
+    server = _check_endpoint(d, "server", "port")
+    client = _check_endpoint(d, "client", "port")
+    tls = client.get("tls")
     if type(tls) is not bool:
         raise _Bad(f"data.client.tls: expected a boolean, got {_type_name(tls)}")
-    return SpiceInitialized(
-        n,
-        s,
-        us,
-        d,
-        server,
-        client,
-        auth=_opt_str(d["server"], "auth", "data.server"),
-        connection_id=_req_int(c, "connection-id", "data.client"),
-        channel_type=_req_int(c, "channel-type", "data.client"),
-        channel_id=_req_int(c, "channel-id", "data.client"),
-        tls=tls,
-    )
+    _opt_str(server, "auth", "data.server")
+    _req_int(client, "connection-id", "data.client")
+    _req_int(client, "channel-type", "data.client")
+    _req_int(client, "channel-id", "data.client")
+    return _new_spice_initialized(n, s, us, d)
 
 
 def _watchdog(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
-    return Watchdog(n, s, us, d, _req_str(d, "action", "data"))
+    _req_str(d, "action", "data")
+    return _new_watchdog(n, s, us, d)
 
 
 def _guest_panicked(n: str, s: int, us: int, d: Mapping[str, Any]) -> Event:
-    return GuestPanicked(n, s, us, d, _req_str(d, "action", "data"))
+    _req_str(d, "action", "data")
+    return _new_guest_panicked(n, s, us, d)
 
 
-def _no_data(cls: type[Event]) -> _Builder:
-    build: _Builder = _constructor(cls)
-    return build
-
-
-_new_endpoint = _constructor(Endpoint)
 _new_block_io_error = _constructor(BlockIoError)
 _new_reset = _constructor(Reset)
 _new_shutdown = _constructor(Shutdown)
 _new_rtc_change = _constructor(RtcChange)
 _new_vnc = _constructor(VncEvent)
+_new_spice = _constructor(SpiceEvent)
+_new_spice_initialized = _constructor(SpiceInitialized)
+_new_watchdog = _constructor(Watchdog)
+_new_guest_panicked = _constructor(GuestPanicked)
 
 
 BUILDERS: dict[str, _Builder] = {
     "BLOCK_IO_ERROR": _block_io_error,
     "RESET": _reset,
-    "RESUME": _no_data(Resume),
+    "RESUME": _constructor(Resume),
     "RTC_CHANGE": _rtc_change,
     "SHUTDOWN": _shutdown,
-    "STOP": _no_data(Stop),
-    "POWERDOWN": _no_data(Powerdown),
+    "STOP": _constructor(Stop),
+    "POWERDOWN": _constructor(Powerdown),
     "VNC_CONNECTED": _vnc,
     "VNC_DISCONNECTED": _vnc,
     "VNC_INITIALIZED": _vnc,
@@ -440,7 +495,7 @@ BUILDERS: dict[str, _Builder] = {
     "WATCHDOG": _watchdog,
     "GUEST_PANICKED": _guest_panicked,
 }
-_generic = _no_data(Generic)
+_generic: _Builder = _constructor(Generic)
 _EMPTY: Mapping[str, Any] = {}
 
 

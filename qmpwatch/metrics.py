@@ -7,7 +7,7 @@ Everything lives in the instance's own `CollectorRegistry`, never the process-gl
 tests and a reload get a fresh set. Not thread-safe beyond prometheus-client's own locks: it is
 called from the event loop only.
 
-    qmpwatch_events_total{vm,event}                 QMP events by name       (qmp_event)
+    qmpwatch_events_total{vm,event}                 QMP events by name       (observe_event)
     qmpwatch_event_lag_seconds                      QEMU timestamp -> processed, histogram
     qmpwatch_decode_errors_total{vm}                undecodable messages     (qmp_decode_error)
     qmpwatch_followups_total{vm,rule,outcome}       outcome: satisfied | missed (deadline
@@ -25,14 +25,14 @@ called from the event loop only.
     qmpwatch_info{version}                          1
     process_*, python_*                             the daemon process itself
 
-The `qmp_event` path runs for every event, so it touches only cached label children and parses
-QEMU's ISO 8601 timestamp through a one-entry cache of its whole-second part.
+Events are the exception: they are counted from the event itself (`EventMeter`, one per VM,
+via `observe_event`), because that path runs for every event; it takes the lag from QEMU's
+numeric timestamp and touches no prometheus-client object.
 """
 
 from __future__ import annotations
 
 import bisect
-import calendar
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -50,6 +50,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricF
 from prometheus_client.registry import Collector
 
 from qmpwatch import __version__
+from qmpwatch.events import Event
 
 # Event lag: QEMU stamps an event when it emits it; the daemon normally processes it within
 # a millisecond, a busy loop in tens of milliseconds; seconds mean the loop is in trouble.
@@ -88,28 +89,48 @@ class _LagHistogram(Collector):
         )
 
 
-class _EventCounter(Collector):
-    """`qmpwatch_events_total{vm,event}`, kept as a plain dict: one add per event.
+class EventMeter:
+    """One VM's share of the per-event metrics: its event counts and the shared lag histogram.
 
-    prometheus-client's Counter takes a lock per increment; this runs on the event loop
-    only, so it needs none (the per-event path is the daemon's hottest).
+    The daemon holds one per VM and calls `observe` for every event it logs; that is the whole
+    per-event cost of the metrics (a dict add, a `bisect` and two float adds). No locks: the
+    event loop is the only caller.
     """
+
+    __slots__ = ("_bounds", "_lag", "_lag_counts", "counts")
+
+    def __init__(self, lag: _LagHistogram) -> None:
+        self.counts: dict[str, int] = {}  # event name -> events
+        self._lag = lag
+        self._bounds = lag.bounds
+        self._lag_counts = lag.counts
+
+    def observe(self, event: Event, now: float) -> None:
+        """`event` (QEMU stamped it at `event.time`) was received at `now`."""
+        counts = self.counts
+        name = event.name
+        counts[name] = counts.get(name, 0) + 1
+        lag = now - event.seconds - event.microseconds * 1e-6
+        lag = lag if lag > 0.0 else 0.0  # below 0: the host clock stepped back
+        self._lag_counts[bisect.bisect_left(self._bounds, lag)] += 1  # _LagHistogram.observe
+        self._lag.sum += lag
+
+
+class _EventCounter(Collector):
+    """`qmpwatch_events_total{vm,event}`, read from the VMs' `EventMeter`s at scrape time."""
 
     name = "qmpwatch_events"
     documentation = "QMP events received."
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], int] = {}
+        self.meters: dict[str, EventMeter] = {}  # vm -> its meter
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=["vm", "event"])
-        for (vm, event), count in list(self.counts.items()):
-            family.add_metric([vm, event], count)
+        for vm, meter in list(self.meters.items()):
+            for event, count in list(meter.counts.items()):
+                family.add_metric([vm, event], count)
         yield family
-
-    def forget(self, vm: str) -> None:
-        for key in [k for k in self.counts if k[0] == vm]:
-            del self.counts[key]
 
 
 def _bound_text(bound: float) -> str:
@@ -135,7 +156,6 @@ class Metrics:
         r = self.registry
         self._events = _EventCounter()
         r.register(self._events)
-        self._event_counts = self._events.counts
         self._lag = _LagHistogram(LAG_BUCKETS)
         r.register(self._lag)
         self._decode_errors = Counter(
@@ -204,23 +224,26 @@ class Metrics:
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._series_of_vm: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
         self._status_of_vm: dict[str, str] = {}
-        # one-entry cache: "YYYY-MM-DDTHH:MM:SS" -> its epoch seconds
-        self._last_second_text = ""
-        self._last_second = 0
 
-    # -- records --------------------------------------------------------------------------
+    # -- events and records ---------------------------------------------------------------
+
+    def event_meter(self, vm: str) -> EventMeter:
+        """The meter that counts `vm`'s events (one per VM, made on first use)."""
+        meter = self._events.meters.get(vm)
+        if meter is None:
+            meter = self._events.meters[vm] = EventMeter(self._lag)
+        return meter
+
+    def observe_event(self, vm: str, event: Event, now: float) -> None:
+        """Count one event of `vm` processed at `now` (`event_meter(vm).observe`)."""
+        self.event_meter(vm).observe(event, now)
 
     def observe_record(self, vm: str, kind: str, fields: Mapping[str, Any], now: float) -> None:
-        """Count one log record of `vm` (as written by the watch core), processed at `now`."""
-        if kind == "qmp_event":
-            key = (vm, fields["qmp"])
-            counts = self._event_counts
-            counts[key] = counts.get(key, 0) + 1
-            stamp = self._qemu_epoch(fields["qemu_time"])
-            if stamp is not None:
-                lag = now - stamp
-                self._lag.observe(lag if lag > 0.0 else 0.0)
-        elif kind == "followup_satisfied":
+        """Count one log record of `vm` (as written by the watch core), processed at `now`.
+
+        `qmp_event` records are counted by `observe_event` instead, from the event itself.
+        """
+        if kind == "followup_satisfied":
             self._child(self._followups, vm, fields["rule"], "satisfied").inc()
         elif kind == "followup_missed":
             outcome = "disconnected" if fields.get("reason") == "disconnected" else "missed"
@@ -239,27 +262,6 @@ class Metrics:
             self._child(self._disconnects, vm, fields.get("cause", "unknown")).inc()
         elif kind == "vm_connect_failed":
             self._child(self._connect_failures, vm, fields.get("reason", "unknown")).inc()
-
-    def _qemu_epoch(self, text: str) -> float | None:
-        """`2010-02-01T17:10:30.450486Z` -> epoch seconds (None if malformed); a one-entry
-        cache keeps the calendar arithmetic to once per second."""
-        try:
-            second = text[:19]
-            if second != self._last_second_text:
-                self._last_second = calendar.timegm(
-                    (
-                        int(second[0:4]),
-                        int(second[5:7]),
-                        int(second[8:10]),
-                        int(second[11:13]),
-                        int(second[14:16]),
-                        int(second[17:19]),
-                    )
-                )
-                self._last_second_text = second
-            return self._last_second + int(text[20:26]) / 1_000_000
-        except (ValueError, TypeError):
-            return None
 
     # -- setters --------------------------------------------------------------------------
 
@@ -299,7 +301,7 @@ class Metrics:
             metric.remove(*labels)
             self._children.pop((metric, labels), None)
         self._status_of_vm.pop(vm, None)
-        self._events.forget(vm)
+        self._events.meters.pop(vm, None)
 
     # -- output ---------------------------------------------------------------------------
 

@@ -7,8 +7,10 @@ path that a long-running watcher cannot live with (see shared/qemu-qmp-notes.md)
 - `_cb_inbound`/`_cb_outbound` return the message untouched: the stock ones build a pretty
   `json.dumps(indent=2)` for a DEBUG line on every message, two thirds of its per-event cost.
 - `_do_recv` parses with orjson and hands every *event* straight to `on_event` (a plain
-  callback, run in the reader task, which must not raise or await). Events never enter
-  qemu.qmp's listener queues, so nothing accumulates in `EventListener._history`.
+  callback, run in the reader task, which must not raise or await), with the time it was
+  received: the clock is read once per read from the socket and after every yield to the loop,
+  not per message, so the events of one batch share it. Events never enter qemu.qmp's
+  listener queues, so nothing accumulates in `EventListener._history`.
 - A line that is not JSON, not an object, or too long goes to `on_decode_error` and the
   session reads on; the stock client would end the session (and meet the same line again).
   So does a message that is neither an event nor a reply qemu.qmp can route: no `return` or
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -55,11 +58,11 @@ _SHALLOW = 2 * MAX_DEPTH  # a line this short cannot nest deeper than MAX_DEPTH
 _ID_PREFIX = "__qmp#"  # qemu.qmp's execute ids: __qmp#00000, __qmp#00001, ...
 _LATE = "late reply"  # _unroutable(): a reply to one of our commands that gave up waiting
 
-EventCallback = Callable[[dict[str, Any]], None]
+EventCallback = Callable[[dict[str, Any], float], None]  # (event, received at: epoch s)
 ErrorCallback = Callable[[DecodeError], None]
 
 
-def _ignore_event(obj: dict[str, Any]) -> None:
+def _ignore_event(obj: dict[str, Any], now: float) -> None:
     return None
 
 
@@ -124,13 +127,19 @@ class WatchClient(QMPClient):
     async def _do_recv(self) -> Message:
         lines = self._lines  # runs per message: what the loop reads often is kept in locals
         in_a_row = self._in_a_row
+        now = time.time()
         try:
             while True:
                 in_a_row += 1
                 if in_a_row >= YIELD_EVERY:
                     in_a_row = 0
                     await asyncio.sleep(0)
-                line = lines.popleft() if lines else await self._read_line()
+                    now = time.time()
+                if lines:
+                    line = lines.popleft()
+                else:
+                    line = await self._read_line()
+                    now = time.time()
                 if not line:  # _DROPPED: every line read has at least its newline
                     self._line_dropped()
                     continue
@@ -145,7 +154,7 @@ class WatchClient(QMPClient):
                         return _message(obj)  # the greeting: qemu.qmp checks it
                     elif "event" in obj:
                         if len(line) <= _SHALLOW or not deeper_than(obj, MAX_DEPTH):
-                            self.on_event(obj)
+                            self.on_event(obj, now)
                             continue
                         problem = f"nested deeper than {MAX_DEPTH} levels"
                     else:

@@ -15,7 +15,7 @@ from typing import Any
 from qmpwatch.alert import Alert
 from qmpwatch.config import Config
 from qmpwatch.errors import DecodeError
-from qmpwatch.events import Control, decode
+from qmpwatch.events import Control, Event, decode
 from qmpwatch.logs import RecordLogger
 from qmpwatch.watch import VmWatch
 
@@ -29,6 +29,9 @@ class ReplayOutput:
 
     def record(self, kind: str, level: str, now: float, fields: dict[str, Any]) -> None:
         self._records.record(kind, level, now, fields)
+
+    def qmp_event(self, event: Event, now: float) -> None:
+        self._records.qmp_event(event, now)
 
     def raise_alert(self, alert: Alert) -> None:
         pass

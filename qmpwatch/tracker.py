@@ -130,6 +130,11 @@ class FollowUpTracker:
     def pending(self) -> tuple[Expectation, ...]:
         return tuple(self._open)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether any expectation is open (`bool(pending)`, without building the tuple)."""
+        return bool(self._open)
+
     def open(self, rule: Rule, cause: Event, now: float) -> Expectation:
         expectation = Expectation(rule, cause, now)
         self._open.append(expectation)

@@ -6,9 +6,9 @@
 QMP session; `qmpwatch replay` drives it from a captured stream with QEMU's timestamps as the
 clock; both therefore log exactly the same records for the same input.
 
-Per event: the `qmp_event` record is written first, then every handler that the dispatch
-table `HANDLERS` lists for the event's name runs in order. Adding behaviour for an event is
-one entry there.
+Per event: the `qmp_event` record is written first (`WatchOutput.qmp_event`; its fields are
+`logs.qmp_event_fields`), then every handler that the dispatch table `HANDLERS` lists for the
+event's name runs in order. Adding behaviour for an event is one entry there.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from qmpwatch.events import (
     Event,
     GuestPanicked,
     Watchdog,
-    iso_utc,
 )
 from qmpwatch.tracker import QEMU_EXIT, Ended, FollowUpTracker, Rules
 
@@ -36,6 +35,11 @@ class WatchOutput(Protocol):
 
     def record(self, kind: str, level: str, now: float, fields: dict[str, Any]) -> None:
         """Write one log record (`kind` is the record's `event` name)."""
+
+    def qmp_event(self, event: Event, now: float) -> None:
+        """Write the `qmp_event` record of `event`: level info, the fields that
+        `logs.qmp_event_fields` gives (`record("qmp_event", "info", now,
+        qmp_event_fields(event))`, or a faster equivalent)."""
 
     def raise_alert(self, alert: Alert) -> None:
         """Hand a new alert to the dispatcher (its `alert` record is already written)."""
@@ -84,20 +88,13 @@ class VmWatch:
 
     def on_event(self, event: Event, now: float) -> None:
         """One event, received at `now`."""
-        if self.tracker.pending:
+        if self.tracker.waiting:
             self._ended(self.tracker.expire(now))
-        self.out.record(
-            "qmp_event",
-            "info",
-            now,
-            {
-                "qmp": event.name,
-                "qemu_time": iso_utc(event.seconds, event.microseconds),  # event.qemu_time
-                "data": event.data,
-            },
-        )
-        for handler in self.handlers.get(event.name, ()):
-            handler(self, event, now)
+        self.out.qmp_event(event, now)
+        handlers = self.handlers.get(event.name)
+        if handlers is not None:
+            for handler in handlers:
+                handler(self, event, now)
 
     def on_decode_error(self, err: DecodeError, now: float) -> None:
         """A message that could not be decoded; logged with its raw text, nothing else changes."""
@@ -111,7 +108,7 @@ class VmWatch:
 
     def tick(self, now: float) -> None:
         """Time passes: end the expectations whose deadline is over."""
-        if self.tracker.pending:
+        if self.tracker.waiting:
             self._ended(self.tracker.expire(now))
 
     def next_deadline(self) -> float | None:

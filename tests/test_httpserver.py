@@ -7,10 +7,11 @@ import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qmpwatch.events import iso_utc
+from qmpwatch.events import Event, decode
 from qmpwatch.httpserver import Health, HttpServer, ListenError, parse_listen
 from qmpwatch.metrics import Metrics
 
@@ -27,8 +28,10 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 
 def feed(metrics: Metrics) -> None:
     for name, micro in (("STOP", 0), ("RESUME", 1000), ("STOP", 2000)):
-        fields = {"qmp": name, "qemu_time": iso_utc(T0, micro), "data": {}}
-        metrics.observe_record("web01", "qmp_event", fields, T0 + micro / 1e6 + 0.002)
+        stamp = {"seconds": T0, "microseconds": micro}
+        event = decode(orjson.dumps({"event": name, "timestamp": stamp}))
+        assert isinstance(event, Event)
+        metrics.observe_event("web01", event, T0 + micro / 1e6 + 0.002)
     metrics.observe_record(
         "web01",
         "followup_missed",

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from qmpwatch import logs
 from qmpwatch.events import Event, decode
-from qmpwatch.logs import RecordLogger, iso_from_epoch
+from qmpwatch.logs import RecordLogger, iso_from_epoch, qmp_event_fields
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(),
@@ -92,6 +92,36 @@ def test_a_qmp_event_record_is_rendered_like_the_chain(buffer: io.BytesIO) -> No
         b'{"timestamp":"2023-11-14T22:13:20.500000Z","level":"info","event":"qmp_event",'
         b'"vm":"web01","qmp":"VNC_CONNECTED"'
     )
+
+
+@given(
+    name=st.text(max_size=12),
+    seconds=st.integers(0, 253_402_300_799),
+    micro=st.integers(0, 999_999),
+    data=st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+    nows=st.lists(times, min_size=1, max_size=3),
+)
+def test_qmp_event_records_equal_structlogs_chain(
+    buffer: io.BytesIO,
+    name: str,
+    seconds: int,
+    micro: int,
+    data: dict[str, Any],
+    nows: list[float],
+) -> None:
+    """`qmp_event()` writes what the chain writes for `qmp_event_fields`, for any event, also
+    when records come one after another with the same or another time."""
+    event = Event(name, seconds, micro, data)
+    records = RecordLogger("web01")
+    for now in [*nows, nows[-1]]:
+        direct = written(buffer, lambda now=now: records.qmp_event(event, now))
+        chain = written(
+            buffer,
+            lambda now=now: records._log.info(
+                "qmp_event", timestamp=iso_from_epoch(now), **qmp_event_fields(event)
+            ),
+        )
+        assert direct == chain
 
 
 def test_capture_logs_still_sees_records(buffer: io.BytesIO) -> None:

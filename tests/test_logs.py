@@ -35,7 +35,7 @@ class CountingStream(io.BytesIO):
 
     def write(self, data: object) -> int:
         self.writes += 1
-        assert isinstance(data, bytes)
+        assert isinstance(data, bytes | bytearray)
         return super().write(data)
 
 

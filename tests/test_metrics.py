@@ -14,7 +14,7 @@ from qmpwatch import __version__
 from qmpwatch.alert import Alert
 from qmpwatch.config import FollowupConfig
 from qmpwatch.errors import DecodeError
-from qmpwatch.events import Event, decode, iso_utc
+from qmpwatch.events import Event, decode
 from qmpwatch.metrics import LAG_BUCKETS, Metrics
 from qmpwatch.watch import VmWatch
 
@@ -50,6 +50,9 @@ class MetricsOutput:
 
     def record(self, kind: str, level: str, now: float, fields: dict[str, Any]) -> None:
         self.metrics.observe_record(self.vm, kind, fields, now)
+
+    def qmp_event(self, event: Event, now: float) -> None:
+        self.metrics.observe_event(self.vm, event, now)
 
     def raise_alert(self, alert: Alert) -> None:
         pass
@@ -141,23 +144,32 @@ def test_event_lag_histogram() -> None:
 
 
 def test_lag_edges() -> None:
-    """A bucket bound is inclusive, a clock step back counts as 0, a bad stamp is not timed."""
+    """A bucket bound is inclusive, and a clock step back counts as 0."""
     metrics = Metrics()
-    base = {"qmp": "STOP", "data": {}}
-    stamp = iso_utc(T0, 500_000)
-    metrics.observe_record("a", "qmp_event", {**base, "qemu_time": stamp}, T0 + 0.5 + 0.25)
-    metrics.observe_record("a", "qmp_event", {**base, "qemu_time": stamp}, T0 + 0.4)
-    metrics.observe_record("a", "qmp_event", {**base, "qemu_time": "garbage"}, T0)
-    metrics.observe_record("a", "qmp_event", {**base, "qemu_time": iso_utc(T0 + 1, 0)}, T0 + 11)
+    stop = event("STOP", T0 + 0.5)
+    metrics.observe_event("a", stop, T0 + 0.5 + 0.25)
+    metrics.observe_event("a", stop, T0 + 0.4)
+    metrics.observe_event("a", event("STOP", T0 + 1.0), T0 + 11)
     s = scrape(metrics)
     lag = "qmpwatch_event_lag_seconds"
-    assert value(s, "qmpwatch_events_total", vm="a", event="STOP") == 4
+    assert value(s, "qmpwatch_events_total", vm="a", event="STOP") == 3
     assert value(s, f"{lag}_count") == 3
     assert value(s, f"{lag}_bucket", le="0.0005") == 1  # the negative one, as 0
     assert value(s, f"{lag}_bucket", le="0.1") == 1
     assert value(s, f"{lag}_bucket", le="0.25") == 2
     assert value(s, f"{lag}_bucket", le="5.0") == 2
     assert value(s, f"{lag}_bucket", le="+Inf") == 3
+    assert abs((value(s, f"{lag}_sum") or 0) - (0.25 + 0 + 10)) < 1e-6
+
+
+def test_an_event_is_counted_once_however_it_reaches_the_metrics() -> None:
+    """qmp_event records are not counted again: events are counted from the events."""
+    metrics = Metrics()
+    stop = event("STOP", T0)
+    metrics.observe_event("a", stop, T0)
+    fields = {"qmp": "STOP", "qemu_time": stop.qemu_time, "data": {}}
+    metrics.observe_record("a", "qmp_event", fields, T0)
+    assert value(scrape(metrics), "qmpwatch_events_total", vm="a", event="STOP") == 1
 
 
 def test_status_is_one_series_per_vm() -> None:
@@ -218,9 +230,7 @@ def test_forget_vm_removes_its_series() -> None:
     assert names_with(s, "vm", "web01") == set()
     assert value(s, "qmpwatch_events_total", vm="web02", event="STOP") == 1
     assert value(s, "qmpwatch_alert_deliveries_total", alert="vm_crashed", sink="log", result="ok")
-    metrics.observe_record(
-        "web01", "qmp_event", {"qmp": "STOP", "qemu_time": iso_utc(T0, 0), "data": {}}, T0
-    )
+    metrics.observe_event("web01", event("STOP", T0), T0)
     metrics.set_status("web01", "paused")
     s = scrape(metrics)
     assert value(s, "qmpwatch_events_total", vm="web01", event="STOP") == 1

@@ -16,6 +16,7 @@ from qmpwatch.alert import Alert
 from qmpwatch.config import FollowupConfig
 from qmpwatch.errors import DecodeError
 from qmpwatch.events import Event, decode_object
+from qmpwatch.logs import qmp_event_fields
 from qmpwatch.watch import RAW_LIMIT, VmWatch, WatchOutput, with_handlers
 from tests.spec_examples import NEWEST, examples
 
@@ -41,6 +42,9 @@ class Collect:
 
     def record(self, kind: str, level: str, now: float, fields: dict[str, Any]) -> None:
         self.records.append(Record(kind, level, now, dict(fields)))
+
+    def qmp_event(self, event: Event, now: float) -> None:
+        self.record("qmp_event", "info", now, qmp_event_fields(event))
 
     def raise_alert(self, alert: Alert) -> None:
         self.raised.append(alert)
