@@ -37,6 +37,7 @@ pytest: $(BIN)/.installed
 bench: system-deps-run $(BIN)/.installed
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.alert_latency
+	$(BIN)/python -m bench.logbatch
 
 # 20 real VMs, every scenario, 10 minutes: event counts, crashes, RSS and fds (not in CI)
 soak: system-deps-run $(BIN)/.installed

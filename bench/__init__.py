@@ -7,6 +7,7 @@ consumers   floor / stock qemu.qmp / qmpwatch on the same stream (run as child p
 scale       1,000 VMs watched by one `qmpwatch run` process
 fairness    a STOP on one VM while another floods: time to log line and alert handover
 memory      1,000,000 events through one session: RSS before and after
+logbatch    CPU per log record by records per loop turn (why LineWriter copies lines)
 """
 
 from pathlib import Path
