@@ -46,7 +46,12 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from qmpwatch import __version__
@@ -116,6 +121,33 @@ class EventMeter:
         self._lag.sum += lag
 
 
+class _StatusGauges(Collector):
+    """`qmpwatch_vm_status{vm,status}` and `qmpwatch_vm_running{vm}`, from one dict.
+
+    One series per VM, whose `status` label moves with the status: kept as vm -> status and
+    rendered at scrape time, so a VM pausing and resuming in a storm costs a dict store each
+    time (prometheus-client's Gauge would remove and re-create a labelled child).
+    """
+
+    def __init__(self) -> None:
+        self.status_of_vm: dict[str, str] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        status = GaugeMetricFamily(
+            "qmpwatch_vm_status",
+            "The VM's current run status (query-status word, or unknown) as a label; always 1.",
+            labels=["vm", "status"],
+        )
+        running = GaugeMetricFamily(
+            "qmpwatch_vm_running", "1 while the VM's run status is running.", labels=["vm"]
+        )
+        for vm, word in list(self.status_of_vm.items()):
+            status.add_metric([vm, word], 1)
+            running.add_metric([vm], 1 if word == "running" else 0)
+        yield status
+        yield running
+
+
 class _EventCounter(Collector):
     """`qmpwatch_events_total{vm,event}`, read from the VMs' `EventMeter`s at scrape time."""
 
@@ -179,15 +211,9 @@ class Metrics:
         self._connected = Gauge(
             "qmpwatch_vm_connected", "1 while a QMP session to the VM is up.", ["vm"], registry=r
         )
-        self._running = Gauge(
-            "qmpwatch_vm_running", "1 while the VM's run status is running.", ["vm"], registry=r
-        )
-        self._status = Gauge(
-            "qmpwatch_vm_status",
-            "The VM's current run status (query-status word, or unknown) as a label; always 1.",
-            ["vm", "status"],
-            registry=r,
-        )
+        self._statuses = _StatusGauges()
+        r.register(self._statuses)
+        self._status_of_vm = self._statuses.status_of_vm
         self._disconnects = Counter(
             "qmpwatch_disconnects",
             "QMP sessions ended, by cause (shutdown, eof, error, closed).",
@@ -223,7 +249,6 @@ class Metrics:
         # label validation; and per VM, every (metric, labels) made, for forget_vm().
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._series_of_vm: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
-        self._status_of_vm: dict[str, str] = {}
 
     # -- events and records ---------------------------------------------------------------
 
@@ -270,18 +295,8 @@ class Metrics:
         self._child(self._connected, vm).set(1 if connected else 0)
 
     def set_status(self, vm: str, status: str | None) -> None:
-        """The VM's current run status (None: unknown); cheap when it did not change."""
-        label = UNKNOWN_STATUS if status is None else status
-        previous = self._status_of_vm.get(vm)
-        if previous == label:
-            return
-        if previous is not None:
-            self._status.remove(vm, previous)
-            self._children.pop((self._status, (vm, previous)), None)
-            self._series_of_vm[vm].discard((self._status, (vm, previous)))
-        self._status_of_vm[vm] = label
-        self._child(self._status, vm, label).set(1)
-        self._child(self._running, vm).set(1 if label == "running" else 0)
+        """The VM's current run status (None: unknown)."""
+        self._status_of_vm[vm] = UNKNOWN_STATUS if status is None else status
 
     def reconnect(self, vm: str, reason: str) -> None:
         """One reconnect attempt of `vm`, e.g. after "eof" or a failed attempt's "missing"."""
