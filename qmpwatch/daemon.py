@@ -22,7 +22,7 @@ from typing import IO
 
 import structlog
 
-from qmpwatch import __version__, logs, sdnotify
+from qmpwatch import __version__, logs, sdnotify, statestore
 from qmpwatch.alert import Alert
 from qmpwatch.config import Config, DaemonConfig, NoShutdown, VmConfig, load_config
 from qmpwatch.connection import Services
@@ -70,6 +70,9 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         state_dir = self.config.daemon.state_dir
+        if statestore.flush_all not in self.writer.before_write:
+            # The alert outbox and the state store commit a turn's writes before its lines.
+            self.writer.before_write.append(statestore.flush_all)
         store = StateStore(Path(state_dir) if state_dir else None)
         if store.problem:
             self.log.error("state_store_unavailable", error=store.problem)

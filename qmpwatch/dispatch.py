@@ -1,13 +1,14 @@
 """The alert dispatcher: alerts in, synchronously and at once; deliveries out, per sink.
 
-`fire` and `resolve` only write the outbox (`qmpwatch.outbox`, a few SQLite statements) and
-wake the delivery loops, so the event intake never waits on a receiver. `run` owns one
-delivery loop per sink (a TaskGroup). A loop takes the sink's next due entry, makes one
-attempt bounded by the sink's `timeout_s`, and on failure backs off: the entry is retried
-after `retry_initial_s` doubling up to `retry_max_s` per failed attempt (times a random
-factor in [0.5, 1]), and the whole sink pauses as long after consecutive failures, so a
-dead receiver gets one attempt per backoff interval, not one per queued alert. Entries never
-expire; the outbox bound (and its drop rule) limits what is kept.
+`fire` and `resolve` only queue the notification in the outbox (`qmpwatch.outbox`: memory at
+once, SQLite at the end of the loop turn, before any delivery reads it) and wake the delivery
+loops, so the event intake never waits on a receiver. `run` owns one delivery loop per sink
+(a TaskGroup). A loop takes the sink's next due entry, makes one attempt bounded by the
+sink's `timeout_s`, and on failure backs off: the entry is retried after `retry_initial_s`
+doubling up to `retry_max_s` per failed attempt (times a random factor in [0.5, 1]), and the
+whole sink pauses as long after consecutive failures, so a dead receiver gets one attempt per
+backoff interval, not one per queued alert. Entries never expire; the outbox bound (and its
+drop rule) limits what is kept.
 
 `aclose(deadline_s)` makes every loop try what is due once more, stops each sink at its
 first failure and cuts attempts still running at the deadline; what is left stays in the

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import IO, Any, Literal
 
 import orjson
@@ -59,6 +59,9 @@ class LineWriter:
         self.stream = stream
         self._buffer = bytearray()
         self._scheduled = False
+        # Run before each batch is written: the daemon commits its state journals there, so
+        # that a line on disk implies the state changes of the turn that logged it.
+        self.before_write: list[Callable[[], object]] = []
 
     def msg(self, line: bytes | str) -> None:
         self.write_line(line if isinstance(line, bytes) else line.encode() + b"\n")
@@ -82,6 +85,8 @@ class LineWriter:
         self._scheduled = False
         if not self._buffer:
             return
+        for hook in self.before_write:
+            hook()
         data, self._buffer = self._buffer, bytearray()  # the stream may keep what it is given
         try:
             self.stream.write(data)

@@ -5,10 +5,42 @@ It is owed to every sink that was configured when it was added and leaves the ou
 of them has it. SQLite in WAL mode, under `state_dir` (`outbox.sqlite3`, with `outbox.lock`
 held while a daemon uses it), so a restart, even after SIGKILL, resumes where delivery stopped.
 Memory is authoritative while the daemon runs; the database is the journal for the next run.
-A failed database write is logged (`alert_outbox_write_failed`) and the entry is still
-delivered from memory, only not durably; without a usable `state_dir` the dispatcher runs the
-outbox in memory only (`Outbox(None, ...)`). `synchronous=NORMAL`: a killed process loses nothing,
-a power cut may lose the last commits.
+
+Writes are batched. `add`, `delivered` and `failed` change memory at once and queue their SQL;
+the first write of an event-loop turn schedules `flush` with `loop.call_soon`, which commits
+the whole queue in order in one transaction (BEGIN IMMEDIATE ... COMMIT) right after the turn,
+the way `qmpwatch.logs.LineWriter` writes that turn's log lines. An alert storm therefore costs
+one transaction per turn, not one per alert. Outside a running event loop (tests, tools) every
+write is committed at once. `flush()` commits the queue now: `next_for` and `active` (the reads
+that hand entries and alerts to a sink) and `close` call it first, so no sink ever gets an
+entry whose INSERT is not committed. (The dispatcher calls `next_for` again right after a
+delivery, in the same turn, so a delivery is committed as delivered before its
+`alert_delivered` line can be written.)
+
+What a crash loses: `synchronous=NORMAL` in WAL mode, so a commit survives the process being
+killed, and a power cut may lose the last commits. A SIGKILL loses the writes queued since the
+last commit: at most those of the loop turn in progress (with those of any callback that ran
+after it but before the commit callback), the turn whose log lines are not written yet either,
+since `LineWriter` too writes a turn's lines from a callback run right after the turn. The two
+callbacks run in the order they were scheduled (usually the log lines first: a turn logs its
+event before it raises an alert), so a kill that lands between them can find the lines written
+and the commit not; so the daemon commits every journal (`qmpwatch.statestore.flush_all`)
+before each batch of log lines (`LineWriter.before_write`). What such a loss means after the
+restart: an entry added in
+that turn had not been handed to any sink (a delivery flushes first), so it is missing, never
+delivered twice; a delivery or a failed attempt not yet recorded is retried with the same
+idempotency key (at least once, as always); a drop not yet recorded is redone by the same rule
+when the outbox is opened; the active set is as it was before that turn.
+
+Across the two databases of a daemon: `qmpwatch.statestore` commits the queued writes of
+every outbox of the process (`flush_all`) before it commits run statuses, so a VM's status is
+never in the journal before the alerts raised before it (which would make a restart after a
+kill in between consider the stop already alerted).
+
+A failed commit rolls the batch back and is logged once (`alert_outbox_write_failed`, with the
+names of its writes in `op` and their number in `writes`); its entries are still delivered from
+memory, only not durably. Without a usable `state_dir` the dispatcher runs the outbox in memory
+only (`Outbox(None, ...)`).
 
 Order: a sink gets the entries of one alert (fingerprint) in the order they were added, so a
 resolution never overtakes its firing; alerts with different fingerprints do not wait on
@@ -30,6 +62,8 @@ the Alertmanager sink re-posts so they do not expire.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -50,6 +84,9 @@ DB_NAME = "outbox.sqlite3"
 LOCK_NAME = "outbox.lock"
 
 _log = structlog.get_logger()
+
+_Write = Callable[[sqlite3.Connection], object]  # one queued write: SQL statements on `db`
+_with_queued: set[Outbox] = set()  # the outboxes with writes queued, for `flush_all`
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entry (
@@ -151,6 +188,9 @@ class Outbox:
         self._over_capacity = False
         self._closed = False
         self._db: sqlite3.Connection | None = None
+        self._queued: list[tuple[str, _Write]] = []  # (op, write) not committed yet, in order
+        self._flush_handle: asyncio.Handle | None = None  # the end-of-turn flush, if scheduled
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # ...and its loop
         self._lock_fd = -1
         if state_dir is None:
             self._state = _State(owed={sink: {} for sink in self.sinks})
@@ -221,8 +261,14 @@ class Outbox:
         return state
 
     def close(self) -> None:
-        """Close the database and release the lock (idempotent)."""
+        """Commit the queued writes, close the database and release the lock (idempotent)."""
         self._closed = True
+        try:
+            self.flush()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         try:
             if self._db is not None:
                 self._db.close()
@@ -258,7 +304,11 @@ class Outbox:
         elif active is False:
             state.active.pop(fingerprint, None)
         if key in state.keys or not self.sinks:
-            self._write("active", lambda db: self._write_active(db, fingerprint, alert, active))
+            if active is not None and self._db is not None:
+                active_json = alert_to_json(alert) if active else b""
+                self._write(
+                    "active", lambda db: _write_active(db, fingerprint, active_json, active)
+                )
             return None
         entry = Entry(self._next_seq, key, status, at, alert)
         self._next_seq += 1
@@ -267,36 +317,29 @@ class Outbox:
         for sink in self.sinks:
             state.owed[sink][entry.seq] = _Owed()
         dropped = self._enforce_bound(entry)
+        kept = entry.seq in state.entries
+        if self._db is None:
+            return entry if kept else None
+        # Serialized now, so that the queued write holds plain values only.
+        alert_json = alert_to_json(alert) if kept or active else b""
+        pending = [(entry.seq, sink) for sink in self.sinks] if kept else []
+        gone = [(e.seq,) for e in dropped if e is not entry]
+        if not kept and not gone and active is None:
+            return None
 
         def write(db: sqlite3.Connection) -> None:
-            if entry.seq in state.entries:
+            if kept:
                 db.execute(
                     "INSERT INTO entry (seq, key, status, at, alert) VALUES (?, ?, ?, ?, ?)",
-                    (entry.seq, key, status, at, alert_to_json(alert)),
+                    (entry.seq, key, status, at, alert_json),
                 )
-                db.executemany(
-                    "INSERT INTO pending (seq, sink) VALUES (?, ?)",
-                    [(entry.seq, sink) for sink in self.sinks],
-                )
-            db.executemany(
-                "DELETE FROM entry WHERE seq = ?", [(e.seq,) for e in dropped if e is not entry]
-            )
-            self._write_active(db, fingerprint, alert, active)
+                db.executemany("INSERT INTO pending (seq, sink) VALUES (?, ?)", pending)
+            if gone:
+                db.executemany("DELETE FROM entry WHERE seq = ?", gone)
+            _write_active(db, fingerprint, alert_json, active)
 
         self._write("add", write)
-        return entry if entry.seq in state.entries else None
-
-    @staticmethod
-    def _write_active(
-        db: sqlite3.Connection, fingerprint: str, alert: Alert, active: bool | None
-    ) -> None:
-        if active is True:
-            db.execute(
-                "INSERT OR REPLACE INTO active (fingerprint, alert) VALUES (?, ?)",
-                (fingerprint, alert_to_json(alert)),
-            )
-        elif active is False:
-            db.execute("DELETE FROM active WHERE fingerprint = ?", (fingerprint,))
+        return entry if kept else None
 
     def _enforce_bound(self, new: Entry | None) -> list[Entry]:
         """Drop entries while the outbox is over its bound (memory only); returns them."""
@@ -331,12 +374,8 @@ class Outbox:
         if len(entries) <= self.max_entries:
             self._over_capacity = False
         if new is None and dropped:  # bound lowered since the last run
-            self._write(
-                "drop",
-                lambda db: db.executemany(
-                    "DELETE FROM entry WHERE seq = ?", [(e.seq,) for e in dropped]
-                ),
-            )
+            gone = [(e.seq,) for e in dropped]
+            self._write("drop", lambda db: db.executemany("DELETE FROM entry WHERE seq = ?", gone))
         return dropped
 
     def _forget(self, seq: int) -> None:
@@ -352,8 +391,11 @@ class Outbox:
         """The entry `sink` should get now, else None and when the next one is due (or None).
 
         Only the oldest owed entry of each fingerprint is a candidate; the oldest due
-        candidate wins.
+        candidate wins. Commits the queued writes first (`flush`), so the entry returned is
+        in the database before any attempt to deliver it.
         """
+        if self._queued:
+            self.flush()
         owed = self._state.owed[sink]
         entries = self._state.entries
         seen: set[str] = set()
@@ -423,24 +465,90 @@ class Outbox:
         return list(self._state.entries.values())
 
     def active(self) -> list[Alert]:
-        """Alerts fired and not resolved, oldest first."""
+        """Alerts fired and not resolved, oldest first (committing the queued writes first)."""
+        if self._queued:
+            self.flush()
         return sorted(self._state.active.values(), key=lambda a: a.raised_at)
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write(self, op: str, fn: Callable[[sqlite3.Connection], object]) -> None:
+    def flush(self) -> None:
+        """Commit the queued writes now, in order, in one transaction; no-op when none.
+
+        Runs by itself right after the loop turn that queued them; call it before anything
+        that relies on the journal holding what memory holds. A failure rolls the whole batch
+        back and is logged once (`alert_outbox_write_failed`); memory is not affected.
+        """
+        handle, self._flush_handle, self._flush_loop = self._flush_handle, None, None
+        if handle is not None:
+            handle.cancel()
+        _with_queued.discard(self)
+        if not self._queued:
+            return
+        writes, self._queued = self._queued, []
         db = self._db
         if db is None:
             return
         try:
             with _transaction(db):
-                fn(db)
+                for _, write in writes:
+                    write(db)
         except sqlite3.Error as err:
-            _log.error("alert_outbox_write_failed", op=op, path=str(self.path), error=str(err))
+            _log.error(
+                "alert_outbox_write_failed",
+                op=",".join(dict.fromkeys(op for op, _ in writes)),
+                writes=len(writes),
+                path=str(self.path),
+                error=str(err),
+            )
+
+    def _write(self, op: str, write: _Write) -> None:
+        """Queue `write` for the end of this loop turn; outside a running loop, commit it now."""
+        if self._db is None:
+            return
+        self._queued.append((op, write))
+        _with_queued.add(self)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        # A flush scheduled on another loop (one that has since ended) no longer counts.
+        if self._flush_loop is not loop:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush_loop = loop
+            self._flush_handle = loop.call_soon(self._flush_after_turn)
+
+    def _flush_after_turn(self) -> None:
+        self._flush_handle = self._flush_loop = None
+        self.flush()
+
+
+def flush_all() -> None:
+    """Commit the queued writes of every outbox of this process now (`Outbox.flush`)."""
+    for box in list(_with_queued):
+        box.flush()
+
+
+def _write_active(
+    db: sqlite3.Connection, fingerprint: str, alert_json: bytes, active: bool | None
+) -> None:
+    if active is True:
+        db.execute(
+            "INSERT OR REPLACE INTO active (fingerprint, alert) VALUES (?, ?)",
+            (fingerprint, alert_json),
+        )
+    elif active is False:
+        db.execute("DELETE FROM active WHERE fingerprint = ?", (fingerprint,))
 
 
 class _transaction:
-    """`with _transaction(db):` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error."""
+    """`with _transaction(db):` BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error.
+
+    A failed COMMIT is rolled back too (SQLite may leave the transaction open after one), so
+    that the next batch starts clean; the error that caused it is the one raised.
+    """
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -451,9 +559,18 @@ class _transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
         else:
-            self.db.execute("ROLLBACK")
+            self._rollback()
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
 
 
 def _lock(state_dir: Path) -> int:

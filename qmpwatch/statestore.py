@@ -6,17 +6,56 @@ If the state directory is unusable the store keeps working in memory and says wh
 watcher that cannot persist is still far better than one that stops. A write that fails later
 (a full disk) is logged once as `state_store_unavailable`; the statuses not written are
 written with the next write that works, which logs `state_store_recovered`.
+
+Writes are batched: `set_status` changes memory (authoritative while the daemon runs) at once
+and marks the VM unsaved; the first change of an event-loop turn schedules `flush` with
+`loop.call_soon`, which writes the latest status of every unsaved VM (one row per VM, however
+often it changed in the turn) in one transaction right after the turn, like the log lines of
+`qmpwatch.logs.LineWriter`. Outside a running event loop (tests, tools) every change is
+written at once; `close()` flushes. WAL mode with `synchronous=NORMAL`: a commit survives the
+process being killed (a power cut may lose the last ones). A SIGKILL loses the changes made
+since the last commit: at most those of the loop turn in progress (with those of any callback
+that ran after it but before the commit callback), the turn whose log lines are not written
+yet either. Both are written by callbacks run right after the turn, in the order they were
+scheduled (usually the log lines first: a turn logs its event before it changes a status), so
+a kill that lands between the two could find the lines written and the statuses not; so the
+daemon runs `flush_all`, which commits every journal now, before its log writer writes a
+batch (`LineWriter.before_write`): a line on disk implies the state changes of its turn. The
+reverse cannot happen either: before committing,
+`flush` commits the alert outbox's queued writes (`qmpwatch.outbox.flush_all`), so a status is
+never on disk before the alerts raised before it: a restart after a kill never takes a stop as
+already seen when its alert was lost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
 
 import structlog
 
+from qmpwatch.outbox import flush_all as flush_outboxes
+
 FILE_NAME = "state.sqlite3"
+
+_UPSERT = (
+    "INSERT INTO vm_status (vm, status, updated_at) VALUES (?, ?, ?) "
+    "ON CONFLICT(vm) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at"
+)
+
+
+def flush_all() -> None:
+    """Commit every alert outbox's and then every state store's queued writes, now.
+
+    For whatever must not get ahead of the journals, such as a log writer about to write the
+    lines of the turn that made these writes.
+    """
+    flush_outboxes()
+    for store in list(_with_unsaved):
+        store.flush()
 
 
 class StateStore:
@@ -27,8 +66,10 @@ class StateStore:
         self.path = state_dir / FILE_NAME if state_dir is not None else None
         self.problem: str | None = None
         self._memory: dict[str, str | None] = {}
-        self._unsaved: set[str] = set()  # VMs whose last write failed
+        self._unsaved: set[str] = set()  # VMs whose status is not written (queued or failed)
         self._db: sqlite3.Connection | None = None
+        self._flush_handle: asyncio.Handle | None = None  # the end-of-turn flush, if scheduled
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # ...and its loop
         if state_dir is None or self.path is None:
             return
         try:
@@ -50,20 +91,53 @@ class StateStore:
         return self._memory.get(vm)
 
     def set_status(self, vm: str, status: str | None) -> None:
+        """Remember `status` for `vm`; written at the end of this loop turn (or now, outside
+        a running loop)."""
         if vm in self._memory and self._memory[vm] == status and vm not in self._unsaved:
             return
         self._memory[vm] = status
         if self._db is None:
             return
         self._unsaved.add(vm)
+        _with_unsaved.add(self)
         try:
-            for name in sorted(self._unsaved):
-                self._db.execute(
-                    "INSERT INTO vm_status (vm, status, updated_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT(vm) DO UPDATE SET status = excluded.status, "
-                    "updated_at = excluded.updated_at",
-                    (name, self._memory[name], time.time()),
-                )
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        # A flush scheduled on another loop (one that has since ended) no longer counts.
+        if self._flush_loop is not loop:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush_loop = loop
+            self._flush_handle = loop.call_soon(self._flush_after_turn)
+
+    def flush(self) -> None:
+        """Write the latest status of every unsaved VM now, in one transaction.
+
+        Runs by itself right after the loop turn that changed them. On failure memory keeps
+        the statuses and they stay unsaved, to be written with the next write that works.
+        """
+        handle, self._flush_handle, self._flush_loop = self._flush_handle, None, None
+        if handle is not None:
+            handle.cancel()
+        _with_unsaved.discard(self)
+        db = self._db
+        if db is None or not self._unsaved:
+            return
+        flush_outboxes()  # the alerts raised before these statuses go first
+        now = time.time()
+        rows = [(vm, self._memory[vm], now) for vm in sorted(self._unsaved)]
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(_UPSERT, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
         except sqlite3.Error as err:
             if self.problem is None:
                 structlog.get_logger().error(
@@ -72,13 +146,24 @@ class StateStore:
                     effect="run statuses are kept in memory until a write works again",
                 )
             self.problem = f"{self.path}: {err}"
-            return
+            return  # still unsaved: written with the next write that works
         self._unsaved.clear()
         if self.problem is not None:
             self.problem = None
             structlog.get_logger().info("state_store_recovered", path=str(self.path))
 
+    def _flush_after_turn(self) -> None:
+        self._flush_handle = self._flush_loop = None
+        self.flush()
+
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        """Write what is unsaved (`flush`), then close the database (idempotent)."""
+        try:
+            self.flush()
+        finally:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+_with_unsaved: set[StateStore] = set()  # the stores with a flush due, for `flush_all`

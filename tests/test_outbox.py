@@ -1,8 +1,14 @@
-"""The alert outbox: durability, per-alert order, the bound and its drop rule."""
+"""The alert outbox: durability, per-alert order, the bound and its drop rule, and the
+batching of its writes (one transaction per loop turn, committed before any delivery)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +17,10 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from qmpwatch.alert import Alert, Severity
+from qmpwatch.config import AlertConfig, WebhookConfig
+from qmpwatch.dispatch import AlertDispatcher
 from qmpwatch.outbox import DB_NAME, Entry, Outbox, OutboxError, Status
-from tests.alert_fixtures import make_alert
+from tests.alert_fixtures import make_alert, receiving, running, wait_until
 
 SINKS = ("webhook:a", "alertmanager:b")
 
@@ -300,3 +308,171 @@ def test_memory_only_outbox() -> None:
     assert box.depth() == 0
     box.close()
     assert box.closed
+
+
+# -- batching: one transaction per loop turn -------------------------------------------------
+
+ROOT = Path(__file__).parent.parent
+
+
+def statements(box: Outbox) -> list[str]:
+    """From now on, every SQL statement `box` runs is appended to the returned list."""
+    run: list[str] = []
+    assert box._db is not None
+    box._db.set_trace_callback(run.append)
+    return run
+
+
+def keys_on_disk(state_dir: Path) -> list[str]:
+    """The entries committed to the outbox database, read through a connection of our own."""
+    with contextlib.closing(sqlite3.connect(state_dir / DB_NAME)) as db:
+        return [key for (key,) in db.execute("SELECT key FROM entry ORDER BY seq")]
+
+
+async def test_writes_of_one_loop_turn_are_one_transaction(tmp_path: Path) -> None:
+    """An alert storm costs one transaction per loop turn: 100 adds and a failed attempt make
+    one COMMIT, in order, on disk once the turn is over and not before."""
+    box = Outbox(tmp_path, sinks=SINKS, max_entries=1000)
+    run = statements(box)
+    added = [
+        box.add(make_alert(vm=f"vm{i}"), "firing", float(i), f"k{i}", active=True)
+        for i in range(100)
+    ]
+    assert added[0] is not None
+    box.failed("webhook:a", added[0].seq, next_at=5.0)
+    assert box.depth() == 100  # memory has them at once
+    assert keys_on_disk(tmp_path) == []  # the turn is not over
+
+    await wait_until(lambda: len(keys_on_disk(tmp_path)) == 100, what="the turn's commit")
+    assert keys_on_disk(tmp_path) == [f"k{i}" for i in range(100)]
+    assert [s for s in run if s in ("BEGIN IMMEDIATE", "COMMIT", "ROLLBACK")] == [
+        "BEGIN IMMEDIATE",
+        "COMMIT",
+    ]
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db:
+        attempts = db.execute(
+            "SELECT attempts FROM pending WHERE seq = ? AND sink = 'webhook:a'", (added[0].seq,)
+        ).fetchone()
+        active = db.execute("SELECT COUNT(*) FROM active").fetchone()
+    assert attempts == (1,)  # the UPDATE ran after its INSERT
+    assert active == (100,)
+    box.close()
+
+
+def test_outside_a_loop_every_write_is_committed_at_once(tmp_path: Path) -> None:
+    """Tools and tests without an event loop get today's behaviour: each write is on disk
+    when the call returns."""
+    box = Outbox(tmp_path, sinks=SINKS, max_entries=10)
+    run = statements(box)
+    add(box, make_alert(vm="a"))
+    assert len(keys_on_disk(tmp_path)) == 1
+    add(box, make_alert(vm="b"))
+    assert len(keys_on_disk(tmp_path)) == 2
+    assert run.count("COMMIT") == 2
+    box.close()
+
+
+async def test_an_entry_is_on_disk_before_it_is_handed_to_a_sink(tmp_path: Path) -> None:
+    """`next_for` (what delivery asks first) commits the turn's writes before it answers, so
+    no sink gets an entry a SIGKILL could take out of the journal."""
+    box = Outbox(tmp_path, sinks=SINKS, max_entries=10)
+    first = add(box, make_alert(vm="a"))
+    add(box, make_alert(vm="b"))
+    assert keys_on_disk(tmp_path) == []
+    assert box.next_for("webhook:a", now=10.0) == (first, None)
+    assert len(keys_on_disk(tmp_path)) == 2
+    box.close()
+
+
+async def test_close_commits_the_queued_writes(tmp_path: Path) -> None:
+    """Closing in the same turn as the writes (the shutdown path) commits them; the next run
+    finds them."""
+    box = Outbox(tmp_path, sinks=SINKS, max_entries=10)
+    kept = add(box, make_alert(vm="kept"))
+    gone = add(box, make_alert(vm="gone"))
+    assert kept is not None
+    assert gone is not None
+    box.delivered("webhook:a", gone.seq)
+    box.delivered("alertmanager:b", gone.seq)
+    box.close()
+    assert keys_on_disk(tmp_path) == [kept.key]
+    again = Outbox(tmp_path, sinks=SINKS, max_entries=10)
+    assert [e.key for e in again.entries()] == [kept.key]
+    again.close()
+
+
+KILLED_CHILD = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from qmpwatch.outbox import Outbox
+from tests.alert_fixtures import make_alert
+
+async def main() -> None:
+    box = Outbox(Path(sys.argv[1]), sinks=("s",), max_entries=100)
+    for i in range(3):
+        box.add(make_alert(vm=f"one{i}"), "firing", 1.0, f"turn1-{i}")
+    await asyncio.sleep(0)  # the turn ends; its commit callback runs before this task resumes
+    for i in range(3):
+        box.add(make_alert(vm=f"two{i}"), "firing", 2.0, f"turn2-{i}")
+    box.next_for("s", 3.0)  # as a delivery attempt would: commits turn2-*
+    box.add(make_alert(vm="late"), "firing", 3.0, "turn2-late")
+    os.kill(os.getpid(), signal.SIGKILL)  # in the same turn as turn2-late
+
+asyncio.run(main())
+"""
+
+
+def test_sigkill_loses_at_most_the_writes_of_the_turn_in_progress(tmp_path: Path) -> None:
+    """A daemon killed with SIGKILL and restarted finds every entry of the turns before the
+    kill and every entry a sink could have been given; only what was added since the last
+    commit, in the turn the kill cut short, is gone."""
+    state = tmp_path / "state"
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_CHILD, str(state)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    again = Outbox(state, sinks=("s",), max_entries=100)
+    assert [e.key for e in again.entries()] == [
+        "turn1-0",
+        "turn1-1",
+        "turn1-2",
+        "turn2-0",
+        "turn2-1",
+        "turn2-2",
+    ]
+    again.close()
+
+
+async def test_a_failed_commit_is_logged_once_and_alerts_still_go_out(tmp_path: Path) -> None:
+    """When the turn's commit fails (the database is full), one `alert_outbox_write_failed`
+    names the writes it held, and every alert still reaches the sink, from memory."""
+    count = 40
+    async with receiving() as receiver:
+        config = AlertConfig(
+            webhook=(WebhookConfig(receiver.url, timeout_s=2.0),),
+            retry_initial_s=0.05,
+            retry_max_s=0.2,
+        )
+        dispatcher = AlertDispatcher(config, tmp_path, host="test-host")
+        db = dispatcher.outbox._db
+        assert db is not None
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")  # not one page more: a full disk
+        with capture_logs() as logs:
+            for i in range(count):
+                dispatcher.fire(make_alert(vm=f"vm{i}", details={"pad": "x" * 500}))
+            async with running(dispatcher):
+                await receiver.wait_for(lambda r: len(r.delivered) == count, what="every alert")
+    failed = [r for r in logs if r["event"] == "alert_outbox_write_failed"]
+    assert len(failed) == 1, failed
+    assert failed[0]["op"] == "add"
+    assert failed[0]["writes"] == count
+    assert failed[0]["path"] == str(tmp_path / DB_NAME)
+    assert "full" in failed[0]["error"]
+    assert len({r.json()["idempotency_key"] for r in receiver.delivered}) == count
+    assert keys_on_disk(tmp_path) == []
