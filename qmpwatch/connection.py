@@ -78,6 +78,9 @@ class Services:
     alerts: AlertSink | None = None
     observe: RecordObserver | None = None  # (vm, kind, fields, now) of every record
     metrics: Metrics | None = None  # counts the records and events too
+    # Told when a session comes up or ends and when an alert fires or resolves: what the
+    # daemon's status line (VMs, connected, alerts firing) is made of.
+    changed: Callable[[], None] | None = None
     restored: Mapping[str, list[Alert]] = field(default_factory=dict)  # firing at start-up
 
 
@@ -130,10 +133,14 @@ class _Output:
     def raise_alert(self, alert: Alert) -> None:
         if self._services.alerts is not None:
             self._services.alerts.fire(alert)
+        if self._services.changed is not None:
+            self._services.changed()
 
     def resolve_alert(self, alert: Alert, now: float) -> None:
         if self._services.alerts is not None:
             self._services.alerts.resolve(alert, now)
+        if self._services.changed is not None:
+            self._services.changed()
 
     def query_status(self) -> None:
         self._conn.request_status()
@@ -323,7 +330,7 @@ class VmConnection:
             watch.no_shutdown = self.target.no_shutdown
         cause, error = "closed", ""
         unresponsive = False
-        self.connected = True
+        self._set_connected(True)
         try:
             try:
                 status, version = await self._resync(client)
@@ -361,8 +368,13 @@ class VmConnection:
             raise
         self._ended(cause, error)
 
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        if self.services.changed is not None:
+            self.services.changed()
+
     def _ended(self, cause: str, error: str) -> None:
-        self.connected = False
+        self._set_connected(False)
         self._cancel_deadline()
         self.watch.on_disconnected(time.time(), cause, error)
         self._store_status()

@@ -86,11 +86,14 @@ class Daemon:
         restored: dict[str, list[Alert]] = {}
         for alert in dispatcher.firing_alerts():
             restored.setdefault(alert.vm, []).append(alert)
+        metrics.outbox_depth_from(dispatcher.depth)
+        status_changed = asyncio.Event()
         services = Services(
             store=store,
             alerts=dispatcher,
             metrics=metrics,
             restored=restored,
+            changed=status_changed.set,
         )
         self.log.info(
             "daemon_started",
@@ -122,7 +125,7 @@ class Daemon:
                         tg.create_task(self._reload_forever(supervisor), name="reload"),
                         tg.create_task(sdnotify.keep_alive(), name="watchdog"),
                         tg.create_task(
-                            self._status_forever(supervisor, dispatcher, metrics), name="status"
+                            self._status_forever(supervisor, status_changed), name="status"
                         ),
                     ]
                     await self._stop.wait()
@@ -148,18 +151,18 @@ class Daemon:
         vms, connected, firing = self._supervisor.counts()
         return Health(True, {"vms": vms, "connected": connected, "alerts_firing": firing})
 
-    async def _status_forever(
-        self, supervisor: Supervisor, dispatcher: AlertDispatcher, metrics: Metrics
-    ) -> None:
-        """Keep systemd's STATUS= line (sent when it changes) and the outbox gauge current."""
+    async def _status_forever(self, supervisor: Supervisor, changed: asyncio.Event) -> None:
+        """Keep systemd's STATUS= line current: sent when it changes, at most once per
+        `STATUS_INTERVAL_S` (a storm of pauses is one update), and never woken while idle."""
         last = ""
         while True:
+            await changed.wait()
+            changed.clear()
             line = sdnotify.status_line(*supervisor.counts())
             if line != last:
                 sdnotify.status(line)
                 last = line
-            metrics.set_outbox_depth(dispatcher.depth())
-            await asyncio.sleep(STATUS_INTERVAL_S)
+                await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _reload_forever(self, supervisor: Supervisor) -> None:
         while True:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -306,9 +306,9 @@ class Metrics:
         """One delivery of an alert of `kind` to `sink` ("webhook", ...) ended in `result`."""
         self._child(self._deliveries, kind, sink, result, per_vm=False).inc()
 
-    def set_outbox_depth(self, depth: int) -> None:
-        """Alerts waiting in the outbox."""
-        self._outbox.set(depth)
+    def outbox_depth_from(self, depth: Callable[[], int]) -> None:
+        """The outbox depth (alerts waiting for a sink) is `depth()`, read at every scrape."""
+        self._outbox.set_function(depth)
 
     def forget_vm(self, vm: str) -> None:
         """Drop every series of `vm` (it was removed from the config)."""

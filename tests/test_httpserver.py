@@ -45,7 +45,7 @@ def feed(metrics: Metrics) -> None:
         T0 + 10,
     )
     metrics.set_status("web01", "running")
-    metrics.set_outbox_depth(3)
+    metrics.outbox_depth_from(lambda: 3)
 
 
 async def test_metrics_scrape_parses(client: aiohttp.ClientSession) -> None:

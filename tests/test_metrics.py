@@ -197,7 +197,7 @@ def test_status_is_one_series_per_vm() -> None:
 
 
 def test_setters() -> None:
-    """Reconnects, connect failures, deliveries and the outbox depth are exported as set."""
+    """Reconnects, connect failures, deliveries and the outbox depth (read at scrape time)."""
     metrics = Metrics()
     metrics.reconnect("web01", "eof")
     metrics.reconnect("web01", "eof")
@@ -205,7 +205,8 @@ def test_setters() -> None:
     metrics.alert_delivery("vm_crashed", "webhook", "ok")
     metrics.alert_delivery("vm_crashed", "webhook", "retry")
     metrics.alert_delivery("vm_crashed", "webhook", "ok")
-    metrics.set_outbox_depth(7)
+    waiting = [7]
+    metrics.outbox_depth_from(lambda: waiting[0])
     metrics.set_connected("web01", True)
     s = scrape(metrics)
     assert value(s, "qmpwatch_reconnects_total", vm="web01", reason="eof") == 2
@@ -215,6 +216,8 @@ def test_setters() -> None:
     assert value(s, deliveries, alert="vm_crashed", sink="webhook", result="retry") == 1
     assert value(s, "qmpwatch_outbox_depth") == 7
     assert value(s, "qmpwatch_vm_connected", vm="web01") == 1
+    waiting[0] = 0  # the outbox drained: the next scrape says so, no setter involved
+    assert value(scrape(metrics), "qmpwatch_outbox_depth") == 0
 
 
 def test_forget_vm_removes_its_series() -> None:

@@ -38,11 +38,12 @@ class NotifyListener:
         self.sock.setblocking(False)
         self.messages: list[str] = []
 
-    async def wait_for(self, line: str, timeout: float = 10.0) -> str:
+    async def wait_for(self, line: str, timeout: float = 10.0, *, after: int = 0) -> str:
+        """The first message from the `after`-th on that holds `line`."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             while True:
-                for message in self.messages:
+                for message in self.messages[after:]:
                     if line in message.split("\n"):
                         return message
                 data = await loop.sock_recv(self.sock, 4096)
@@ -70,7 +71,11 @@ async def test_metrics_healthz_and_sd_notify(tmp_path: Path, sock_dir: Path) -> 
                 await daemon.wait_for("vm_connected", vm="web01")
                 await notify.wait_for("STATUS=1 VM, 1 connected, 0 alerts firing")
                 await vm.stop()
+                # the status line follows the alert as it fires and resolves (no polling)
+                await notify.wait_for("STATUS=1 VM, 1 connected, 1 alert firing")
+                seen = len(notify.messages)
                 await vm.cont()
+                await notify.wait_for("STATUS=1 VM, 1 connected, 0 alerts firing", after=seen)
                 await vm.system_reset()
                 await daemon.wait_for("qmp_event", vm="web01", qmp="RESET")
                 async with aiohttp.ClientSession() as http:
