@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import orjson
 
@@ -95,7 +95,9 @@ class BlockIoError(Event):
         return _field(self, "reason")  # type: ignore[no-any-return]
 
 
-class Reset(Event):
+class _GuestOrHost(Event):
+    """RESET and SHUTDOWN: whether the guest asked for it, and QEMU's reason."""
+
     __slots__ = ()
 
     @property
@@ -105,6 +107,10 @@ class Reset(Event):
     @property
     def reason(self) -> str | None:
         return _field(self, "reason")  # type: ignore[no-any-return]
+
+
+class Reset(_GuestOrHost):
+    __slots__ = ()
 
 
 class Resume(Event):
@@ -119,16 +125,8 @@ class RtcChange(Event):
         return _field(self, "offset")  # type: ignore[no-any-return]
 
 
-class Shutdown(Event):
+class Shutdown(_GuestOrHost):
     __slots__ = ()
-
-    @property
-    def guest(self) -> bool | None:
-        return _field(self, "guest")  # type: ignore[no-any-return]
-
-    @property
-    def reason(self) -> str | None:
-        return _field(self, "reason")  # type: ignore[no-any-return]
 
 
 class Stop(Event):
@@ -139,44 +137,40 @@ class Powerdown(Event):
     __slots__ = ()
 
 
-class SpiceEvent(Event):
+class _Connection(Event):
+    """An event about a display connection: its `server` and `client` endpoints."""
+
+    __slots__ = ()
+    _PORT_KEY: ClassVar[str] = "port"  # the key of an endpoint's port in `data`
+
+    @property
+    def server(self) -> Endpoint:
+        return _endpoint_of(self, "server", self._PORT_KEY)
+
+    @property
+    def client(self) -> Endpoint:
+        return _endpoint_of(self, "client", self._PORT_KEY)
+
+    @property
+    def auth(self) -> str | None:
+        return self.data["server"].get("auth")  # type: ignore[no-any-return]
+
+
+class SpiceEvent(_Connection):
     """SPICE_CONNECTED and SPICE_DISCONNECTED."""
 
     __slots__ = ()
 
-    @property
-    def server(self) -> Endpoint:
-        return _endpoint_of(self, "server", "port")
 
-    @property
-    def client(self) -> Endpoint:
-        return _endpoint_of(self, "client", "port")
-
-
-class VncEvent(Event):
+class VncEvent(_Connection):
     """VNC_CONNECTED, VNC_INITIALIZED and VNC_DISCONNECTED (`name` tells which)."""
 
     __slots__ = ()
-
-    @property
-    def server(self) -> Endpoint:
-        return _endpoint_of(self, "server", "service")
-
-    @property
-    def client(self) -> Endpoint:
-        return _endpoint_of(self, "client", "service")
-
-    @property
-    def auth(self) -> str | None:
-        return self.data["server"].get("auth")  # type: ignore[no-any-return]
+    _PORT_KEY = "service"
 
 
 class SpiceInitialized(SpiceEvent):
     __slots__ = ()
-
-    @property
-    def auth(self) -> str | None:
-        return self.data["server"].get("auth")  # type: ignore[no-any-return]
 
     @property
     def connection_id(self) -> int:

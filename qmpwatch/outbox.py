@@ -62,7 +62,6 @@ the Alertmanager sink re-posts so they do not expire.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import os
@@ -77,6 +76,7 @@ import structlog
 
 from qmpwatch.alert import Alert
 from qmpwatch.errors import QmpwatchError
+from qmpwatch.turns import EndOfTurn
 
 Status = Literal["firing", "resolved"]
 SCHEMA_VERSION = 1
@@ -189,8 +189,7 @@ class Outbox:
         self._closed = False
         self._db: sqlite3.Connection | None = None
         self._queued: list[tuple[str, _Write]] = []  # (op, write) not committed yet, in order
-        self._flush_handle: asyncio.Handle | None = None  # the end-of-turn flush, if scheduled
-        self._flush_loop: asyncio.AbstractEventLoop | None = None  # ...and its loop
+        self._end_of_turn = EndOfTurn(self.flush)
         self._lock_fd = -1
         if state_dir is None:
             self._state = _State(owed={sink: {} for sink in self.sinks})
@@ -479,9 +478,7 @@ class Outbox:
         that relies on the journal holding what memory holds. A failure rolls the whole batch
         back and is logged once (`alert_outbox_write_failed`); memory is not affected.
         """
-        handle, self._flush_handle, self._flush_loop = self._flush_handle, None, None
-        if handle is not None:
-            handle.cancel()
+        self._end_of_turn.cancel()
         _with_queued.discard(self)
         if not self._queued:
             return
@@ -508,21 +505,7 @@ class Outbox:
             return
         self._queued.append((op, write))
         _with_queued.add(self)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        # A flush scheduled on another loop (one that has since ended) no longer counts.
-        if self._flush_loop is not loop:
-            if self._flush_handle is not None:
-                self._flush_handle.cancel()
-            self._flush_loop = loop
-            self._flush_handle = loop.call_soon(self._flush_after_turn)
-
-    def _flush_after_turn(self) -> None:
-        self._flush_handle = self._flush_loop = None
-        self.flush()
+        self._end_of_turn.schedule()
 
 
 def flush_all() -> None:

@@ -29,7 +29,6 @@ already seen when its alert was lost.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 import structlog
 
 from qmpwatch.outbox import flush_all as flush_outboxes
+from qmpwatch.turns import EndOfTurn
 
 FILE_NAME = "state.sqlite3"
 
@@ -68,8 +68,7 @@ class StateStore:
         self._memory: dict[str, str | None] = {}
         self._unsaved: set[str] = set()  # VMs whose status is not written (queued or failed)
         self._db: sqlite3.Connection | None = None
-        self._flush_handle: asyncio.Handle | None = None  # the end-of-turn flush, if scheduled
-        self._flush_loop: asyncio.AbstractEventLoop | None = None  # ...and its loop
+        self._end_of_turn = EndOfTurn(self.flush)
         if state_dir is None or self.path is None:
             return
         try:
@@ -100,17 +99,7 @@ class StateStore:
             return
         self._unsaved.add(vm)
         _with_unsaved.add(self)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        # A flush scheduled on another loop (one that has since ended) no longer counts.
-        if self._flush_loop is not loop:
-            if self._flush_handle is not None:
-                self._flush_handle.cancel()
-            self._flush_loop = loop
-            self._flush_handle = loop.call_soon(self._flush_after_turn)
+        self._end_of_turn.schedule()
 
     def flush(self) -> None:
         """Write the latest status of every unsaved VM now, in one transaction.
@@ -118,9 +107,7 @@ class StateStore:
         Runs by itself right after the loop turn that changed them. On failure memory keeps
         the statuses and they stay unsaved, to be written with the next write that works.
         """
-        handle, self._flush_handle, self._flush_loop = self._flush_handle, None, None
-        if handle is not None:
-            handle.cancel()
+        self._end_of_turn.cancel()
         _with_unsaved.discard(self)
         db = self._db
         if db is None or not self._unsaved:
@@ -151,10 +138,6 @@ class StateStore:
         if self.problem is not None:
             self.problem = None
             structlog.get_logger().info("state_store_recovered", path=str(self.path))
-
-    def _flush_after_turn(self) -> None:
-        self._flush_handle = self._flush_loop = None
-        self.flush()
 
     def close(self) -> None:
         """Write what is unsaved (`flush`), then close the database (idempotent)."""

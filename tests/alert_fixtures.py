@@ -6,6 +6,8 @@
   a receiver that is down.
 - `running(dispatcher)`: run a dispatcher's delivery loops for the `async with` body.
 - `wait_until(condition)`: poll a condition with a deadline (never a bare sleep).
+- `run_until_sigkill(script, *args)`: run a Python script that ends by SIGKILLing itself.
+- `sql_statements(db)`: every SQL statement a database connection runs from now on.
 - Run as a script, this module is the daemon stand-in of the SIGKILL test (`child_main`).
 """
 
@@ -15,7 +17,10 @@ import asyncio
 import contextlib
 import itertools
 import os
+import signal
 import socket
+import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -211,3 +216,28 @@ def child_main() -> None:
 
 if __name__ == "__main__":
     child_main()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_until_sigkill(script: str, *args: str) -> None:
+    """Run `script` (Python source, with the checkout importable) and check that it ended by
+    SIGKILL, as a daemon killed mid-work does."""
+    child = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+
+
+def sql_statements(db: sqlite3.Connection | None) -> list[str]:
+    """From now on, every SQL statement `db` runs is appended to the returned list."""
+    run: list[str] = []
+    assert db is not None
+    db.set_trace_callback(run.append)
+    return run

@@ -4,11 +4,7 @@ batching of its writes (one transaction per loop turn, committed before any deli
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,14 @@ from qmpwatch.alert import Alert, Severity
 from qmpwatch.config import AlertConfig, WebhookConfig
 from qmpwatch.dispatch import AlertDispatcher
 from qmpwatch.outbox import DB_NAME, Entry, Outbox, OutboxError, Status
-from tests.alert_fixtures import make_alert, receiving, running, wait_until
+from tests.alert_fixtures import (
+    make_alert,
+    receiving,
+    run_until_sigkill,
+    running,
+    sql_statements,
+    wait_until,
+)
 
 SINKS = ("webhook:a", "alertmanager:b")
 
@@ -312,15 +315,10 @@ def test_memory_only_outbox() -> None:
 
 # -- batching: one transaction per loop turn -------------------------------------------------
 
-ROOT = Path(__file__).parent.parent
-
 
 def statements(box: Outbox) -> list[str]:
     """From now on, every SQL statement `box` runs is appended to the returned list."""
-    run: list[str] = []
-    assert box._db is not None
-    box._db.set_trace_callback(run.append)
-    return run
+    return sql_statements(box._db)
 
 
 def keys_on_disk(state_dir: Path) -> list[str]:
@@ -427,15 +425,7 @@ def test_sigkill_loses_at_most_the_writes_of_the_turn_in_progress(tmp_path: Path
     kill and every entry a sink could have been given; only what was added since the last
     commit, in the turn the kill cut short, is gone."""
     state = tmp_path / "state"
-    child = subprocess.run(
-        [sys.executable, "-c", KILLED_CHILD, str(state)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    run_until_sigkill(KILLED_CHILD, str(state))
     again = Outbox(state, sinks=("s",), max_entries=100)
     assert [e.key for e in again.entries()] == [
         "turn1-0",

@@ -4,28 +4,19 @@ durable across restarts, and never ahead of the alerts raised before it."""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 from structlog.testing import capture_logs
 
 from qmpwatch.outbox import DB_NAME, Outbox
 from qmpwatch.statestore import FILE_NAME, StateStore, flush_all
-from tests.alert_fixtures import make_alert, wait_until
-
-ROOT = Path(__file__).parent.parent
+from tests.alert_fixtures import make_alert, run_until_sigkill, sql_statements, wait_until
 
 
 def statements(store: StateStore) -> list[str]:
     """From now on, every SQL statement `store` runs is appended to the returned list."""
-    run: list[str] = []
-    assert store._db is not None
-    store._db.set_trace_callback(run.append)
-    return run
+    return sql_statements(store._db)
 
 
 def on_disk(state_dir: Path) -> dict[str, str | None]:
@@ -105,15 +96,7 @@ def test_sigkill_loses_at_most_the_changes_of_the_turn_in_progress(tmp_path: Pat
     """A daemon killed with SIGKILL and restarted finds every status of the turns before the
     kill; only the changes of the turn the kill cut short are missing."""
     state = tmp_path / "state"
-    child = subprocess.run(
-        [sys.executable, "-c", KILLED_CHILD, str(state)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    run_until_sigkill(KILLED_CHILD, str(state))
     again = StateStore(state)
     assert [again.last_status(vm) for vm in ("web01", "web02", "web03")] == [
         "paused",
