@@ -209,7 +209,7 @@ def report(r: dict[str, Any]) -> str:
             f"   qmpwatch  {med['path']:6.2f} µs  the path issue 6 names: decode, handlers, "
             "tracker, a JSON log line in a file",
             f"   daemon    {med['qmpwatch']:6.2f} µs  `qmpwatch run` as wired: the same, and "
-            "every record fed to the Prometheus metrics",
+            "every event and record counted in the Prometheus metrics",
             f"   daemon:   {t['qmpwatch_over_floor']:.2f}x the floor (target <= "
             f"{MAX_TIMES_FLOOR:g}), {t['stock_over_qmpwatch']:.2f}x cheaper than stock (target "
             f">= {MIN_TIMES_CHEAPER_THAN_STOCK:g}): {_verdict(t['pass'])}",

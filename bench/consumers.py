@@ -13,9 +13,9 @@ Between segments it runs `gc.collect()` (outside the measurement) and stays conn
     stock     a plain qemu.qmp QMPClient: `async for event in qmp.events`, doing nothing
     qmpwatch  the real daemon in this process (`bench.inproc`), as `qmpwatch run` wires it:
               WatchClient, decoder, VmWatch (handlers, tracker), a JSON log line written to a
-              file, and every record also fed to the Prometheus metrics; a segment ends when
-              the POWERDOWN line has been written
-    path      the same daemon with the metrics observer made a no-op: the per-event path
+              file, and every event and record also counted in the Prometheus metrics; a
+              segment ends when the POWERDOWN line has been written
+    path      the same daemon with the metrics' observers made no-ops: the per-event path
               issue 6 names (decode, handlers, tracker, a JSON log line written to a file)
     client    WatchClient alone, events dropped (the protocol layer's share, for profiling)
 """
