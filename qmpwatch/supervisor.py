@@ -86,9 +86,15 @@ class Supervisor:
     def _stop(self, name: str) -> None:
         entry = self.running.pop(name)
         entry.task.cancel()
-        if self.services.metrics is not None:
-            self.services.metrics.forget_vm(name)
+        # The cancelled task still records its session's end (vm_disconnected, the status),
+        # which would bring the VM's series back: forget them once it has ended.
+        entry.task.add_done_callback(lambda _: self._forget(name))
         self.log.info("vm_removed", vm=name, socket=entry.target.socket)
+
+    def _forget(self, name: str) -> None:
+        """Drop a stopped VM's metric series, unless it runs again (a new target, same name)."""
+        if self.services.metrics is not None and name not in self.running:
+            self.services.metrics.forget_vm(name)
 
     async def stop_all(self) -> None:
         """Cancel every VM task and wait for them (their sessions close cleanly)."""

@@ -1,0 +1,111 @@
+"""The supervisor against real unix sockets (tests/fake_qmp.py): VMs that come and go.
+
+A removed VM's task is cancelled, and it then records its session's end (`vm_disconnected`,
+the last status) on its way out. Those records must not bring back the metric series the
+supervisor forgot for it: with discovery, every VM that ever existed would otherwise keep its
+series (and a `running` status) for the life of the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from qmpwatch.config import Config, DaemonConfig, DiscoverConfig, VmConfig
+from qmpwatch.connection import Services
+from qmpwatch.metrics import Metrics
+from qmpwatch.statestore import StateStore
+from qmpwatch.supervisor import Supervisor
+from tests.fake_qmp import FAST_CONNECT, FakeQmp, rendered_log
+
+NO_DAEMON = DaemonConfig(state_dir="", metrics_listen="")
+
+
+def vms_in(metrics: Metrics) -> set[str]:
+    """The VMs that have at least one series in a scrape."""
+    return {
+        sample.labels["vm"]
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+        if "vm" in sample.labels
+    }
+
+
+def events_counted(metrics: Metrics, vm: str, event: str) -> float:
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == "qmpwatch_events_total" and sample.labels == {
+                "vm": vm,
+                "event": event,
+            }:
+                return sample.value
+    return 0.0
+
+
+async def test_vms_that_come_and_go_leave_no_series(sock_dir: Path) -> None:
+    """Discovered VMs removed while connected: once their tasks end, none of their series
+    remain, however many there were; a VM still there keeps its own."""
+    metrics = Metrics()
+    config = Config(
+        daemon=NO_DAEMON,
+        connect=FAST_CONNECT,
+        discover=(DiscoverConfig(os.fspath(sock_dir / "*.qmp")),),
+    )
+    with rendered_log() as log:
+        log.reset()
+        async with asyncio.TaskGroup() as tg:
+            supervisor = Supervisor(config, Services(StateStore(None), metrics=metrics), tg)
+            async with FakeQmp.serve(sock_dir / "stays.qmp"):
+                supervisor.apply()
+                await log.wait_for("vm_connected", vm="stays")
+                for i in range(25):
+                    name = f"gone{i:02d}"
+                    path = sock_dir / f"{name}.qmp"
+                    async with FakeQmp.serve(path):
+                        supervisor.apply()
+                        await log.wait_for("vm_connected", vm=name)
+                        task = supervisor.running[name].task
+                        path.unlink()  # the VM went away; the next rescan removes it
+                        supervisor.apply()
+                        assert name not in supervisor.running
+                        async with asyncio.timeout(10):
+                            await asyncio.wait([task])
+                    await log.wait_for("vm_disconnected", vm=name, cause="closed")
+                await supervisor.stop_all()
+    assert vms_in(metrics) == {"stays"}
+
+
+async def test_a_vm_restarted_on_a_new_socket_keeps_counting(sock_dir: Path) -> None:
+    """A VM whose socket changes is stopped and started again under the same name: when the
+    old task has ended, the new session's events are still counted."""
+    metrics = Metrics()
+    first, second = sock_dir / "a.qmp", sock_dir / "b.qmp"
+    with rendered_log() as log:
+        log.reset()
+        async with (
+            FakeQmp.serve(first),
+            FakeQmp.serve(second) as fake,
+            asyncio.TaskGroup() as tg,
+        ):
+            config = Config(
+                daemon=NO_DAEMON, connect=FAST_CONNECT, vms=(VmConfig("web", os.fspath(first)),)
+            )
+            supervisor = Supervisor(config, Services(StateStore(None), metrics=metrics), tg)
+            supervisor.apply()
+            await log.wait_for("vm_connected", vm="web", socket=os.fspath(first))
+            old = supervisor.running["web"].task
+            moved = Config(
+                daemon=NO_DAEMON, connect=FAST_CONNECT, vms=(VmConfig("web", os.fspath(second)),)
+            )
+            supervisor.apply(moved)
+            async with asyncio.timeout(10):
+                await asyncio.wait([old])
+            session = await fake.session(1)
+            await log.wait_for("vm_connected", vm="web", socket=os.fspath(second))
+            await session.event("STOP")
+            await log.wait_for("qmp_event", vm="web", qmp="STOP")
+            await supervisor.stop_all()
+    assert events_counted(metrics, "web", "STOP") == 1
