@@ -155,6 +155,17 @@ def _route_stdlib(writer: LineWriter) -> None:
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
+def unconfigure() -> None:
+    """Undo `configure`: structlog's defaults, no stdlib routing, qemu.qmp's own level (for a
+    process that configures logging more than once, such as a test run)."""
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _StdlibToStructlog):
+            root.removeHandler(handler)
+    logging.getLogger("qemu.qmp").setLevel(logging.NOTSET)
+
+
 # What `configure("json")` sets up; RecordLogger renders straight to the writer while it holds.
 _JSON_CHAIN: list[Any] = [structlog.processors.add_log_level, _add_timestamp, _render_json]
 _FILTERING_LOGGER = structlog.make_filtering_bound_logger(logging.INFO)

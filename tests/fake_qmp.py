@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import structlog
 
 from qmpwatch import logs
 from qmpwatch.config import ConnectConfig, FollowupConfig
@@ -353,18 +351,13 @@ class RenderedLog(io.BytesIO):
 @contextlib.contextmanager
 def rendered_log() -> Iterator[RenderedLog]:
     """Configure qmpwatch's real JSON logging into a `RenderedLog`; restore defaults after."""
-    root = logging.getLogger()
-    handlers = list(root.handlers)
     sink = RenderedLog()
     sink.writer = logs.configure("json", sink)
     try:
         yield sink
     finally:
         sink.writer.flush()
-        structlog.reset_defaults()
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
+        logs.unconfigure()
 
 
 class SignallingStore(StateStore):

@@ -17,13 +17,17 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from qmpwatch import logs
 from qmpwatch.config import AlertConfig, Config, DaemonConfig, VmConfig, WebhookConfig
 from qmpwatch.daemon import Daemon
+from qmpwatch.lab import LabSpec, LabVM
 from qmpwatch.outbox import DB_NAME
 from qmpwatch.statestore import FILE_NAME
-from tests.fake_qmp import FakeQmp
 from tests.ports import free_tcp_port
+
+pytestmark = pytest.mark.qemu
 
 DEADLINE_S = 10.0
 
@@ -37,11 +41,13 @@ class JournalCheckingLog(io.BytesIO):
         self.state_dir = state_dir
         self.at_alert_lines: list[tuple[list[str], dict[str, Any]]] = []
         self.alert_written = asyncio.Event()
+        self.written = asyncio.Event()
 
     def write(self, data: Any) -> int:
         if b'"event":"alert"' in bytes(data):
             self.at_alert_lines.append((self._outbox_alerts(), self._statuses()))
             self.alert_written.set()
+        self.written.set()
         return super().write(data)
 
     def _outbox_alerts(self) -> list[str]:
@@ -56,33 +62,36 @@ class JournalCheckingLog(io.BytesIO):
 
 
 async def test_an_alert_line_is_written_only_after_its_alert_and_status_are_committed(
-    tmp_path: Path,
+    tmp_path: Path, sock_dir: Path
 ) -> None:
-    """A client pauses a VM: when the `alert` line reaches the log, the outbox already holds
-    the alert (owed to a webhook that is down) and the store already says `paused`."""
+    """A client pauses a real QEMU: when the `alert` line reaches the log, the outbox already
+    holds the alert (owed to a webhook that is down) and the store already says `paused`."""
     state_dir = tmp_path / "state"
-    socket = tmp_path / "web01.qmp"
     down = f"http://127.0.0.1:{free_tcp_port()}/hook"  # nothing listens: the alert stays owed
-    config = Config(
-        daemon=DaemonConfig(state_dir=str(state_dir), metrics_listen=""),
-        alert=AlertConfig(webhook=(WebhookConfig(url=down, timeout_s=1.0),)),
-        vms=(VmConfig("web01", str(socket)),),
-    )
     log = JournalCheckingLog(state_dir)
     writer = logs.configure("json", log)
-    async with FakeQmp.serve(socket) as fake:
-        daemon = asyncio.create_task(Daemon(config, None, writer).main())
-        try:
-            session = await fake.session(timeout=DEADLINE_S)
-            await session.wait_command("query-version", timeout=DEADLINE_S)
-            fake.status = "paused"
-            await session.event("STOP")
-            async with asyncio.timeout(DEADLINE_S):
-                await log.alert_written.wait()
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)  # the daemon's own handler stops it
-            async with asyncio.timeout(DEADLINE_S):
-                assert await daemon == 0
+    try:
+        async with LabVM.start(LabSpec(name="web01"), sock_dir) as vm:
+            config = Config(
+                daemon=DaemonConfig(state_dir=str(state_dir), metrics_listen=""),
+                alert=AlertConfig(webhook=(WebhookConfig(url=down, timeout_s=1.0),)),
+                vms=(VmConfig("web01", str(vm.watch_socket)),),
+            )
+            daemon = asyncio.create_task(Daemon(config, None, writer).main())
+            try:
+                async with asyncio.timeout(DEADLINE_S):
+                    while b'"event":"vm_connected"' not in log.getvalue():
+                        await log.written.wait()
+                        log.written.clear()
+                await vm.stop()
+                async with asyncio.timeout(DEADLINE_S):
+                    await log.alert_written.wait()
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # the daemon's own handler stops it
+                async with asyncio.timeout(DEADLINE_S):
+                    assert await daemon == 0
+    finally:
+        logs.unconfigure()
     outbox, statuses = log.at_alert_lines[0]
     assert outbox == ["vm_stopped_unexpected"]
     assert statuses == {"web01": "paused"}

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -38,12 +36,7 @@ def buffer() -> Iterator[io.BytesIO]:
     try:
         yield out
     finally:
-        structlog.reset_defaults()
-        root = logging.getLogger()
-        for handler in list(root.handlers):
-            if type(handler).__name__ == "_StdlibToStructlog":
-                root.removeHandler(handler)
-        logging.getLogger("qemu.qmp").setLevel(logging.NOTSET)
+        logs.unconfigure()
 
 
 def written(out: io.BytesIO, write: Any) -> bytes | type[BaseException]:

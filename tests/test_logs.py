@@ -39,16 +39,6 @@ class CountingStream(io.BytesIO):
         return super().write(data)
 
 
-def _unconfigure() -> None:
-    """Undo logs.configure: structlog's defaults, no stdlib handler, qemu.qmp's level."""
-    structlog.reset_defaults()
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if type(handler).__name__ == "_StdlibToStructlog":
-            root.removeHandler(handler)
-    logging.getLogger("qemu.qmp").setLevel(logging.NOTSET)
-
-
 @pytest.fixture
 def stream() -> Iterator[CountingStream]:
     """structlog configured for JSON lines into a buffer; the defaults are restored after."""
@@ -57,7 +47,7 @@ def stream() -> Iterator[CountingStream]:
     try:
         yield buffer
     finally:
-        _unconfigure()
+        logs.unconfigure()
 
 
 def lines_of(stream: io.BytesIO) -> list[dict[str, object]]:
@@ -284,7 +274,7 @@ def test_console_format_is_for_people() -> None:
             "qmp_event", "info", 1.5, {"qmp": "STOP", "qemu_time": "x", "data": {}}
         )
     finally:
-        _unconfigure()
+        logs.unconfigure()
     first, second = buffer.getvalue().decode().splitlines()
     assert first == (
         "00:00:00.000 web01      connected to /run/qemu/web01.qmp (QEMU 7.2.22, status running)"
