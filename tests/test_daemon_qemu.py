@@ -32,6 +32,7 @@ from qmpwatch.statestore import FILE_NAME as STATE_FILE
 from tests.daemon_harness import DaemonProcess, write_config
 from tests.display_clients import spice_link_main_channel, vnc_session
 from tests.ports import free_tcp_port, free_vnc_display
+from tests.vm_scripts import basic_events
 
 pytestmark = pytest.mark.qemu
 
@@ -226,20 +227,6 @@ async def test_io_error_pause_is_explained_not_unexpected(tmp_path: Path, sock_d
 # --------------------------------------------------------------------------------------
 
 
-async def _drive_basic(vm: LabVM) -> None:
-    """STOP, RESUME, RESET (host and guest), RTC_CHANGE, then SHUTDOWN by quit."""
-    await vm.stop()
-    await vm.cont()
-    mark = vm.mark()
-    await vm.system_reset()
-    host = await vm.wait_event("RESET", after=mark)
-    await vm.guest_reset()
-    await vm.wait_event("RESET", after=host.seq)
-    await vm.rtc_change()
-    await vm.wait_event("RTC_CHANGE")
-    await vm.quit()
-
-
 async def _drive_io_error(vm: LabVM) -> None:
     """BLOCK_IO_ERROR and STOP from a failing ATA read; RESUME on cont; SHUTDOWN by quit."""
     assert vm.spec.blkdebug is not None
@@ -276,7 +263,7 @@ async def test_every_spec_event_is_logged_once_with_qemus_data(
 ) -> None:
     """All 13 spec events from real QEMUs are logged once each, as QEMU sent them (time, data)."""
     drivers = {
-        "ev-basic": _drive_basic,
+        "ev-basic": basic_events,
         "ev-io": _drive_io_error,
         "ev-wd": _drive_watchdog,
         "ev-display": _drive_displays,

@@ -18,6 +18,7 @@ import pytest
 from qmpwatch.events import iso_utc
 from qmpwatch.lab import LabEvent, LabSpec, LabVM
 from tests.daemon_harness import DaemonProcess, write_config
+from tests.vm_scripts import basic_events
 
 pytestmark = pytest.mark.qemu
 
@@ -50,21 +51,6 @@ async def many_vms(names: list[str], workdir: Path, sockets: Path) -> AsyncItera
         await asyncio.gather(*(vm.aclose() for vm in vms), return_exceptions=True)
 
 
-async def script(vm: LabVM) -> None:
-    """stop, cont, system_reset, guest reset (twice), a clock write, then quit."""
-    for _ in range(ROUNDS):
-        await vm.stop()
-        await vm.cont()
-        mark = vm.mark()
-        await vm.system_reset()
-        host = await vm.wait_event("RESET", after=mark)
-        await vm.guest_reset()
-        await vm.wait_event("RESET", after=host.seq)
-    await vm.rtc_change()
-    await vm.wait_event("RTC_CHANGE")
-    await vm.quit()
-
-
 async def test_twenty_qemus_through_one_glob_log_every_event_exactly_once(
     tmp_path: Path, sock_dir: Path
 ) -> None:
@@ -82,7 +68,7 @@ async def test_twenty_qemus_through_one_glob_log_every_event_exactly_once(
         assert {r["vm"] for r in daemon.find("vm_connected")} == set(names)
         async with asyncio.TaskGroup() as tg:
             for vm in vms:
-                tg.create_task(script(vm))
+                tg.create_task(basic_events(vm, ROUNDS))
         await daemon.wait_for("vm_disconnected", count=VM_COUNT, timeout=30)
 
     assert daemon.proc.returncode == 0, daemon.stderr_text()
