@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from bench import ROOT, scale, stream, throughput
+from bench import LOOPS, ROOT, scale, stream, throughput
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ def main() -> int:
     parser.add_argument(
         "--mix", choices=sorted(stream.MIXES), help="event mix of the throughput run"
     )
-    parser.add_argument("--loop", choices=("uvloop", "asyncio"), help="event loop everywhere")
+    parser.add_argument("--loop", choices=LOOPS, help="event loop everywhere")
     args = parser.parse_args()
     s = QUICK if args.quick else FULL
     overrides = {k: getattr(args, k) for k in ("events", "rounds", "mix", "loop")}

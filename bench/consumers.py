@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from bench import LOOPS, run_on
 from bench.stream import END_EVENT
 
 READ_LIMIT = 8 * 1024 * 1024  # the line limit WatchClient uses, for the floor's StreamReader
@@ -199,15 +200,10 @@ def main() -> None:
     parser.add_argument("socket", type=Path)
     parser.add_argument("workdir", type=Path)
     parser.add_argument("segments", type=int)
-    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--loop", choices=LOOPS, default="uvloop")
     args = parser.parse_args()
     coro = MODES[args.mode](args.socket, args.workdir, Segments(args.segments))
-    if args.loop == "uvloop":
-        import uvloop
-
-        uvloop.run(coro)
-    else:
-        asyncio.run(coro)
+    run_on(args.loop, coro)
 
 
 if __name__ == "__main__":

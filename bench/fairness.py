@@ -28,6 +28,7 @@ from pathlib import Path
 
 import orjson
 
+from bench import LOOPS, run_on
 from bench.fakeqmp import FakeQmp
 from bench.inproc import InProcessDaemon, config, timed_handover
 from qmpwatch.alert import Alert
@@ -130,15 +131,10 @@ def main() -> None:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("trials", type=int)
     parser.add_argument("flood_events", type=int)
-    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--loop", choices=LOOPS, default="uvloop")
     args = parser.parse_args()
     coro = measure(args.workdir, args.trials, args.flood_events)
-    if args.loop == "uvloop":
-        import uvloop
-
-        result = uvloop.run(coro)
-    else:
-        result = asyncio.run(coro)
+    result = run_on(args.loop, coro)
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 
 

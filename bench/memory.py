@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 
+from bench import LOOPS, run_on
 from bench.fakeqmp import FakeQmp
 from bench.inproc import InProcessDaemon, config
 from bench.procstat import MIB, rss_bytes
@@ -97,15 +98,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.memory")
     parser.add_argument("workdir", type=Path)
     parser.add_argument("events", type=int)
-    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--loop", choices=LOOPS, default="uvloop")
     args = parser.parse_args()
     coro = measure(args.workdir, args.events)
-    if args.loop == "uvloop":
-        import uvloop
-
-        result = uvloop.run(coro)
-    else:
-        result = asyncio.run(coro)
+    result = run_on(args.loop, coro)
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 
 
