@@ -24,14 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import aiohttp
-
 from qmpwatch.alert import Alert
 from qmpwatch.config import AlertmanagerConfig
 from qmpwatch.logs import iso_from_epoch
 from qmpwatch.outbox import Entry
 from qmpwatch.sinks import redact_url
-from qmpwatch.sinks.http import new_session, post
+from qmpwatch.sinks.http import HttpSink
 from qmpwatch.sinks.payload import encode
 
 API_PATH = "/api/v2/alerts"
@@ -63,7 +61,7 @@ def am_alert(alert: Alert, host: str, ends_at: float) -> dict[str, Any]:
     }
 
 
-class AlertmanagerSink:
+class AlertmanagerSink(HttpSink):
     """One `[[alert.alertmanager]]` (one member of a cluster)."""
 
     def __init__(
@@ -76,6 +74,7 @@ class AlertmanagerSink:
         active: Callable[[], Sequence[Alert]],
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__()
         self.config = config
         self.host = host
         self.name = f"alertmanager[{index}]"
@@ -86,19 +85,10 @@ class AlertmanagerSink:
         self.url = config.url.rstrip("/") + API_PATH
         self._active = active
         self._clock = clock
-        self._session: aiohttp.ClientSession | None = None
 
     @staticmethod
     def identity(config: AlertmanagerConfig) -> tuple[str, ...]:
         return ("alertmanager", config.url.rstrip("/"))
-
-    async def start(self) -> None:
-        self._session = new_session()
-
-    async def stop(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def body(self, entry: Entry, now: float) -> list[dict[str, Any]]:
         """What delivering `entry` posts."""
@@ -117,15 +107,14 @@ class AlertmanagerSink:
         return [am_alert(alert, self.host, entry.at)]
 
     async def deliver(self, entry: Entry) -> None:
-        await self._post(self.body(entry, self._clock()))
+        await self._post_alerts(self.body(entry, self._clock()))
 
     async def refresh(self, alerts: Sequence[Alert], now: float) -> None:
         if alerts:
             ttl_end = now + TTL_INTERVALS * self.config.resend_interval_s
-            await self._post([am_alert(a, self.host, ttl_end) for a in alerts])
+            await self._post_alerts([am_alert(a, self.host, ttl_end) for a in alerts])
 
-    async def _post(self, body: list[dict[str, Any]]) -> None:
-        assert self._session is not None, "start() first"
+    async def _post_alerts(self, body: list[dict[str, Any]]) -> None:
         headers = {"Content-Type": "application/json"}
         headers.update((name, secret.reveal()) for name, secret in self.config.headers.items())
-        await post(self._session, self.url, encode(body), headers, self.config.headers.values())
+        await self._post(self.url, encode(body), headers, self.config.headers.values())

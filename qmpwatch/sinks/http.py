@@ -1,9 +1,10 @@
 """One HTTP POST through aiohttp, with every failure turned into a loggable DeliveryError.
 
-Shared by the webhook and Alertmanager sinks. The caller's `asyncio.timeout` bounds the
-whole exchange (connect, send, status, body). Connections are not reused (`force_close`):
-alerts are rare, and a kept-alive connection that the receiver closed meanwhile would cost
-a failed attempt and a backoff.
+`HttpSink` is the base of the webhook and Alertmanager sinks: their session, from `start()`
+to `stop()`, and `_post` through it. The caller's `asyncio.timeout` bounds the whole exchange
+(connect, send, status, body). Connections are not reused (`force_close`): alerts are rare,
+and a kept-alive connection that the receiver closed meanwhile would cost a failed attempt
+and a backoff.
 """
 
 from __future__ import annotations
@@ -19,6 +20,27 @@ from qmpwatch.sinks import DeliveryError, redact_url, scrub, truncate
 
 USER_AGENT = f"qmpwatch/{__version__}"
 BODY_LIMIT = 64 * 1024  # bytes of an error answer read, for its first words
+
+
+class HttpSink:
+    """A sink that delivers by POST: one aiohttp session from `start()` to `stop()`."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = new_session()
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _post(
+        self, url: str, body: bytes, headers: Mapping[str, str], secrets: Iterable[Secret]
+    ) -> None:
+        assert self._session is not None, "start() first"
+        await post(self._session, url, body, headers, secrets)
 
 
 def new_session() -> aiohttp.ClientSession:

@@ -12,13 +12,11 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
-import aiohttp
-
 from qmpwatch.alert import Alert
 from qmpwatch.config import Secret, WebhookConfig
 from qmpwatch.outbox import Entry
 from qmpwatch.sinks import redact_url
-from qmpwatch.sinks.http import new_session, post
+from qmpwatch.sinks.http import HttpSink
 from qmpwatch.sinks.payload import encode, payload_v1
 
 SIGNATURE_HEADER = "X-Qmpwatch-Signature"
@@ -29,12 +27,13 @@ def signature(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
-class WebhookSink:
+class WebhookSink(HttpSink):
     """One `[[alert.webhook]]`."""
 
     resend_interval_s: float | None = None
 
     def __init__(self, index: int, config: WebhookConfig, *, host: str, ident: str) -> None:
+        super().__init__()
         self.config = config
         self.host = host
         self.name = f"webhook[{index}]"
@@ -45,19 +44,10 @@ class WebhookSink:
             *config.headers.values(),
             *((config.hmac_secret,) if config.hmac_secret is not None else ()),
         )
-        self._session: aiohttp.ClientSession | None = None
 
     @staticmethod
     def identity(config: WebhookConfig) -> tuple[str, ...]:
         return ("webhook", config.url)
-
-    async def start(self) -> None:
-        self._session = new_session()
-
-    async def stop(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def request(self, entry: Entry) -> tuple[bytes, dict[str, str]]:
         """The body and headers of `entry`'s POST."""
@@ -69,9 +59,8 @@ class WebhookSink:
         return body, headers
 
     async def deliver(self, entry: Entry) -> None:
-        assert self._session is not None, "start() first"
         body, headers = self.request(entry)
-        await post(self._session, self.config.url, body, headers, self._secrets)
+        await self._post(self.config.url, body, headers, self._secrets)
 
     async def refresh(self, alerts: Sequence[Alert], now: float) -> None:
         return None
