@@ -1,4 +1,4 @@
-"""The supervisor against real unix sockets (tests/fake_qmp.py): VMs that come and go.
+"""The supervisor with real QEMUs: VMs that come and go.
 
 A removed VM's task is cancelled, and it then records its session's end (`vm_disconnected`,
 the last status) on its way out. Those records must not bring back the metric series the
@@ -12,16 +12,21 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qmpwatch.config import Config, DaemonConfig, DiscoverConfig, VmConfig
 from qmpwatch.connection import Services
+from qmpwatch.lab import LabSpec, LabVM
 from qmpwatch.metrics import Metrics
 from qmpwatch.statestore import StateStore
 from qmpwatch.supervisor import Supervisor
-from tests.fake_qmp import FAST_CONNECT, FakeQmp, rendered_log
+from tests.fake_qmp import FAST_CONNECT, rendered_log
+
+pytestmark = pytest.mark.qemu
 
 NO_DAEMON = DaemonConfig(state_dir="", metrics_listen="")
+GONE = 4  # VMs that come and go
 
 
 def vms_in(metrics: Metrics) -> set[str]:
@@ -46,9 +51,11 @@ def events_counted(metrics: Metrics, vm: str, event: str) -> float:
 
 
 async def test_vms_that_come_and_go_leave_no_series(sock_dir: Path) -> None:
-    """Discovered VMs removed while connected: once their tasks end, none of their series
-    remain, however many there were; a VM still there keeps its own."""
+    """Real QEMUs found by discovery and removed while connected: once their tasks end, none
+    of their series remain; a VM still there keeps its own."""
     metrics = Metrics()
+    lab = sock_dir / "lab"
+    lab.mkdir()
     config = Config(
         daemon=NO_DAEMON,
         connect=FAST_CONNECT,
@@ -58,13 +65,14 @@ async def test_vms_that_come_and_go_leave_no_series(sock_dir: Path) -> None:
         log.reset()
         async with asyncio.TaskGroup() as tg:
             supervisor = Supervisor(config, Services(StateStore(None), metrics=metrics), tg)
-            async with FakeQmp.serve(sock_dir / "stays.qmp"):
+            stays = sock_dir / "stays.qmp"
+            async with LabVM.start(LabSpec(name="stays"), lab, watch_socket=stays) as vm:
                 supervisor.apply()
                 await log.wait_for("vm_connected", vm="stays")
-                for i in range(25):
-                    name = f"gone{i:02d}"
+                for i in range(GONE):
+                    name = f"gone{i}"
                     path = sock_dir / f"{name}.qmp"
-                    async with FakeQmp.serve(path):
+                    async with LabVM.start(LabSpec(name=name), lab, watch_socket=path):
                         supervisor.apply()
                         await log.wait_for("vm_connected", vm=name)
                         task = supervisor.running[name].task
@@ -74,20 +82,23 @@ async def test_vms_that_come_and_go_leave_no_series(sock_dir: Path) -> None:
                         async with asyncio.timeout(10):
                             await asyncio.wait([task])
                     await log.wait_for("vm_disconnected", vm=name, cause="closed")
+                await vm.stop()
+                await log.wait_for("qmp_event", vm="stays", qmp="STOP")
                 await supervisor.stop_all()
     assert vms_in(metrics) == {"stays"}
+    assert events_counted(metrics, "stays", "STOP") == 1
 
 
 async def test_a_vm_restarted_on_a_new_socket_keeps_counting(sock_dir: Path) -> None:
-    """A VM whose socket changes is stopped and started again under the same name: when the
-    old task has ended, the new session's events are still counted."""
+    """A VM whose socket changes (a real QEMU on each) is stopped and started again under the
+    same name: when the old task has ended, the new session's events are still counted."""
     metrics = Metrics()
     first, second = sock_dir / "a.qmp", sock_dir / "b.qmp"
     with rendered_log() as log:
         log.reset()
         async with (
-            FakeQmp.serve(first),
-            FakeQmp.serve(second) as fake,
+            LabVM.start(LabSpec(name="web-a"), sock_dir, watch_socket=first),
+            LabVM.start(LabSpec(name="web-b"), sock_dir, watch_socket=second) as moved_to,
             asyncio.TaskGroup() as tg,
         ):
             config = Config(
@@ -103,9 +114,8 @@ async def test_a_vm_restarted_on_a_new_socket_keeps_counting(sock_dir: Path) -> 
             supervisor.apply(moved)
             async with asyncio.timeout(10):
                 await asyncio.wait([old])
-            session = await fake.session(1)
             await log.wait_for("vm_connected", vm="web", socket=os.fspath(second))
-            await session.event("STOP")
+            await moved_to.stop()
             await log.wait_for("qmp_event", vm="web", qmp="STOP")
             await supervisor.stop_all()
     assert events_counted(metrics, "web", "STOP") == 1
