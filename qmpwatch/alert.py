@@ -6,6 +6,7 @@ this module only says what an alert is and which run status deserves which alert
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,13 @@ KINDS = (
     "watchdog_fired",
     "followup_missing",
     "vm_state_changed_while_unmonitored",
+    "vm_crash_loop",
+    "vm_gone_while_unmonitored",
+    "vm_stuck_transient",
+    "vm_image_corrupted",
+    "vm_memory_failure",
+    "block_job_error",
+    "migration_failed",
 )
 
 # Alerts about a VM that is not running; they resolve when it runs again.
@@ -32,8 +40,16 @@ STOPPED_KINDS = frozenset(
         "vm_stopped_unexpected",
         "vm_panicked",
         "vm_state_changed_while_unmonitored",
+        "vm_stuck_transient",
     }
 )
+
+# Alerts that stay firing until their condition ends (the others are one-shot).
+RESOLVABLE_KINDS = STOPPED_KINDS | {"vm_crashed", "vm_crash_loop", "vm_gone_while_unmonitored"}
+
+# Alerts of the incidents a crash loop is made of; while a VM's vm_crash_loop fires they are
+# raised as `info`, so a loop pages once.
+CRASH_KINDS = frozenset({"vm_crashed", "vm_panicked", "watchdog_fired"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +71,11 @@ class Alert:
         object.__setattr__(self, "fingerprint", hashlib.sha256(key).hexdigest()[:16])
 
 
+def resolved_because(alert: Alert, reason: str) -> Alert:
+    """`alert` as its resolution is sent: the same alert, its details saying why it ended."""
+    return dataclasses.replace(alert, details={**alert.details, "resolution": reason})
+
+
 # Statuses of a stopped VM that need no alert: explained by a shutdown, or normal states.
 QUIET_STATUSES = frozenset(
     {
@@ -69,6 +90,13 @@ QUIET_STATUSES = frozenset(
         "suspended",
         "colo",
     }
+)
+
+
+# States a VM passes through on its way somewhere (migration, start-up with -S, snapshots):
+# quiet, unless the VM stays in one longer than `lifecycle.transient_state_max_s`.
+TRANSIENT_STATUSES = frozenset(
+    {"inmigrate", "postmigrate", "finish-migrate", "prelaunch", "save-vm", "restore-vm"}
 )
 
 

@@ -59,7 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the VM ran with -no-shutdown (SHUTDOWN must be followed by STOP)",
     )
-    rep.add_argument("-c", "--config", type=Path, help="take follow-up deadlines from this file")
+    rep.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="take follow-up deadlines, [lifecycle] and [alert] settings from this file",
+    )
     rep.add_argument("--log-format", choices=("json", "console"), default="json")
 
     tail = sub.add_parser(

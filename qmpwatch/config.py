@@ -77,6 +77,16 @@ class FollowupConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    """Crash loops and VMs stuck in a transient state ([lifecycle])."""
+
+    crash_loop_count: int = 3  # incidents (panic, watchdog, crash) within the window
+    crash_loop_window_s: float = 600.0
+    crash_loop_quiet_s: float = 900.0  # no incident this long: the loop alert resolves
+    transient_state_max_s: float = 300.0  # inmigrate, prelaunch, save-vm, ... longer: alert
+
+
+@dataclass(frozen=True, slots=True)
 class VmConfig:
     name: str
     socket: str
@@ -147,6 +157,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     connect: ConnectConfig = field(default_factory=ConnectConfig)
     followup: FollowupConfig = field(default_factory=FollowupConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     alert: AlertConfig = field(default_factory=AlertConfig)
     vms: tuple[VmConfig, ...] = ()
     discover: tuple[DiscoverConfig, ...] = ()
@@ -340,6 +351,18 @@ def _parse_followup(r: _Reader) -> FollowupConfig:
     return FollowupConfig(**values)
 
 
+def _parse_lifecycle(r: _Reader) -> LifecycleConfig:
+    d = LifecycleConfig()
+    cfg = LifecycleConfig(
+        crash_loop_count=r.get("crash_loop_count", r.integer(minimum=2), d.crash_loop_count),
+        crash_loop_window_s=r.get("crash_loop_window_s", r.number(), d.crash_loop_window_s),
+        crash_loop_quiet_s=r.get("crash_loop_quiet_s", r.number(), d.crash_loop_quiet_s),
+        transient_state_max_s=r.get("transient_state_max_s", r.number(), d.transient_state_max_s),
+    )
+    r.finish()
+    return cfg
+
+
 def _parse_vms(readers: list[_Reader], problems: list[str]) -> tuple[VmConfig, ...]:
     vms: list[VmConfig] = []
     names: dict[str, str] = {}
@@ -465,6 +488,7 @@ def parse_config(table: Mapping[str, Any]) -> Config:
         daemon=_parse_daemon(root.table_at("daemon")),
         connect=_parse_connect(root.table_at("connect")),
         followup=_parse_followup(root.table_at("followup")),
+        lifecycle=_parse_lifecycle(root.table_at("lifecycle")),
         alert=_parse_alert(root.table_at("alert"), problems),
         vms=_parse_vms(root.array_of_tables("vm"), problems),
         discover=_parse_discover(root.array_of_tables("discover"), problems),

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
-from qemu.qmp import ConnectError, ExecInterruptedError, QMPError
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPError
 from qemu.qmp.protocol import Runstate
 
 from qmpwatch.alert import Alert
-from qmpwatch.config import ConnectConfig, FollowupConfig, NoShutdown
+from qmpwatch.config import ConnectConfig, FollowupConfig, LifecycleConfig, NoShutdown
 from qmpwatch.discovery import inside
 from qmpwatch.errors import ConnectFailed, DecodeError
 from qmpwatch.events import Control, Event, decode_object
@@ -47,6 +47,9 @@ COMMAND_TIMEOUT_S = 5.0  # query-status / query-version
 DISCONNECT_TIMEOUT_S = 2.0
 HEALTHY_SESSION_S = 5.0  # a session this long resets the backoff
 FAILURE_LOG_INTERVAL_S = 60.0
+# Failures of the first attempt that mean no QEMU is behind the socket (a VM gone while
+# qmpwatch was not running), as opposed to one that is there but cannot be reached.
+ABSENT_REASONS = frozenset({"missing", "refused"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +160,14 @@ class VmConnection:
         followup: FollowupConfig,
         client_stop_severity: str,
         services: Services,
+        lifecycle: LifecycleConfig | None = None,
+        firing: list[Alert] | None = None,
+        check_absent: bool = True,
     ) -> None:
+        """`firing`: the VM's alerts still firing (from before a restart, or from the task
+        this one replaces); None: those the daemon restored at start-up. `check_absent`: a
+        first attempt that finds no QEMU means the VM went away while nobody watched (not so
+        for a task that replaces one that watched it until now)."""
         self.target = target
         self.connect_config = connect
         self.services = services
@@ -166,14 +176,17 @@ class VmConnection:
             target.name,
             _Output(self),
             followup=followup,
+            lifecycle=lifecycle,
             no_shutdown=target.no_shutdown is True,
             client_stop_severity=client_stop_severity,
             last_status=services.store.last_status(target.name),
         )
-        for alert in services.restored.get(target.name, ()):
-            # Alerts still firing when the daemon last stopped: they resolve like new ones.
-            self.watch.firing[alert.fingerprint] = alert
+        if firing is None:
+            firing = list(services.restored.get(target.name, ()))
+        self.watch.restore(firing, time.time())
         self.connected = False
+        if services.metrics is not None:
+            services.metrics.set_connected(target.name, False)  # a series from the start
         self._status_wanted = asyncio.Event()
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._deadline_at: float | None = None
@@ -181,6 +194,7 @@ class VmConnection:
         self._qemu_pid: int | None = None
         self._changes_at_reply = 0  # watch.run_changes when the latest reply was read
         self._resync_as_of = 0
+        self._first_attempt = check_absent  # no attempt made yet: look for a VM gone
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -202,6 +216,11 @@ class VmConnection:
                     peer = await self._attach(client)
                 except ConnectFailed as err:
                     attempts += 1
+                    if self._first_attempt and err.reason in ABSENT_REASONS:
+                        self.watch.on_absent(time.time(), err.reason, err.detail)
+                        self._store_status()
+                        self._arm_deadline()
+                    self._first_attempt = False
                     if self.services.metrics is not None:
                         self.services.metrics.reconnect(self.target.name, err.reason)
                     delay = backoff.next()
@@ -219,6 +238,7 @@ class VmConnection:
                     await asyncio.sleep(delay)
                     continue
                 attempts, last_reason = 0, ""
+                self._first_attempt = False
                 started = time.monotonic()
                 await self._session(client, peer)
                 if time.monotonic() - started >= HEALTHY_SESSION_S:
@@ -332,18 +352,20 @@ class VmConnection:
         unresponsive = False
         self._set_connected(True)
         try:
+            resynced = False
             try:
                 status, version = await self._resync(client)
+                resynced = True
             except TimeoutError:
                 # The monitor greeted but does not answer (QEMU frozen, its main loop stuck):
                 # not a crash. Say so, hang up, and attach again after the backoff.
-                status, version, unresponsive = "", "", True
+                status, version, unresponsive = None, "", True
                 error = f"resync: no answer to query-status within {COMMAND_TIMEOUT_S:g} s"
                 self.log.warning("vm_unresponsive", error=error)
             except (QMPError, OSError, EOFError) as err:
-                status, version = "", ""
-                error = f"resync failed: {err!r}"
-            if status:
+                status, version = None, ""
+                error = f"resync failed: {describe_error(err)}"
+            if resynced:
                 fields: dict[str, Any] = {
                     "socket": self.target.socket,
                     "qemu_version": version,
@@ -353,6 +375,7 @@ class VmConnection:
                     fields["pid"] = self._qemu_pid
                 watch.on_connected(time.time(), status, fields, self._resync_as_of)
                 self._store_status()
+                self._arm_deadline()
                 async with asyncio.TaskGroup() as tg:
                     worker = tg.create_task(self._status_worker(client))
                     while client.runstate == Runstate.RUNNING:
@@ -375,21 +398,26 @@ class VmConnection:
 
     def _ended(self, cause: str, error: str) -> None:
         self._set_connected(False)
-        self._cancel_deadline()
         self.watch.on_disconnected(time.time(), cause, error)
         self._store_status()
+        self._arm_deadline()  # a crash loop's quiet time goes on between sessions
 
-    async def _resync(self, client: WatchClient) -> tuple[str, str]:
+    async def _resync(self, client: WatchClient) -> tuple[str | None, str]:
+        """The run status (None: the monitor refused to say) and QEMU's version.
+
+        A command that QEMU answers with an error (a restricted monitor, a QMP proxy,
+        qemu-storage-daemon) is not a dead QEMU: the session goes on, with the status unknown
+        and the version from the greeting. A timeout or the end of the session raises.
+        """
+        status: Any = None
         async with asyncio.timeout(COMMAND_TIMEOUT_S):
-            status = await client.execute("query-status")
+            try:
+                status = await client.execute("query-status")
+            except ExecuteError as err:
+                self.log.warning("vm_status_unavailable", error=describe_error(err))
             self._resync_as_of = self._changes_at_reply
-            version = await client.execute("query-version")
         word = status.get("status") if isinstance(status, dict) else None
-        qemu = version.get("qemu") if isinstance(version, dict) else None
-        shown = ""
-        if isinstance(qemu, dict):
-            shown = f"{qemu.get('major')}.{qemu.get('minor')}.{qemu.get('micro')}"
-        return (word if isinstance(word, str) else "unknown"), shown
+        return (word if isinstance(word, str) else None), _version(client)
 
     async def _close(self, client: WatchClient, error: str) -> tuple[str, str]:
         """Disconnect (bounded); returns (cause, error) from what ended the session."""
@@ -421,7 +449,7 @@ class VmConnection:
             watch.on_event(event, now)
             if watch.status != before:
                 self._store_status()
-            if watch.tracker.waiting or self._deadline_handle is not None:
+            if watch.timers_pending or self._deadline_handle is not None:
                 self._arm_deadline()
         except Exception as err:  # a bug must not end the session
             self.log.error("internal_error", error=repr(err), where="event handling")
@@ -449,8 +477,17 @@ class VmConnection:
                     reply = await client.execute("query-status")
             except ExecInterruptedError:
                 return  # the session is ending; on_disconnected classifies what is pending
+            except ExecuteError as err:
+                why = describe_error(err)
+                self.log.warning("vm_status_unavailable", error=why)
+                self.watch.status_unknown(time.time(), why)
+                continue
             except (QMPError, OSError, TimeoutError) as err:
-                why = "query-status timed out" if isinstance(err, TimeoutError) else repr(err)
+                why = (
+                    "query-status timed out"
+                    if isinstance(err, TimeoutError)
+                    else describe_error(err)
+                )
                 self.log.warning("vm_unresponsive", error=why)
                 self.watch.status_unknown(time.time(), why)
                 continue
@@ -459,6 +496,7 @@ class VmConnection:
             word = status if isinstance(status, str) else "unknown"
             self.watch.on_status(word, time.time(), as_of)
             self._store_status()
+            self._arm_deadline()
 
     def _arm_deadline(self) -> None:
         deadline = self.watch.next_deadline()
@@ -488,6 +526,29 @@ class VmConnection:
         self.services.store.set_status(self.target.name, self.watch.status)
         if self.services.metrics is not None:
             self.services.metrics.set_status(self.target.name, self.watch.status)
+
+
+def describe_error(err: BaseException) -> str:
+    """An error as a sentence for a record, never a repr of a library object."""
+    if isinstance(err, ExecuteError):
+        return f"QEMU answered {err.sent.get('execute', 'a command')} with {err.error_class}: {err}"
+    if isinstance(err, TimeoutError):
+        return f"no answer within {COMMAND_TIMEOUT_S:g} s"
+    if isinstance(err, EOFError):
+        return "end of file on the monitor (QEMU closed the connection)"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _version(client: WatchClient) -> str:
+    """QEMU's version, from the greeting every QMP server sends first ("" if it has none)."""
+    greeting = client.greeting
+    qemu = greeting.QMP.version.get("qemu") if greeting is not None else None
+    if not isinstance(qemu, Mapping):
+        return ""
+    return f"{qemu.get('major')}.{qemu.get('minor')}.{qemu.get('micro')}"
 
 
 def _connect_reason(exc: BaseException) -> str:

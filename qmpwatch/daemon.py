@@ -118,6 +118,7 @@ class Daemon:
                     self._supervisor = supervisor
                     check_fd_limit(len(supervisor.wanted()), self.log)
                     supervisor.apply()
+                    supervisor.resolve_orphans(restored)
                     sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
                     delivery = tg.create_task(dispatcher.run(), name="alert-delivery")
                     background = [

@@ -34,7 +34,7 @@ from typing import Any
 
 import structlog
 
-from qmpwatch.alert import STOPPED_KINDS, Alert
+from qmpwatch.alert import RESOLVABLE_KINDS, Alert
 from qmpwatch.config import AlertConfig
 from qmpwatch.outbox import Entry, Outbox, OutboxError, Status
 from qmpwatch.sinks import DeliveryError, Sink, scrub, sink_id, truncate
@@ -44,7 +44,6 @@ from qmpwatch.sinks.webhook import WebhookSink
 
 # The kinds the watch core resolves (it keeps them in `VmWatch.firing`); the others are
 # one-shot and never resolved, so they are not kept active for Alertmanager re-posts.
-RESOLVABLE_KINDS = STOPPED_KINDS | {"vm_crashed"}
 CLOSE_MARGIN_S = 1.0  # beyond aclose's deadline, for the loops to release their sinks
 
 _log = structlog.get_logger()

@@ -50,6 +50,7 @@ def replay(lines: Iterable[bytes], *, vm: str, no_shutdown: bool, config: Config
         vm,
         out,
         followup=config.followup,
+        lifecycle=config.lifecycle,
         no_shutdown=no_shutdown,
         client_stop_severity=config.alert.client_stop_severity,
     )

@@ -9,14 +9,20 @@ before the VM stops, and one STOP answers them all).
     cause                                   follow-up   deadline key
     BLOCK_IO_ERROR, action stop             STOP        stop_after_block_io_error_s
     SHUTDOWN under -no-shutdown             STOP        stop_after_shutdown_s
-    WATCHDOG, action reset                  RESET       reset_after_watchdog_s
+    WATCHDOG, action reset                  RESET (*)   reset_after_watchdog_s
     WATCHDOG, action pause                  STOP        stop_after_watchdog_s
     WATCHDOG, action shutdown               SHUTDOWN    shutdown_after_watchdog_s
     WATCHDOG, action poweroff               QEMU_EXIT   exit_after_watchdog_s
     GUEST_PANICKED, action pause            STOP        stop_after_guest_panicked_s
 
-A SHUTDOWN caused by the `quit` command or a signal to QEMU (reason `host-qmp-quit`,
-`host-signal`) ends QEMU even under -no-shutdown, so it opens no STOP expectation.
+(*) under -no-reboot a watchdog reset becomes SHUTDOWN with reason `guest-reset`, which
+satisfies it too.
+
+A SHUTDOWN whose cause makes QEMU exit even under -no-shutdown (QEMU's runstate.c sets the
+shutdown action to poweroff for them: the `quit` command `host-qmp-quit`, a signal
+`host-signal`, a closed SDL/cocoa window `host-ui`) opens no STOP expectation; nor does a
+SHUTDOWN, or a BLOCK_IO_ERROR of a request drained after the stop, while the VM is already
+stopped: QEMU sends no second STOP.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from qmpwatch.config import FollowupConfig
 from qmpwatch.events import BlockIoError, Event, GuestPanicked, Shutdown, Watchdog
 
 QEMU_EXIT = "QEMU_EXIT"  # the pseudo-event of a monitor connection ending
-EXITING_SHUTDOWN_REASONS = frozenset({"host-qmp-quit", "host-signal"})
+EXITING_SHUTDOWN_REASONS = frozenset({"host-qmp-quit", "host-signal", "host-ui"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,7 @@ class Rule:
     expected: str
     deadline_s: float
     alert: str | None = None
+    also: tuple[str, ...] = ()  # other follow-ups that satisfy it, e.g. "SHUTDOWN:guest-reset"
 
 
 class Rules:
@@ -59,7 +66,13 @@ class Rules:
             "stop_after_shutdown", "SHUTDOWN", "STOP", d.stop_after_shutdown_s
         )
         self.by_watchdog_action = {
-            "reset": Rule("reset_after_watchdog", "WATCHDOG", "RESET", d.reset_after_watchdog_s),
+            "reset": Rule(
+                "reset_after_watchdog",
+                "WATCHDOG",
+                "RESET",
+                d.reset_after_watchdog_s,
+                also=("SHUTDOWN:guest-reset",),  # under -no-reboot
+            ),
             "pause": Rule(
                 "stop_after_watchdog",
                 "WATCHDOG",
@@ -76,14 +89,17 @@ class Rules:
             "stop_after_guest_panicked", "GUEST_PANICKED", "STOP", d.stop_after_guest_panicked_s
         )
 
-    def opened_by(self, event: Event, no_shutdown: bool) -> Rule | None:
-        """The rule this event opens an expectation for, if any."""
+    def opened_by(self, event: Event, no_shutdown: bool, stopped: bool = False) -> Rule | None:
+        """The rule this event opens an expectation for, if any (`stopped`: the VM is known
+        to be stopped already, so no STOP can follow)."""
         if isinstance(event, BlockIoError):
-            return self.stop_after_block_io_error if event.action == "stop" else None
+            if event.action == "stop" and not stopped:
+                return self.stop_after_block_io_error
+            return None
         if isinstance(event, Watchdog):
             return self.by_watchdog_action.get(event.action)
         if isinstance(event, Shutdown):
-            if no_shutdown and event.reason not in EXITING_SHUTDOWN_REASONS:
+            if no_shutdown and not stopped and event.reason not in EXITING_SHUTDOWN_REASONS:
                 return self.stop_after_shutdown
             return None
         if isinstance(event, GuestPanicked) and event.action == "pause":
@@ -140,13 +156,14 @@ class FollowUpTracker:
         self._open.append(expectation)
         return expectation
 
-    def satisfy(self, name: str, now: float) -> list[Ended]:
-        """Close every open expectation waiting for event `name`."""
+    def satisfy(self, name: str, now: float, qualified: str = "") -> list[Ended]:
+        """Close every open expectation waiting for event `name` (or, through a rule's `also`,
+        for its `qualified` form such as "SHUTDOWN:guest-reset")."""
         if not self._open:
             return []
-        met = [e for e in self._open if e.rule.expected == name]
+        met = [e for e in self._open if e.rule.expected == name or qualified in e.rule.also]
         if met:
-            self._open = [e for e in self._open if e.rule.expected != name]
+            self._open = [e for e in self._open if e not in met]
         return [Ended(e, "satisfied", now) for e in met]
 
     def expire(self, now: float) -> list[Ended]:

@@ -346,7 +346,8 @@ async def test_watchdog_actions_satisfy_their_followups(tmp_path: Path, sock_dir
             name = vm.spec.name
             fired = daemon.find("alert", vm=name, alert="watchdog_fired")
             assert len(fired) == 1, name
-            assert fired[0]["severity"] == "critical"
+            # one incident, one page: a pause pages through vm_stopped_watchdog
+            assert fired[0]["severity"] == ("info" if action == "pause" else "critical")
             assert fired[0]["details"]["action"] == action
             assert not daemon.find("followup_missed", vm=name)
             assert "vm_stopped_unexpected" not in alerts(daemon, name)
@@ -559,7 +560,8 @@ async def test_sigterm_closes_sessions_and_exits_zero(tmp_path: Path, sock_dir: 
 async def test_discovery_adds_new_sockets_drops_removed_ignores_files(
     tmp_path: Path, sock_dir: Path
 ) -> None:
-    """[[discover]] adds a socket created while running, drops it once removed, skips files."""
+    """[[discover]] adds a socket created while running, drops it once removed (resolving its
+    alert), skips files."""
     run = sock_dir / "run"
     run.mkdir()
     cfg = write_config(
@@ -584,5 +586,8 @@ async def test_discovery_adds_new_sockets_drops_removed_ignores_files(
     assert not daemon.find("vm_added", vm="notes")
     assert not [r for r in daemon.records if r.get("vm") == "notes"]
     removed_at = daemon.records.index(removed)
-    assert not [r for r in daemon.records[removed_at + 1 :] if r.get("vm") == "alpha"]
+    after = [r for r in daemon.records[removed_at + 1 :] if r.get("vm") == "alpha"]
+    assert [(r["event"], r.get("alert"), r.get("reason")) for r in after] == [
+        ("alert_resolved", "vm_stopped_unexpected", "no longer discovered (its socket is gone)")
+    ]
     assert len(daemon.find("vm_added", vm="alpha")) == 1

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmpwatch.alert import Alert
+from qmpwatch.alert import Alert, resolved_because
 from qmpwatch.config import FollowupConfig
 from qmpwatch.errors import DecodeError
 from qmpwatch.events import Event, decode_object
@@ -381,7 +381,8 @@ def test_resume_resolves_the_io_error_alert() -> None:
     assert resolved.fields["alert"] == "vm_stopped_io_error"
     assert resolved.fields["fingerprint"] == raised.fingerprint
     assert resolved.now == T0 + 60
-    assert out.resolved == [raised]
+    assert out.resolved == [resolved_because(raised, "the VM resumed (RESUME)")]
+    assert out.resolved[0].details["resolution"] == "the VM resumed (RESUME)"
     assert watch.status == "running"
     feed(watch, ev("RESUME", T0 + 61))
     assert len(out.of("alert_resolved")) == 1
@@ -423,7 +424,7 @@ def test_watchdog_fired_is_not_resolved_by_resume() -> None:
     ("action", "severity"),
     [
         ("reset", "critical"),
-        ("pause", "critical"),
+        ("pause", "info"),  # one incident, one page: vm_stopped_watchdog pages
         ("shutdown", "critical"),
         ("poweroff", "critical"),
         ("inject-nmi", "critical"),
@@ -637,7 +638,7 @@ def test_reconnect_resolves_vm_crashed() -> None:
         "status": "running",
     }
     assert [r.fields["alert"] for r in out.of("alert_resolved")] == ["vm_crashed"]
-    assert out.resolved == [crashed]
+    assert out.resolved == [resolved_because(crashed, "QEMU's monitor answers again")]
 
 
 @pytest.mark.parametrize(
@@ -805,14 +806,15 @@ STEPS = st.one_of(
 )
 
 
-def _opens(name: str, qualifier: str, no_shutdown: bool) -> bool:
-    """The table of tracker.py, written out independently of Rules."""
+def _opens(name: str, qualifier: str, no_shutdown: bool, stopped: bool) -> bool:
+    """The table of tracker.py, written out independently of Rules (`stopped`: the VM is
+    known to be stopped, so a drained BLOCK_IO_ERROR or a SHUTDOWN expects no STOP)."""
     if name == "BLOCK_IO_ERROR":
-        return qualifier == "stop"
+        return qualifier == "stop" and not stopped
     if name == "WATCHDOG":
         return qualifier in ("reset", "pause", "shutdown", "poweroff")
     if name == "SHUTDOWN":
-        return no_shutdown and qualifier == "guest-shutdown"
+        return no_shutdown and qualifier == "guest-shutdown" and not stopped
     if name == "GUEST_PANICKED":
         return qualifier == "pause"
     return False
@@ -829,6 +831,7 @@ def test_every_expectation_ends_once_over_random_sessions(
     watch, out = make_watch(no_shutdown=no_shutdown)
     now = T0
     events = opened = 0
+    stopped = False  # as the events and statuses so far tell
     for (step, qualifier, name), gap in steps:
         now += gap
         if step == "event":
@@ -841,14 +844,20 @@ def test_every_expectation_ends_once_over_random_sessions(
                 data = {"guest": True, "reason": qualifier}
             watch.on_event(ev(name, now, **data), now)
             events += 1
-            opened += _opens(name, qualifier, no_shutdown)
+            opened += _opens(name, qualifier, no_shutdown, stopped)
+            if name == "STOP" or (name == "GUEST_PANICKED" and qualifier == "pause"):
+                stopped = True
+            elif name == "RESUME":
+                stopped = False
         elif step == "tick":
             watch.tick(now)
         elif step == "status":
             watch.on_status(qualifier, now)
+            stopped = qualifier != "running"
         else:
             watch.on_disconnected(now, qualifier)
             watch.on_connected(now, "running", {})
+            stopped = False
     ended = len(out.of("followup_satisfied")) + len(out.of("followup_missed"))
     assert ended + len(watch.tracker.pending) == opened
     assert len(out.of("qmp_event")) == events
