@@ -265,9 +265,10 @@ class VmWatch:
         level = "info" if clean or cause == "closed" else "warning"
         self.out.record("vm_disconnected", level, now, {"cause": logged_cause, "error": error})
         self._ended(self.tracker.abandon(now))
-        if self.pending_stop is not None and cause == "closed":
+        if self.pending_stop is not None and (cause == "closed" or clean):
             # qmpwatch itself closed the session (stopping, reload): nothing happened to the
-            # VM; the next session's resync reports the stop if the VM is still stopped.
+            # VM; the next session's resync reports the stop if the VM is still stopped. Or
+            # the stop was QEMU's on the way out (a panic's poweroff, then SHUTDOWN and exit).
             self.pending_stop = None
         elif self.pending_stop is not None:
             self._classify_stop(self.pending_stop, None, now, "the session ended")
@@ -489,7 +490,10 @@ class VmWatch:
     def _classify_stop(self, stop: Event, status: str | None, now: float, why: str = "") -> None:
         self.pending_stop = None
         cls = classify_status(status, self.client_stop_severity)
-        if cls is None or any(a.kind == cls.kind for a in self.firing.values()):
+        if cls is None or any(
+            a.kind == cls.kind or (status is None and a.kind in STOPPED_KINDS)
+            for a in self.firing.values()
+        ):
             return  # no alert due, or the event that stopped the VM raised it: one incident
         details: dict[str, Any] = {"status": status, "cause_event": "STOP"}
         if why:

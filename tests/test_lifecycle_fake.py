@@ -1,0 +1,56 @@
+"""A monitor that refuses commands (a restricted monitor, a QMP proxy, qemu-storage-daemon).
+
+A real QEMU answers query-status; the fault here is a monitor that answers it with an error,
+so it runs on the fake monitor of tests/fake_qmp.py with the real daemon.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.daemon_harness import DaemonProcess, Record, write_config
+from tests.fake_qmp import FakeQmp, error_line
+
+
+async def test_a_monitor_that_refuses_query_status_is_watched_not_crashed(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """A restricted monitor answers query-status with an error: connected with status unknown
+    and the greeting's version, no crash alert, and a STOP is still alerted."""
+
+    def refuse(session: Any, command: dict[str, Any]) -> list[bytes]:
+        return [error_line("CommandNotFound", "The command query-status has not been found",
+                           command)]  # fmt: skip
+
+    async with FakeQmp.serve(sock_dir / "restricted.qmp") as fake:
+        fake.replies["query-status"] = refuse
+        cfg = write_config(
+            tmp_path / "c.toml",
+            state_dir=tmp_path / "state",
+            vms=[{"name": "restricted01", "socket": str(fake.path)}],
+        )
+        async with DaemonProcess.start(cfg) as daemon:
+            connected = await daemon.wait_for("vm_connected", vm="restricted01")
+            refused = await daemon.wait_for("vm_status_unavailable", vm="restricted01")
+            session = await fake.session(1)
+            await session.event("STOP")
+            stopped = await daemon.wait_for("alert", vm="restricted01")
+            await session.event("RESUME")
+            await daemon.wait_for("alert_resolved", vm="restricted01")
+            assert fake.connections == 1  # the first session, still up
+    assert (connected["status"], connected["qemu_version"]) == ("unknown", "7.2.0")
+    assert refused["error"] == (
+        "QEMU answered query-status with CommandNotFound: The command query-status has not been "
+        "found"
+    )
+    assert stopped["alert"] == "vm_stopped_unexpected"
+    assert stopped["details"]["status_error"] == refused["error"]
+    assert not daemon.find("vm_disconnected", vm="restricted01", where=_not_closed)
+    assert [r["alert"] for r in daemon.find("alert")] == ["vm_stopped_unexpected"]
+    assert daemon.proc.returncode == 0, daemon.stderr_text()
+    assert not daemon.find("internal_error")
+
+
+def _not_closed(record: Record) -> bool:
+    return record.get("cause") != "closed"
