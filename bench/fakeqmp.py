@@ -14,7 +14,8 @@ The benchmark drives the process through JSON lines on stdin; answers (with the 
 `time.monotonic()` (CLOCK_MONOTONIC, comparable with the measuring process on the same host).
 
     {"op": "arm", "vm": NAME, "count": N, "seed": S, "mix": MIX}
-        the next `query-version` on NAME starts a stream of N events (+ POWERDOWN)
+        the next `query-status` or `query-version` on NAME (the daemon's resync, a stock
+        client's first command) starts a stream of N events (+ POWERDOWN)
     {"op": "connected", "count": N}              answer once N sessions are negotiated
     {"op": "stream", "vm": NAME, "count": N, "seed": S, "end": BOOL, "mix": MIX}
         stream now on NAME's newest session (`bench.stream`, + POWERDOWN with `end`);
@@ -86,7 +87,7 @@ class Vm:
         self.path = path
         self.status = "running"
         self.session: Session | None = None
-        self.armed: tuple[int, int, str] | None = None  # (count, seed, mix): next query-version
+        self.armed: tuple[int, int, str] | None = None  # (count, seed, mix): next query
 
 
 class Server:
@@ -171,7 +172,7 @@ class Server:
         if "id" in cmd:
             reply["id"] = cmd["id"]
         session.write(orjson.dumps(reply) + b"\r\n")
-        if name == "query-version" and vm.armed is not None:
+        if name in ("query-status", "query-version") and vm.armed is not None:
             count, seed, mix = vm.armed
             vm.armed = None
             task = asyncio.create_task(session.stream(count, seed, True, mix))
