@@ -27,6 +27,7 @@ from qmpwatch.lab import (
     LabSpec,
     LabTimeout,
     LabVM,
+    QemuBuild,
     QemuNotFound,
     QemuStartError,
     WatchdogAction,
@@ -142,6 +143,27 @@ async def test_missing_qemu_says_what_to_install(
         await LabVM.launch(LabSpec("x"), tmp_path)
 
 
+def test_a_build_selected_through_the_environment_round_trips() -> None:
+    """`QemuBuild.environ` gives the variables from which `from_environ` makes the same build."""
+    build = QemuBuild.from_root("/opt/qemu-x", label="x")
+    assert build.binary == "/opt/qemu-x/usr/bin/qemu-system-x86_64"
+    assert build.qemu_args() == ["-L", "/opt/qemu-x/usr/share/qemu"]
+    assert build.module_dir is not None
+    assert build.module_dir.startswith("/opt/qemu-x/usr/lib/")
+    env = {k: v for k, v in build.environ().items() if v is not None}
+    again = QemuBuild.from_environ(env)
+    assert (again.binary, again.data_dir, again.module_dir) == (
+        build.binary,
+        build.data_dir,
+        build.module_dir,
+    )
+    system = QemuBuild.from_environ({})
+    assert system == QemuBuild("qemu-system-x86_64")
+    assert system.qemu_args() == []
+    assert system.qemu_env() is None
+    assert system.environ() == dict.fromkeys(build.environ())
+
+
 def test_spec_rejects_bad_values() -> None:
     """Specs refuse what QEMU would misparse or reject."""
     with pytest.raises(ValueError, match="comma"):
@@ -227,7 +249,7 @@ async def test_peer_credentials_and_cmdline(tmp_path: Path) -> None:
         argv = cmdline(vm.pid)
         assert "-no-shutdown" in argv
         assert argv[argv.index("-name") + 1] == "peer"
-        assert argv[argv.index("-watchdog-action") + 1] == "pause"
+        assert argv[argv.index("-action") + 1] == "watchdog=pause"
 
 
 @needs_qemu
