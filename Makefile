@@ -1,9 +1,11 @@
 # qmpwatch: two commands do all set-up on a fresh Debian machine.
 #   make run    set up, then show the daemon at work on a throwaway real QEMU (qmpwatch demo)
-#   make test   set up, then lint, type-check and run the whole suite (real QEMU, Alertmanager)
+#   make test   set up, then lint, type-check and run the whole suite (real QEMU, Alertmanager);
+#               every real-QEMU test runs on the system's QEMU and on QEMU 10.0 (.cache/)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+QEMU10 := .cache/qemu-10.0
 
 .PHONY: run test lint typecheck pytest bench soak clean system-deps-test system-deps-run
 
@@ -19,6 +21,10 @@ system-deps-test:
 system-deps-run:
 	scripts/ensure-system-deps run
 
+# QEMU 10.0 from bookworm-backports beside the system's, extracted in the checkout (no install)
+$(QEMU10)/complete:
+	scripts/fetch-qemu $(QEMU10)
+
 run: system-deps-run $(BIN)/.installed
 	$(BIN)/qmpwatch demo
 
@@ -31,7 +37,7 @@ lint: $(BIN)/.installed
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
-pytest: $(BIN)/.installed
+pytest: $(BIN)/.installed $(QEMU10)/complete
 	$(BIN)/python -m pytest -q
 
 bench: system-deps-run $(BIN)/.installed

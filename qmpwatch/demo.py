@@ -59,6 +59,12 @@ def _say(text: str) -> None:
 async def _script(web: LabVM, db: LabVM, seen: _Seen) -> None:
     await seen.wait("web01", "vm_connected")
     await seen.wait("db01", "vm_connected")
+    version = ".".join(map(str, web.qemu_version))
+    _say(
+        f"web01 and db01: QEMU {version}, as their QMP greeting says. web01 runs with "
+        "-no-shutdown and -action watchdog=pause (QEMU 6.0 and later; 7.2 and 10.0 also "
+        "take the older -watchdog-action pause)"
+    )
 
     _say("web01: a monitor client sends `stop`, then `cont` (a warning, then resolved)")
     await web.stop()

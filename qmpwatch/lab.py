@@ -11,6 +11,16 @@ belongs to `LabVM`, which pokes I/O ports through HMP (``o``/``i``) to make the 
 blkdebug error, a CMOS clock write) and records every event QEMU broadcasts — the same
 events the watched monitor receives.
 
+Which QEMU runs is a `QemuBuild`: the binary, and for a build extracted beside the system's
+(``dpkg -x``) the ``-L`` data directory and the ``QEMU_MODULE_DIR`` it needs. By default it
+comes from the environment (`QemuBuild.from_environ`), so a child process such as ``qmpwatch
+demo`` runs the same build as its parent::
+
+    QMPWATCH_QEMU             the binary (default: qemu-system-x86_64 on PATH)
+    QMPWATCH_QEMU_DATA_DIR    passed as -L (firmware, option ROMs, keymaps of that build)
+    QMPWATCH_QEMU_MODULE_DIR  passed to QEMU as QEMU_MODULE_DIR (its loadable modules, e.g.
+                              SPICE: QEMU refuses modules from another build)
+
 Exceptions (all carry their cause)::
 
     QmpwatchError                  (qmpwatch.errors)
@@ -41,6 +51,8 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sysconfig
 import tempfile
 import time
 import weakref
@@ -69,6 +81,7 @@ __all__ = [
     "LabTimeout",
     "LabVM",
     "PortWidth",
+    "QemuBuild",
     "QemuNotFound",
     "QemuStartError",
     "ReadErrorPolicy",
@@ -100,6 +113,8 @@ _qmp_log.addFilter(_DemoteToDebug())
 
 QEMU_BINARY: Final = "qemu-system-x86_64"
 QEMU_ENV: Final = "QMPWATCH_QEMU"
+QEMU_DATA_DIR_ENV: Final = "QMPWATCH_QEMU_DATA_DIR"
+QEMU_MODULE_DIR_ENV: Final = "QMPWATCH_QEMU_MODULE_DIR"
 QEMU_INSTALL_HINT: Final = "apt-get install qemu-system-x86"
 FIRMWARE_SIZE: Final = 65_536
 _HLT: Final = 0xF4
@@ -125,7 +140,7 @@ _WATCHDOG_ACTIONS: Final = frozenset(
 _PORT_WIDTH_BITS: Final[Mapping[str, int]] = {"b": 8, "h": 16, "w": 32}
 _HMP_PORT_VALUE: Final = re.compile(r"=\s*0x([0-9a-fA-F]+)")
 
-# Guest-side constants (PC machine, QEMU 7.2).
+# Guest-side constants (PC machine; the same on QEMU 7.2 and 10.0).
 _KBD_CMD_PORT: Final = 0x64
 _KBD_CMD_RESET: Final = 0xFE
 _PCI_CONFIG_ADDRESS: Final = 0xCF8
@@ -153,12 +168,13 @@ class LabError(QmpwatchError):
 
 
 class QemuNotFound(LabError):
-    """qemu-system-x86_64 is not installed (or not on PATH)."""
+    """qemu-system-x86_64 is not installed (or not on PATH), or a given binary is missing."""
 
-    def __init__(self) -> None:
+    def __init__(self, binary: str | None = None) -> None:
+        where = f"{binary} is not executable" if binary else f"{QEMU_BINARY} not found on PATH"
         super().__init__(
-            f"{QEMU_BINARY} not found on PATH (or ${QEMU_ENV} is not executable); "
-            f"install it with `{QEMU_INSTALL_HINT}` (Debian/Ubuntu)"
+            f"{where} (${QEMU_ENV} names the binary to run); "
+            f"install QEMU with `{QEMU_INSTALL_HINT}` (Debian/Ubuntu)"
         )
 
 
@@ -281,20 +297,105 @@ class LabEvent:
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class QemuBuild:
+    """Which QEMU the lab runs: a binary, and where that build keeps its data and modules.
+
+    The system's QEMU needs only its binary. A build extracted beside it (`from_root`) also
+    needs ``-L data_dir`` and ``QEMU_MODULE_DIR=module_dir`` in its environment. ``label``
+    names the build for people (test ids, errors), e.g. ``"10.0"``.
+    """
+
+    binary: str  #: a path, or a name looked up on PATH
+    data_dir: str | None = None
+    module_dir: str | None = None
+    label: str = "system"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> QemuBuild:
+        """The build that ``$QMPWATCH_QEMU*`` selects (see the module docstring)."""
+        env = os.environ if environ is None else environ
+        override = env.get(QEMU_ENV) or None
+        return cls(
+            binary=override or QEMU_BINARY,
+            data_dir=env.get(QEMU_DATA_DIR_ENV) or None,
+            module_dir=env.get(QEMU_MODULE_DIR_ENV) or None,
+            label=override or "system",
+        )
+
+    @classmethod
+    def from_root(cls, root: Path | str, label: str) -> QemuBuild:
+        """A build whose Debian packages were extracted into ``root`` with ``dpkg -x``."""
+        base = Path(root).absolute()
+        multiarch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
+        return cls(
+            binary=str(base / "usr" / "bin" / QEMU_BINARY),
+            data_dir=str(base / "usr" / "share" / "qemu"),
+            module_dir=str(base / "usr" / "lib" / multiarch / "qemu"),
+            label=label,
+        )
+
+    def environ(self) -> dict[str, str | None]:
+        """The ``QMPWATCH_QEMU*`` variables that select this build (None: unset them)."""
+        return {
+            QEMU_ENV: None if self.binary == QEMU_BINARY else self.binary,
+            QEMU_DATA_DIR_ENV: self.data_dir,
+            QEMU_MODULE_DIR_ENV: self.module_dir,
+        }
+
+    def executable(self) -> str | None:
+        """The binary's path if it can be run, else None."""
+        path = self.binary if os.sep in self.binary else shutil.which(self.binary)
+        return path if path is not None and os.access(path, os.X_OK) else None
+
+    def require(self) -> str:
+        """Like `executable`, but raise `QemuNotFound` (which says what to install)."""
+        path = self.executable()
+        if path is None:
+            raise QemuNotFound(None if self.binary == QEMU_BINARY else self.binary)
+        return path
+
+    def version(self) -> tuple[int, int, int]:
+        """``(major, minor, micro)`` from ``BINARY --version`` (run once per binary)."""
+        return _binary_version(self.require())
+
+    def qemu_args(self) -> list[str]:
+        """Command-line options this build needs before any other."""
+        return ["-L", self.data_dir] if self.data_dir else []
+
+    def qemu_env(self) -> dict[str, str] | None:
+        """QEMU's environment (None: inherit this process's unchanged)."""
+        if self.module_dir is None:
+            return None
+        return {**os.environ, "QEMU_MODULE_DIR": self.module_dir}
+
+
+_VERSION_LINE: Final = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
+
+
+@functools.cache
+def _binary_version(binary: str) -> tuple[int, int, int]:
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LabError(f"{binary} --version failed: {exc}") from exc
+    match = _VERSION_LINE.search(out)
+    if match is None:
+        raise LabError(f"{binary} --version: no version in {out.strip()!r}")
+    major, minor, micro = match.groups()
+    return int(major), int(minor), int(micro or 0)
+
+
 def qemu_binary() -> str | None:
-    """The QEMU binary to use: ``$QMPWATCH_QEMU`` if set, else qemu-system-x86_64 on PATH."""
-    override = os.environ.get(QEMU_ENV)
-    if override:
-        return override if os.access(override, os.X_OK) else None
-    return shutil.which(QEMU_BINARY)
+    """The binary of the build the environment selects (`QemuBuild.from_environ`), or None."""
+    return QemuBuild.from_environ().executable()
 
 
 def require_qemu() -> str:
     """Like `qemu_binary`, but raise `QemuNotFound` (which says what to install)."""
-    binary = qemu_binary()
-    if binary is None:
-        raise QemuNotFound()
-    return binary
+    return QemuBuild.from_environ().require()
 
 
 def kvm_usable() -> bool:
@@ -439,6 +540,7 @@ class LabVM:
         self,
         *,
         spec: LabSpec,
+        qemu: QemuBuild,
         proc: asyncio.subprocess.Process,
         argv: tuple[str, ...],
         run_dir: Path,
@@ -451,6 +553,7 @@ class LabVM:
     ) -> None:
         """Internal: use `LabVM.start` or `LabVM.launch`."""
         self.spec: Final = spec
+        self.qemu: Final = qemu
         self.argv: Final = argv
         self.watch_socket: Final = watch_socket
         self.control_socket: Final = control_socket
@@ -488,6 +591,7 @@ class LabVM:
         start_timeout: float = 30.0,
         command_timeout: float = 10.0,
         event_history: int = DEFAULT_EVENT_HISTORY,
+        qemu: QemuBuild | None = None,
     ) -> AsyncIterator[LabVM]:
         """Start QEMU for the block's duration; see `launch` for the arguments."""
         vm = await cls.launch(
@@ -498,6 +602,7 @@ class LabVM:
             start_timeout=start_timeout,
             command_timeout=command_timeout,
             event_history=event_history,
+            qemu=qemu,
         )
         try:
             yield vm
@@ -515,6 +620,7 @@ class LabVM:
         start_timeout: float = 30.0,
         command_timeout: float = 10.0,
         event_history: int = DEFAULT_EVENT_HISTORY,
+        qemu: QemuBuild | None = None,
     ) -> LabVM:
         """Start QEMU and return once both monitors exist and the control one is negotiated.
 
@@ -524,10 +630,12 @@ class LabVM:
         daemon's monitor at a given path (e.g. the path of a QEMU killed earlier: a stale
         socket file there is replaced by QEMU); the caller owns that path. ``disk_image``
         reuses an image for the blkdebug disk (created when missing); by default the image
-        is ``workdir/NAME.img`` and is kept, like everything else the caller owns.
+        is ``workdir/NAME.img`` and is kept, like everything else the caller owns. ``qemu``
+        is the build to run; by default the one the environment selects
+        (`QemuBuild.from_environ`).
         """
-        binary = require_qemu()
-        plan = _plan(binary, spec, workdir, watch_socket=watch_socket, disk_image=disk_image)
+        build = QemuBuild.from_environ() if qemu is None else qemu
+        plan = _plan(build, spec, workdir, watch_socket=watch_socket, disk_image=disk_image)
         try:
             log = _open_log(plan.stderr_path)
             try:
@@ -536,6 +644,7 @@ class LabVM:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
+                    env=build.qemu_env(),
                     start_new_session=True,  # a terminal's Ctrl-C is for the lab, not QEMU
                     preexec_fn=_make_pdeathsig_hook(),
                 )
@@ -546,6 +655,7 @@ class LabVM:
             raise
         vm = cls(
             spec=spec,
+            qemu=build,
             proc=proc,
             argv=plan.argv,
             run_dir=plan.run_dir,
@@ -613,7 +723,9 @@ class LabVM:
 
     def _start_error(self, message: str) -> QemuStartError:
         return QemuStartError(
-            f"{self.spec.name}: {message}", stderr=self.stderr(), returncode=self.returncode
+            f"{self.spec.name} (QEMU {self.qemu.label}): {message}",
+            stderr=self.stderr(),
+            returncode=self.returncode,
         )
 
     # ----- the event recorder -------------------------------------------------------------
@@ -767,6 +879,17 @@ class LabVM:
         if not isinstance(out, str):
             raise LabError(f"human-monitor-command returned {type(out).__name__}, not text")
         return out
+
+    @property
+    def qemu_version(self) -> tuple[int, int, int]:
+        """``(major, minor, micro)`` from the control monitor's QMP greeting."""
+        greeting = self._qmp.greeting
+        if greeting is None:
+            raise LabClosed(f"{self.spec.name}: no QMP greeting")
+        qemu = greeting.QMP.version.get("qemu")
+        if not isinstance(qemu, Mapping):
+            raise LabError(f"{self.spec.name}: greeting without a QEMU version: {greeting!r}")
+        return int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"])
 
     async def stop(self) -> None:
         """Pause the VM (QMP ``stop``): STOP."""
@@ -1053,7 +1176,7 @@ class _Plan:
 
 
 def _plan(
-    binary: str,
+    build: QemuBuild,
     spec: LabSpec,
     workdir: Path | str,
     *,
@@ -1061,6 +1184,7 @@ def _plan(
     disk_image: Path | str | None,
 ) -> _Plan:
     """Create the run directory and the lab's files; work out QEMU's command line."""
+    binary = build.require()
     work = Path(workdir).absolute()
     if not work.is_dir():
         raise ValueError(f"workdir does not exist: {work}")
@@ -1073,9 +1197,8 @@ def _plan(
         image: Path | None = None
         if spec.blkdebug is not None:
             image = Path(disk_image).absolute() if disk_image else work / f"{spec.name}.img"
-        argv = _command_line(
-            binary, spec, run_dir=run_dir, watch=watch, control=control, image=image
-        )
+        argv = [binary, *build.qemu_args()]
+        argv += _command_line(spec, run_dir=run_dir, watch=watch, control=control, image=image)
         return _Plan(
             run_dir=run_dir,
             watch=watch,
@@ -1091,7 +1214,6 @@ def _plan(
 
 
 def _command_line(
-    binary: str,
     spec: LabSpec,
     *,
     run_dir: Path,
@@ -1099,10 +1221,9 @@ def _command_line(
     control: Path,
     image: Path | None,
 ) -> list[str]:
-    """Write the lab's files and return QEMU's command line."""
+    """Write the lab's files and return QEMU's options (the build's own come first)."""
     firmware = halt_firmware(run_dir / "halt.bin")
     argv = [
-        binary,
         "-machine",
         "pc",
         *_accel_args(spec.accel),
@@ -1119,7 +1240,9 @@ def _command_line(
     argv += ["-qmp", f"unix:{watch},server=on,wait=off"]
     argv += ["-qmp", f"unix:{control},server=on,wait=off"]
     if spec.watchdog_action is not None:
-        argv += ["-device", "ib700", "-watchdog-action", spec.watchdog_action]
+        # -action watchdog= (QEMU 6.0 and later) supersedes -watchdog-action (which 7.2 and
+        # 10.0 still accept); the lab runs the form current on every build it supports.
+        argv += ["-device", "ib700", "-action", f"watchdog={spec.watchdog_action}"]
     if spec.blkdebug is not None:
         assert image is not None
         bd = spec.blkdebug

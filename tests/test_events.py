@@ -362,11 +362,17 @@ def test_guest_panicked_with_info_is_typed() -> None:
             b'"Debian 1:7.2+dfsg-7"}, "capabilities": ["oob"]}}\r\n',
             "greeting",
         ),
+        (  # QEMU 10.0
+            b'{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": '
+            b'"Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "capabilities": ["oob"]}}\r\n',
+            "greeting",
+        ),
         (b'{"return": {}}\r\n', "return"),
         (
             b'{"return": {"status": "io-error", "singlestep": false, "running": false}}\r\n',
             "return",
         ),
+        (b'{"return": {"status": "io-error", "running": false}}\r\n', "return"),  # 10.0
         (b'{"error": {"class": "CommandNotFound", "desc": "no such command"}}\r\n', "error"),
     ],
 )

@@ -246,6 +246,7 @@ GARBAGE: list[tuple[bytes, str]] = [
 ]  # fmt: skip
 
 
+@pytest.mark.qemu
 async def test_garbage_lines_are_decode_errors_and_the_session_reads_on(
     tmp_path: Path, sock_dir: Path
 ) -> None:
@@ -267,6 +268,7 @@ async def test_garbage_lines_are_decode_errors_and_the_session_reads_on(
         assert fake.connections == 1
 
 
+@pytest.mark.qemu
 async def test_truncated_line_then_eof_is_reported_and_the_vm_reattached(
     tmp_path: Path, sock_dir: Path
 ) -> None:
@@ -288,6 +290,7 @@ async def test_truncated_line_then_eof_is_reported_and_the_vm_reattached(
         assert not daemon.find("qmp_event", vm="bad", qmp="STOP")
 
 
+@pytest.mark.qemu
 async def test_line_over_the_read_limit_is_dropped_and_the_session_reads_on(
     tmp_path: Path, sock_dir: Path
 ) -> None:
@@ -305,6 +308,7 @@ async def test_line_over_the_read_limit_is_dropped_and_the_session_reads_on(
         assert not daemon.find("vm_disconnected", vm="bad")
 
 
+@pytest.mark.qemu
 async def test_replies_nobody_asked_for_are_decode_errors_and_replies_still_route(
     tmp_path: Path, sock_dir: Path
 ) -> None:
@@ -369,6 +373,7 @@ WRONG_TYPES: list[tuple[dict[str, Any], str]] = [
 ]  # fmt: skip
 
 
+@pytest.mark.qemu
 async def test_events_with_wrong_types_are_decode_errors_naming_the_field(
     tmp_path: Path, sock_dir: Path
 ) -> None:
@@ -403,6 +408,7 @@ BAD_GREETINGS: list[tuple[bytes | None, str, str]] = [
 ]  # fmt: skip
 
 
+@pytest.mark.qemu
 @pytest.mark.parametrize(
     ("greeting", "reason", "why"), BAD_GREETINGS, ids=lambda v: repr(v)[:24] if v else "none"
 )
@@ -425,6 +431,7 @@ async def test_a_monitor_that_does_not_greet_with_qmp_is_a_connect_failure(
         await still_watching(daemon, await fake.session(fake.connections), vm, 6)
 
 
+@pytest.mark.qemu
 async def test_a_monitor_that_hangs_up_during_the_handshake_is_a_connect_failure(
     tmp_path: Path, sock_dir: Path
 ) -> None:
@@ -449,6 +456,7 @@ async def test_a_monitor_that_hangs_up_during_the_handshake_is_a_connect_failure
         assert not daemon.find("alert", vm="bad")
 
 
+@pytest.mark.qemu
 async def test_a_monitor_that_never_answers_the_resync_is_unresponsive_not_crashed(
     tmp_path: Path, sock_dir: Path
 ) -> None:
@@ -464,6 +472,7 @@ async def test_a_monitor_that_never_answers_the_resync_is_unresponsive_not_crash
             assert not daemon.find("alert", vm="bad")
 
 
+@pytest.mark.qemu
 async def test_huge_data_is_logged_whole_up_to_the_read_limit(sock_dir: Path) -> None:
     """1 MiB of data and the longest line accepted are logged whole; a byte more is dropped."""
     longest = READ_LIMIT + 1  # StreamReader's limit counts the bytes before the newline

@@ -27,6 +27,7 @@ from qmpwatch.lab import (
     LabSpec,
     LabTimeout,
     LabVM,
+    QemuBuild,
     QemuNotFound,
     QemuStartError,
     WatchdogAction,
@@ -63,6 +64,12 @@ def cmdline(pid: int) -> list[str]:
     """A process's argv from /proc."""
     raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     return [arg.decode() for arg in raw.split(b"\0")[:-1]]
+
+
+def process_environ(pid: int) -> list[str]:
+    """A process's environment from /proc, as NAME=VALUE strings."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return [entry.decode() for entry in raw.split(b"\0")[:-1]]
 
 
 def process_gone(pid: int) -> bool:
@@ -142,6 +149,34 @@ async def test_missing_qemu_says_what_to_install(
         await LabVM.launch(LabSpec("x"), tmp_path)
 
 
+def test_a_build_selected_through_the_environment_round_trips() -> None:
+    """`QemuBuild.environ` gives the variables from which `from_environ` makes the same build."""
+    build = QemuBuild.from_root("/opt/qemu-x", label="x")
+    assert build.binary == "/opt/qemu-x/usr/bin/qemu-system-x86_64"
+    assert build.qemu_args() == ["-L", "/opt/qemu-x/usr/share/qemu"]
+    assert build.module_dir is not None
+    assert build.module_dir.startswith("/opt/qemu-x/usr/lib/")
+    env = {k: v for k, v in build.environ().items() if v is not None}
+    again = QemuBuild.from_environ(env)
+    assert (again.binary, again.data_dir, again.module_dir) == (
+        build.binary,
+        build.data_dir,
+        build.module_dir,
+    )
+    system = QemuBuild.from_environ({})
+    assert system == QemuBuild("qemu-system-x86_64")
+    assert system.qemu_args() == []
+    assert system.qemu_env() is None
+    assert system.environ() == dict.fromkeys(build.environ())
+
+
+async def test_a_test_not_marked_qemu_cannot_start_qemu(tmp_path: Path) -> None:
+    """Outside a test marked qemu, starting a lab VM fails saying to add the marker."""
+    with pytest.raises(QemuStartError, match="not marked qemu"):
+        await LabVM.launch(LabSpec("unmarked"), tmp_path)
+    assert entries(tmp_path) == []
+
+
 def test_spec_rejects_bad_values() -> None:
     """Specs refuse what QEMU would misparse or reject."""
     with pytest.raises(ValueError, match="comma"):
@@ -167,6 +202,22 @@ async def test_early_exit_is_reported_with_stderr(tmp_path: Path) -> None:
         await LabVM.launch(spec, tmp_path)
     assert caught.value.returncode == 1
     assert entries(tmp_path) == []
+
+
+@needs_qemu
+async def test_runs_the_build_of_the_test(tmp_path: Path, qemu_build: QemuBuild) -> None:
+    """By default the lab runs the build the environment selects (the test's), and a build
+    given explicitly the same way: its binary, -L and QEMU_MODULE_DIR; the greeting agrees."""
+    version = qemu_build.version()
+    assert qemu_build.label == f"{version[0]}.{version[1]}"
+    for explicit in (None, qemu_build):
+        async with LabVM.start(LabSpec("which"), tmp_path, qemu=explicit) as vm:
+            assert vm.qemu_version == version
+            argv = cmdline(vm.pid)
+            assert argv[0] == qemu_build.executable()
+            assert argv[1 : 1 + len(qemu_build.qemu_args())] == qemu_build.qemu_args()
+            if qemu_build.module_dir is not None:
+                assert f"QEMU_MODULE_DIR={qemu_build.module_dir}" in process_environ(vm.pid)
 
 
 @needs_qemu
@@ -227,7 +278,7 @@ async def test_peer_credentials_and_cmdline(tmp_path: Path) -> None:
         argv = cmdline(vm.pid)
         assert "-no-shutdown" in argv
         assert argv[argv.index("-name") + 1] == "peer"
-        assert argv[argv.index("-watchdog-action") + 1] == "pause"
+        assert argv[argv.index("-action") + 1] == "watchdog=pause"
 
 
 @needs_qemu

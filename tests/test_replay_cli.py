@@ -314,6 +314,29 @@ def test_query_status_reply_classifies_an_unexplained_stop(
         assert "status_error" not in record["details"]
 
 
+def test_a_qemu_10_stream_replays_as_a_qemu_7_2_one(tmp_path: Path) -> None:
+    """QEMU 10.0's greeting and its query-status reply without `singlestep` give the records
+    QEMU 7.2's give (the version aside)."""
+    greeting_10 = (
+        b'{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": '
+        b'"Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "capabilities": ["oob"]}}\r\n'
+    )
+    streams = {
+        "7.2": (GREETING, b'{"return": {"status": "io-error", "singlestep": false, '
+                b'"running": false}}\r\n'),
+        "10.0": (greeting_10, b'{"return": {"status": "io-error", "running": false}}\r\n'),
+    }  # fmt: skip
+    records = {}
+    for version, (greeting, reply) in streams.items():
+        (tmp_path / version).mkdir()
+        stop = qemu_line("STOP", T0, 0)
+        records[version] = replay(
+            write(tmp_path / version, greeting, CAPABILITIES_REPLY, stop, reply)
+        )
+    assert records["10.0"] == records["7.2"]
+    assert alerts(records["10.0"]) == [("vm_stopped_io_error", "critical")]
+
+
 def test_stop_without_a_status_reply_is_unexpected(tmp_path: Path) -> None:
     """An unexplained STOP with no reply before the next event is critical, status unknown."""
     path = write(tmp_path, qemu_line("STOP", T0, 0), qemu_line("RESET", T0 + 1, 0))

@@ -17,6 +17,8 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
 from qmpwatch.config import DaemonConfig, load_config
 from qmpwatch.lab import LabSpec, LabVM
 from tests.daemon_harness import DaemonProcess, write_config
@@ -135,6 +137,7 @@ async def test_a_discovered_link_retargeted_out_of_the_directory_is_not_followed
             assert await daemon.stop() == 0
 
 
+@pytest.mark.qemu
 async def test_secrets_never_reach_the_logs(tmp_path: Path, sock_dir: Path) -> None:
     """Header, HMAC and exec secrets (env:, file:): never in stdout or stderr, whatever happens."""
     token = "tok-" + secrets.token_hex(16)

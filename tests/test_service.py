@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qmpwatch.lab import LabSpec, LabVM
+from qmpwatch.lab import LabSpec, LabVM, QemuBuild
 from tests.daemon_harness import DaemonProcess, write_config
 from tests.ports import free_tcp_port
 
@@ -101,8 +101,9 @@ async def test_metrics_healthz_and_sd_notify(tmp_path: Path, sock_dir: Path) -> 
         notify.close()
 
 
-async def test_demo_runs_to_completion() -> None:
-    """`qmpwatch demo` walks its whole script and exits 0, showing every alert kind it promises."""
+async def test_demo_runs_to_completion(qemu_build: QemuBuild) -> None:
+    """`qmpwatch demo` walks its whole script on the test's QEMU build and exits 0, showing
+    every alert kind it promises and the QEMU version its greeting gave."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "qmpwatch", "demo",
         stdout=asyncio.subprocess.PIPE,
@@ -123,3 +124,6 @@ async def test_demo_runs_to_completion() -> None:
     rules = {r["rule"] for r in records if r["event"] == "followup_satisfied"}
     assert rules == {"stop_after_block_io_error", "stop_after_watchdog", "stop_after_shutdown"}
     assert "==> done in" in err.decode()
+    version = ".".join(map(str, qemu_build.version()))
+    assert {r["qemu_version"] for r in records if r["event"] == "vm_connected"} == {version}
+    assert f"QEMU {version}, as their QMP greeting says" in err.decode()
