@@ -124,6 +124,8 @@ class AlertConfig:
     outbox_max_entries: int = 10000  # undelivered alerts kept; see qmpwatch.outbox
     retry_initial_s: float = 1.0  # delivery backoff: first retry ...
     retry_max_s: float = 60.0  # ... doubling up to this (jittered)
+    # /healthz says "degraded" once a sink has failed every attempt for this long
+    degraded_after_sink_failing_s: float = 300.0
     webhook: tuple[WebhookConfig, ...] = ()
     alertmanager: tuple[AlertmanagerConfig, ...] = ()
     exec: tuple[ExecConfig, ...] = ()
@@ -405,6 +407,9 @@ def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
     retry_max = r.get("retry_max_s", r.number(), d.retry_max_s)
     if retry_max < retry_initial:
         r.bad("retry_max_s", f"must not be less than retry_initial_s ({retry_initial:g})")
+    sink_failing = r.get(
+        "degraded_after_sink_failing_s", r.number(), d.degraded_after_sink_failing_s
+    )
     webhooks: list[WebhookConfig] = []
     for w in r.array_of_tables("webhook"):
         url = _url(w)
@@ -451,6 +456,7 @@ def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
         outbox_max_entries=outbox_max,
         retry_initial_s=retry_initial,
         retry_max_s=retry_max,
+        degraded_after_sink_failing_s=sink_failing,
         webhook=tuple(webhooks),
         alertmanager=tuple(managers),
         exec=tuple(execs),

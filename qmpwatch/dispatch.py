@@ -10,6 +10,10 @@ whole sink pauses as long after consecutive failures, so a dead receiver gets on
 backoff interval, not one per queued alert. Entries never expire; the outbox bound (and its
 drop rule) limits what is kept.
 
+A sink whose every attempt (delivery or re-post) has failed since some time is in `failing`
+(by sink name, since when and the latest error) until an attempt works: `qmpwatch.health`
+reports it as degraded once that has lasted too long.
+
 `aclose(deadline_s)` makes every loop try what is due once more, stops each sink at its
 first failure and cuts attempts still running at the deadline; what is left stays in the
 outbox for the next start.
@@ -29,6 +33,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,14 @@ RESOLVABLE_KINDS = STOPPED_KINDS | {"vm_crashed"}
 CLOSE_MARGIN_S = 1.0  # beyond aclose's deadline, for the loops to release their sinks
 
 _log = structlog.get_logger()
+
+
+@dataclass(slots=True)
+class SinkFailing:
+    """A sink whose attempts have all failed since `since` (the dispatcher's clock)."""
+
+    since: float
+    error: str  # the latest failure
 
 
 def idempotency_key(host: str, alert: Alert, status: Status, at: float) -> str:
@@ -149,6 +162,13 @@ class AlertDispatcher:
         self._inflight: dict[str, asyncio.Timeout] = {}
         self._running = False
         self._stopped = asyncio.Event()
+        self.failing: dict[str, SinkFailing] = {}  # sink name -> since when it fails
+
+    @property
+    def durability_problem(self) -> str | None:
+        """Why notifications are not (all) durable now: an in-memory outbox, or its last
+        commit failed; None while they are."""
+        return self.problem or self.outbox.problem
 
     def _active(self) -> list[Alert]:
         return [] if self._outbox is None else self._outbox.active()
@@ -295,6 +315,7 @@ class AlertDispatcher:
         except Exception as err:  # a bug or an unforeseen library error: retry, do not die
             error = scrub(truncate(f"{type(err).__name__}: {err}"), self._secrets)
         else:
+            self.failing.pop(sink.name, None)
             self.outbox.delivered(sink.sink_id, entry.seq)
             alert = entry.alert
             if self._on_result is not None:
@@ -310,6 +331,7 @@ class AlertDispatcher:
         pause = self._backoff.delay(failures + 1)
         retry_in = max(self._backoff.delay(attempt), pause)
         self.outbox.failed(sink.sink_id, entry.seq, self._clock() + retry_in)
+        self._note_failure(sink, error)
         alert = entry.alert
         if self._on_result is not None:
             self._on_result(alert.kind, sink.name, "failed")
@@ -334,9 +356,11 @@ class AlertDispatcher:
         except Exception as err:
             error = scrub(truncate(f"{type(err).__name__}: {err}"), self._secrets)
         else:
+            self.failing.pop(sink.name, None)
             return True
         finally:
             self._inflight.pop(sink.sink_id, None)
+        self._note_failure(sink, error)
         _log.warning(
             "alert_refresh_failed",
             sink=sink.name,
@@ -346,6 +370,13 @@ class AlertDispatcher:
             retry_in_s=round(self._backoff.delay(failures + 1), 3),
         )
         return False
+
+    def _note_failure(self, sink: Sink, error: str) -> None:
+        failing = self.failing.get(sink.name)
+        if failing is None:
+            self.failing[sink.name] = SinkFailing(self._clock(), error)
+        else:
+            failing.error = error
 
     def _timeout(self, sink: Sink) -> asyncio.Timeout:
         when = asyncio.get_running_loop().time() + sink.timeout_s
