@@ -126,6 +126,10 @@ class AlertConfig:
     retry_max_s: float = 60.0  # ... doubling up to this (jittered)
     # /healthz says "degraded" once a sink has failed every attempt for this long
     degraded_after_sink_failing_s: float = 300.0
+    # Where people reach the daemon's HTTP endpoint (Alertmanager's generatorURL, runbook
+    # links); empty: http://<host or hostname>:<metrics_listen port>. See qmpwatch.links.
+    external_url: str = ""
+    runbook_url: str = ""  # per-kind runbook link, "{kind}" replaced; empty: the daemon's own
     webhook: tuple[WebhookConfig, ...] = ()
     alertmanager: tuple[AlertmanagerConfig, ...] = ()
     exec: tuple[ExecConfig, ...] = ()
@@ -410,6 +414,12 @@ def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
     sink_failing = r.get(
         "degraded_after_sink_failing_s", r.number(), d.degraded_after_sink_failing_s
     )
+    external_url = r.get("external_url", r.string(), d.external_url)
+    if external_url and not external_url.startswith(("http://", "https://")):
+        r.bad("external_url", f"expected an http:// or https:// URL, got {_show(external_url)}")
+    runbook_url = r.get("runbook_url", r.string(), d.runbook_url)
+    if runbook_url and "{kind}" not in runbook_url:
+        r.bad("runbook_url", f'must contain "{{kind}}" (the alert kind), got {_show(runbook_url)}')
     webhooks: list[WebhookConfig] = []
     for w in r.array_of_tables("webhook"):
         url = _url(w)
@@ -457,6 +467,8 @@ def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
         retry_initial_s=retry_initial,
         retry_max_s=retry_max,
         degraded_after_sink_failing_s=sink_failing,
+        external_url=external_url,
+        runbook_url=runbook_url,
         webhook=tuple(webhooks),
         alertmanager=tuple(managers),
         exec=tuple(execs),

@@ -30,6 +30,7 @@ from qmpwatch.dispatch import AlertDispatcher
 from qmpwatch.errors import ConfigError
 from qmpwatch.health import Degradation
 from qmpwatch.httpserver import Health, HttpServer, ListenError
+from qmpwatch.links import links_for
 from qmpwatch.metrics import Metrics
 from qmpwatch.statestore import StateStore
 from qmpwatch.supervisor import Supervisor
@@ -84,6 +85,7 @@ class Daemon:
             Path(state_dir) if state_dir else None,
             host=self.config.alert.host,
             on_result=metrics.alert_delivery,
+            links=links_for(self.config.alert, self.config.daemon.metrics_listen),
         )
         restored: dict[str, list[Alert]] = {}
         for alert in dispatcher.firing_alerts():

@@ -10,6 +10,11 @@ whole sink pauses as long after consecutive failures, so a dead receiver gets on
 backoff interval, not one per queued alert. Entries never expire; the outbox bound (and its
 drop rule) limits what is kept.
 
+Resolved alerts are remembered for RESOLVED_RETENTION_S (15 minutes, Prometheus' resolved
+retention) and re-posted as resolved with every Alertmanager refresh in that time, as
+Prometheus does: an Alertmanager that somehow missed the resolution still learns it
+(`recently_resolved`).
+
 A sink whose every attempt (delivery or re-post) has failed since some time is in `failing`
 (by sink name, since when and the latest error) until an attempt works: `qmpwatch.health`
 reports it as degraded once that has lasted too long.
@@ -41,6 +46,7 @@ import structlog
 
 from qmpwatch.alert import STOPPED_KINDS, Alert
 from qmpwatch.config import AlertConfig
+from qmpwatch.links import NO_LINKS, Links, links_for
 from qmpwatch.outbox import Entry, Outbox, OutboxError, Status
 from qmpwatch.sinks import DeliveryError, Sink, scrub, sink_id, truncate
 from qmpwatch.sinks.alertmanager import AlertmanagerSink
@@ -51,6 +57,10 @@ from qmpwatch.sinks.webhook import WebhookSink
 # one-shot and never resolved, so they are not kept active for Alertmanager re-posts.
 RESOLVABLE_KINDS = STOPPED_KINDS | {"vm_crashed"}
 CLOSE_MARGIN_S = 1.0  # beyond aclose's deadline, for the loops to release their sinks
+RESOLVED_RETENTION_S = 15 * 60.0  # resolved alerts re-posted this long (as Prometheus does)
+# Resolved alerts remembered for re-posting at most; beyond, the oldest resolution is forgotten
+# (it was delivered like any other: only its re-posts end early).
+RESOLVED_KEPT_MAX = 1000
 
 _log = structlog.get_logger()
 
@@ -91,6 +101,8 @@ def build_sinks(
     host: str,
     active: Callable[[], list[Alert]],
     clock: Callable[[], float],
+    resolved: Callable[[str, float], list[tuple[Alert, float]]] | None = None,
+    links: Links | None = None,
 ) -> list[Sink]:
     """One sink per configured receiver, each with a stable outbox id."""
     seen: dict[str, int] = {}
@@ -112,6 +124,8 @@ def build_sinks(
                 host=host,
                 ident=ident(AlertmanagerSink.identity(a)),
                 active=active,
+                resolved=resolved or (lambda _sink, _now: []),
+                links=links or NO_LINKS,
                 clock=clock,
             )
         )
@@ -137,8 +151,10 @@ class AlertDispatcher:
         host: str,
         clock: Callable[[], float] = time.time,
         on_result: Callable[[str, str, str], None] | None = None,
+        links: Links | None = None,
     ) -> None:
-        """`on_result(kind, sink_name, "delivered" | "failed")` is told every attempt."""
+        """`on_result(kind, sink_name, "delivered" | "failed")` is told every attempt;
+        `links` go out with Alertmanager alerts (default: from `config` alone)."""
         self.config = config
         self._on_result = on_result
         self.host = host or config.host or socket.gethostname()
@@ -146,7 +162,15 @@ class AlertDispatcher:
         self._secrets = config.secrets()
         self._backoff = Backoff(config.retry_initial_s, config.retry_max_s)
         self._outbox: Outbox | None = None
-        self.sinks = build_sinks(config, host=self.host, active=self._active, clock=clock)
+        self._resolved: dict[str, tuple[Alert, float]] = {}  # fingerprint -> (alert, when)
+        self.sinks = build_sinks(
+            config,
+            host=self.host,
+            active=self._active,
+            resolved=self.recently_resolved,
+            clock=clock,
+            links=links or links_for(config, ""),
+        )
         sink_ids = [s.sink_id for s in self.sinks]
         self.problem: str | None = None  # why the outbox is not durable, if it is not
         try:
@@ -182,11 +206,17 @@ class AlertDispatcher:
 
     def fire(self, alert: Alert) -> None:
         """Queue a new alert for every sink."""
+        self._resolved.pop(alert.fingerprint, None)
         active = True if alert.kind in RESOLVABLE_KINDS else None
         self._queue(alert, "firing", alert.raised_at, active)
 
     def resolve(self, alert: Alert, now: float) -> None:
         """Queue the resolution of `alert` (ended at `now`) for every sink."""
+        resolved = self._resolved
+        resolved.pop(alert.fingerprint, None)
+        resolved[alert.fingerprint] = (alert, now)
+        if len(resolved) > RESOLVED_KEPT_MAX:
+            del resolved[next(iter(resolved))]
         self._queue(alert, "resolved", now, False)
 
     def _queue(self, alert: Alert, status: Status, at: float, active: bool | None) -> None:
@@ -214,6 +244,21 @@ class AlertDispatcher:
     def owed_by_sink(self) -> dict[str, int]:
         """Entries each sink still has to get, by sink name (`webhook[0]`, ...)."""
         return {s.name: self.outbox.owed_to(s.sink_id) for s in self.sinks}
+
+    def recently_resolved(self, sink_id: str, now: float) -> list[tuple[Alert, float]]:
+        """(alert, resolved at) of the alerts resolved within RESOLVED_RETENTION_S before
+        `now` whose notifications `sink_id` already has (an owed one is delivered in order
+        instead), oldest first. Forgets those resolved longer ago."""
+        resolved = self._resolved
+        while resolved:
+            fingerprint, (_, at) = next(iter(resolved.items()))
+            if now - at <= RESOLVED_RETENTION_S:
+                break
+            del resolved[fingerprint]
+        if not resolved:
+            return []
+        owed = self.outbox.owed_fingerprints(sink_id)
+        return [(a, at) for fp, (a, at) in resolved.items() if fp not in owed]
 
     def firing_alerts(self) -> list[Alert]:
         """Alerts fired (resolvable kinds) and not yet resolved, also from before a restart."""

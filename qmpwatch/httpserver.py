@@ -5,7 +5,8 @@ is only answered while the loop turns. `/metrics` renders the `Metrics` registry
 the scraper asks for (Prometheus text by default, OpenMetrics on request). `/healthz` answers
 200 with a small JSON object when the daemon's `health()` callback says it is healthy (its
 `status` "ok", or "degraded" with the reasons), and 503 with the same object otherwise.
-Requests are not logged: a scrape every 15 s is not news.
+`/runbooks/<kind>` serves the runbook of an alert kind (`qmpwatch.links`), as plain text, for
+the `runbook_url` links of alerts. Requests are not logged: a scrape every 15 s is not news.
 
 Use it as an async context manager, or run `serve()` as a task of the daemon's TaskGroup:
 
@@ -27,6 +28,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from qmpwatch.errors import QmpwatchError
+from qmpwatch.links import runbook_path
 from qmpwatch.metrics import Metrics
 
 SHUTDOWN_TIMEOUT_S = 5.0  # how long stop() lets an in-flight request finish
@@ -70,6 +72,7 @@ class HttpServer:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/runbooks/{kind}", self._runbook)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
         )
@@ -136,6 +139,12 @@ class HttpServer:
         if report.degraded:
             body["degraded"] = dict(report.degraded)
         return web.json_response(body, status=200 if report.ok else 503, dumps=_dumps)
+
+    async def _runbook(self, request: web.Request) -> web.Response:
+        path = runbook_path(request.match_info["kind"])
+        if path is None:
+            raise web.HTTPNotFound(text="no runbook for that alert kind\n")
+        return web.Response(body=path.read_bytes(), content_type="text/plain", charset="utf-8")
 
 
 def _dumps(value: Any) -> str:

@@ -462,6 +462,11 @@ class Outbox:
     def owed_to(self, sink: str) -> int:
         return len(self._state.owed[sink])
 
+    def owed_fingerprints(self, sink: str) -> set[str]:
+        """The fingerprints of the alerts with a notification still owed to `sink`."""
+        entries = self._state.entries
+        return {entries[seq].alert.fingerprint for seq in self._state.owed[sink]}
+
     def entries(self) -> list[Entry]:
         return list(self._state.entries.values())
 
