@@ -180,11 +180,12 @@ class _Reader:
     def __init__(self, table: Mapping[str, Any], path: str, problems: list[str]) -> None:
         self.table = table
         self.path = path
+        self.sep = "."  # between path and key; ": " after a VM's "vm[2] web02"
         self.problems = problems
         self.seen: set[str] = set()
 
     def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+        return f"{self.path}{self.sep}{name}" if self.path else name
 
     def bad(self, name: str, what: str) -> None:
         self.problems.append(f"{self.key(name)}: {what}")
@@ -350,24 +351,36 @@ def _parse_vms(readers: list[_Reader], problems: list[str]) -> tuple[VmConfig, .
     vms: list[VmConfig] = []
     names: dict[str, str] = {}
     for r in readers:
+        r.sep = ": "  # problems name the VM: "vm[2] web02: socket: ..."
         name = r.get("name", r.string(nonempty=True), "")
+        if name:
+            r.path = f"{r.path} {name}"
         socket = r.get("socket", r.string(nonempty=True), "")
+        _absolute(r, "socket", socket)
         no_shutdown: NoShutdown = r.get("no_shutdown", _no_shutdown(problems), "auto")
         for required in ("name", "socket"):
             if required not in r.table:
                 r.bad(required, "missing (required)")
         if name and name in names:
             r.bad("name", f"duplicate VM name {_show(name)} (also {names[name]})")
-        names.setdefault(name, r.key("name"))
+        names.setdefault(name, r.path)
         r.finish()
         vms.append(VmConfig(name=name, socket=socket, no_shutdown=no_shutdown))
     return tuple(vms)
+
+
+def _absolute(r: _Reader, name: str, path: str) -> None:
+    """Socket paths must be absolute: a relative one would depend on the daemon's working
+    directory (/ under systemd), so it is a mistake wherever it is found."""
+    if path and not os.path.isabs(path):
+        r.bad(name, f"must be an absolute path, got {_show(path)}")
 
 
 def _parse_discover(readers: list[_Reader], problems: list[str]) -> tuple[DiscoverConfig, ...]:
     out: list[DiscoverConfig] = []
     for r in readers:
         glob = r.get("glob", r.string(nonempty=True), "")
+        _absolute(r, "glob", glob)
         if "glob" not in r.table:
             r.bad("glob", "missing (required)")
         no_shutdown: NoShutdown = r.get("no_shutdown", _no_shutdown(problems), "auto")
