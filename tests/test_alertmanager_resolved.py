@@ -18,13 +18,12 @@ from qmpwatch.logs import iso_from_epoch
 from qmpwatch.sinks.alertmanager import refresh_body
 from tests.alert_fixtures import Receiver, make_alert, receiving, running
 from tests.alertmanager import Alertmanager, notifying, running_alertmanager
-from tests.daemon_harness import DaemonProcess, write_config
+from tests.daemon_harness import DaemonProcess, lab_config
 from tests.ports import free_tcp_port
 from tests.scrape import get
 
 T0 = 1_700_000_000.0
 LINKS = Links("http://hv03:9752/healthz", "http://hv03:9752/runbooks/{kind}")
-FAST = {"timeout_s": 2.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
 
 
 class Clock:
@@ -208,15 +207,11 @@ async def test_daemon_links_its_alerts_to_its_own_runbooks(tmp_path: Path, sock_
         running_alertmanager(tmp_path / "am", config=notifying(hook.url)) as am,
         LabVM.start(LabSpec(name="web01"), sock_dir) as vm,
     ):
-        cfg = write_config(
-            tmp_path / "c.toml",
-            state_dir=tmp_path / "state",
-            vms=[{"name": "web01", "socket": str(vm.watch_socket)}],
-            sections={
-                "daemon": {"metrics_listen": f"127.0.0.1:{port}"},
-                "connect": FAST,
-                "alert": {"host": "127.0.0.1", "retry_initial_s": 0.05, "retry_max_s": 0.2},
-            },
+        cfg = lab_config(
+            tmp_path,
+            vm,
+            metrics_port=port,
+            alert={"host": "127.0.0.1", "retry_initial_s": 0.05, "retry_max_s": 0.2},
             arrays={"alert.alertmanager": [{"url": am.url, "timeout_s": 2.0}]},
         )
         async with DaemonProcess.start(cfg) as daemon:

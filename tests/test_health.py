@@ -14,12 +14,11 @@ from qmpwatch.dispatch import AlertDispatcher, SinkFailing
 from qmpwatch.health import REASONS, degraded_reasons
 from qmpwatch.lab import LabSpec, LabVM
 from tests.alert_fixtures import make_alert, running, wait_until
-from tests.daemon_harness import DaemonProcess, write_config
+from tests.daemon_harness import FAST_CONNECT, DaemonProcess, lab_config, write_config
 from tests.ports import free_tcp_port
 from tests.scrape import sample, scrape, wait_healthz
 
 T0 = 1_700_000_000.0
-FAST = {"timeout_s": 2.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
 
 
 def reasons(
@@ -141,7 +140,7 @@ async def test_unusable_state_dir_is_degraded_and_connect_failures_count_as_logg
         tmp_path / "c.toml",
         state_dir=blocker / "state",
         vms=[{"name": "ghost", "socket": str(path)}],
-        sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}, "connect": FAST},
+        sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}, "connect": FAST_CONNECT},
     )
     async with DaemonProcess.start(cfg) as daemon:
         await daemon.wait_for("metrics_listening")
@@ -182,18 +181,14 @@ async def test_a_sink_failing_too_long_is_degraded_until_it_delivers(
     flag = tmp_path / "receiver-up"
     command = ["/bin/sh", "-c", f'test -e "{flag}" || {{ echo pager down >&2; exit 3; }}']
     async with LabVM.start(LabSpec(name="web01"), sock_dir) as vm:
-        cfg = write_config(
-            tmp_path / "c.toml",
-            state_dir=tmp_path / "state",
-            vms=[{"name": "web01", "socket": str(vm.watch_socket)}],
-            sections={
-                "daemon": {"metrics_listen": f"127.0.0.1:{port}"},
-                "connect": FAST,
-                "alert": {
-                    "retry_initial_s": 0.05,
-                    "retry_max_s": 0.2,
-                    "degraded_after_sink_failing_s": 0.5,
-                },
+        cfg = lab_config(
+            tmp_path,
+            vm,
+            metrics_port=port,
+            alert={
+                "retry_initial_s": 0.05,
+                "retry_max_s": 0.2,
+                "degraded_after_sink_failing_s": 0.5,
             },
             arrays={"alert.exec": [{"command": command}]},
         )

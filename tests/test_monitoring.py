@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from qmpwatch.lab import LabSpec, LabVM
-from tests.daemon_harness import DaemonProcess, write_config
+from tests.daemon_harness import DaemonProcess, lab_config
 from tests.ports import free_tcp_port
 from tests.scrape import samples, scrape
 
@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitoring" / "prometheus" / "qmpwatch.rules.yml"
 RULE_TESTS = ROOT / "monitoring" / "prometheus" / "qmpwatch.rules.test.yml"
 DASHBOARD = ROOT / "monitoring" / "grafana" / "qmpwatch.json"
-FAST = {"timeout_s": 2.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
 # Metric names: qmpwatch's own and the process_* ones it exports (not Prometheus' `up`).
 METRIC = re.compile(r"\b(?:qmpwatch|process)_[a-z0-9_]+\b")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -146,12 +145,12 @@ async def test_every_metric_the_rules_and_the_dashboard_use_exists(
     assert "qmpwatch_degraded" in used
     port = free_tcp_port()
     async with LabVM.start(LabSpec(name="web01", no_shutdown=True), sock_dir) as vm:
-        cfg = write_config(
-            tmp_path / "c.toml",
-            state_dir=tmp_path / "state",
-            vms=[{"name": "web01", "socket": str(vm.watch_socket), "no_shutdown": True}],
-            sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}, "connect": FAST},
+        cfg = lab_config(
+            tmp_path,
+            vm,
+            metrics_port=port,
             arrays={"alert.exec": [{"command": ["true"]}]},
+            no_shutdown=True,
         )
         async with DaemonProcess.start(cfg) as daemon:
             await daemon.wait_for("vm_connected", vm="web01")

@@ -17,10 +17,9 @@ from qmpwatch.cli import main
 from qmpwatch.lab import LabSpec, LabVM
 from qmpwatch.probe import probe_state_dir, probe_tcp
 from tests.alert_fixtures import receiving
-from tests.daemon_harness import DaemonProcess, write_config
+from tests.daemon_harness import DaemonProcess, lab_config, write_config
 from tests.ports import free_tcp_port
 
-FAST = {"timeout_s": 2.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
 NOBODY = 65534
 
 
@@ -96,13 +95,7 @@ async def test_probe_of_a_good_world_passes_and_leaves_nothing_behind(
         assert hook.requests == []  # a TCP connect, no request
         assert am.requests == []
         # QEMU took the probe's connection and dropped it: the daemon attaches as usual
-        cfg2 = write_config(
-            tmp_path / "d.toml",
-            state_dir=tmp_path / "state",
-            vms=[{"name": "web01", "socket": str(vm.watch_socket)}],
-            sections={"connect": FAST},
-        )
-        async with DaemonProcess.start(cfg2) as daemon:
+        async with DaemonProcess.start(lab_config(tmp_path, vm, file="d.toml")) as daemon:
             await daemon.wait_for("vm_connected", vm="web01")
             assert daemon.find("vm_connect_failed") == []
 
@@ -113,12 +106,7 @@ async def test_probe_beside_the_daemon_does_not_keep_it_out(tmp_path: Path, sock
     (it still counts as connectable); when a new daemon attaches after the first one left, it
     gets in at the first attempt."""
     async with LabVM.start(LabSpec(name="web01"), sock_dir) as vm:
-        cfg = write_config(
-            tmp_path / "c.toml",
-            state_dir=tmp_path / "state",
-            vms=[{"name": "web01", "socket": str(vm.watch_socket)}],
-            sections={"connect": FAST},
-        )
+        cfg = lab_config(tmp_path, vm)
         async with DaemonProcess.start(cfg) as daemon:
             await daemon.wait_for("vm_connected", vm="web01")
             status, _, err = await check_config(cfg)
