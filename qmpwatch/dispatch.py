@@ -389,8 +389,11 @@ class AlertDispatcher:
         return pause
 
     async def _refresh(self, sink: Sink, failures: int) -> bool:
-        """Re-post the active alerts to `sink` (Alertmanager); False on failure (logged)."""
+        """Re-post the active (and recently resolved) alerts to `sink` (Alertmanager); False
+        on failure (logged)."""
         alerts = self.outbox.active()
+        if not alerts and not self.recently_resolved(sink.sink_id, self._clock()):
+            return True  # nothing to post: no news about the sink either
         try:
             async with self._timeout(sink) as cm:
                 await sink.refresh(alerts, self._clock())

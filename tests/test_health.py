@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from qmpwatch.config import AlertConfig, ExecConfig
+from qmpwatch.config import AlertConfig, AlertmanagerConfig, ExecConfig
 from qmpwatch.dispatch import AlertDispatcher, SinkFailing
 from qmpwatch.health import REASONS, degraded_reasons
 from qmpwatch.lab import LabSpec, LabVM
@@ -89,6 +89,34 @@ async def test_dispatcher_knows_a_sink_failing_since_when_until_it_works(tmp_pat
         flag.touch()
         await wait_until(lambda: dispatcher.depth() == 0, what="delivered")
         assert dispatcher.failing == {}
+
+
+async def test_re_posts_with_nothing_to_post_do_not_count_as_the_sink_working(
+    tmp_path: Path,
+) -> None:
+    """An Alertmanager nobody answers at and a one-shot alert: its delivery keeps failing, and
+    the re-posts in between (nothing active to post) do not make the sink look fixed."""
+    url = f"http://127.0.0.1:{free_tcp_port()}"
+    config = AlertConfig(
+        alertmanager=(AlertmanagerConfig(url, timeout_s=1.0, resend_interval_s=0.02),),
+        retry_initial_s=0.1,
+        retry_max_s=0.1,
+    )
+    dispatcher = AlertDispatcher(config, tmp_path / "state", host="h")
+    sink_id = dispatcher.sinks[0].sink_id
+    async with running(dispatcher):
+        dispatcher.fire(make_alert(kind="watchdog_fired", severity="warning"))
+        first = await wait_until(lambda: dispatcher.failing.get("alertmanager[0]"))
+        assert first is not None
+        seen: set[float | None] = set()
+
+        def six_attempts() -> bool:  # polled: notes what `failing` says meanwhile
+            failing = dispatcher.failing.get("alertmanager[0]")
+            seen.add(None if failing is None else failing.since)
+            return dispatcher.outbox.attempts(sink_id, 1) >= 6
+
+        await wait_until(six_attempts, what="6 attempts")
+        assert seen == {first.since}
 
 
 async def test_outbox_commit_failing_makes_it_not_durable_until_one_works(tmp_path: Path) -> None:
