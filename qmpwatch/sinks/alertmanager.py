@@ -20,7 +20,8 @@ missed follow-up) are never resolved by qmpwatch: they expire after the 4 interv
 Like Prometheus, qmpwatch keeps re-posting a resolved alert, with its `endsAt` = the time it
 ended, for 15 minutes after the resolution (the dispatcher's `recently_resolved`), with each
 refresh: an Alertmanager that missed the resolution, or heard a later re-post of the firing
-alert, still ends up with it resolved. Not across a restart of qmpwatch (nor of Prometheus).
+alert, still ends up with it resolved. As in Prometheus, that memory does not survive a
+restart (the resolution itself does, in the outbox, until every sink has it).
 
 Several `[[alert.alertmanager]]` entries are several sinks: each member of an Alertmanager
 cluster gets every alert, which is how its high availability works.
