@@ -42,8 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     config_arg(run)
     run.add_argument("--log-format", choices=("json", "console"), help="override daemon.log_format")
 
-    check = sub.add_parser("check-config", help="validate a configuration file")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description="Validate a configuration file; exit 0 when valid, 2 when not. With --probe "
+        "also check, as the user running it, what it points at; exit 1 if that fails.",
+    )
     config_arg(check)
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="also check the world: each VM socket exists and accepts a connection (closed at "
+        "once), state_dir is writable, each sink's host answers a TCP connect; run it as the "
+        "service's user",
+    )
 
     rep = sub.add_parser(
         "replay",
@@ -89,7 +101,7 @@ def _lines(stream: IO[bytes]) -> Iterator[bytes]:
     yield from stream
 
 
-def _check_config(path: Path) -> int:
+def _check_config(path: Path, *, probe: bool = False) -> int:
     try:
         cfg = load_config(path)
     except ConfigError as err:
@@ -102,6 +114,19 @@ def _check_config(path: Path) -> int:
         f"{path}: OK ({len(cfg.vms)} VM(s), {len(cfg.discover)} discovery glob(s), "
         f"{sinks} alert sink(s))"
     )
+    if not probe:
+        return EXIT_OK
+    import asyncio
+
+    from qmpwatch.probe import probe as probe_world
+
+    report = asyncio.run(probe_world(cfg))
+    if report.problems:
+        print(f"{path}: probe found problems:", file=sys.stderr)
+        for problem in report.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{path}: probe OK ({', '.join(report.checked)})")
     return EXIT_OK
 
 
@@ -137,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qmpwatch` console script."""
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        return _check_config(args.config)
+        return _check_config(args.config, probe=args.probe)
     if args.command == "replay":
         return _replay(args)
     if args.command == "run":

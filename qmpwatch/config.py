@@ -134,6 +134,12 @@ class AlertConfig:
     outbox_max_entries: int = 10000  # undelivered alerts kept; see qmpwatch.outbox
     retry_initial_s: float = 1.0  # delivery backoff: first retry ...
     retry_max_s: float = 60.0  # ... doubling up to this (jittered)
+    # /healthz says "degraded" once a sink has failed every attempt for this long
+    degraded_after_sink_failing_s: float = 300.0
+    # Where people reach the daemon's HTTP endpoint (Alertmanager's generatorURL, runbook
+    # links); empty: http://<host or hostname>:<metrics_listen port>. See qmpwatch.links.
+    external_url: str = ""
+    runbook_url: str = ""  # per-kind runbook link, "{kind}" replaced; empty: the daemon's own
     webhook: tuple[WebhookConfig, ...] = ()
     alertmanager: tuple[AlertmanagerConfig, ...] = ()
     exec: tuple[ExecConfig, ...] = ()
@@ -185,11 +191,12 @@ class _Reader:
     def __init__(self, table: Mapping[str, Any], path: str, problems: list[str]) -> None:
         self.table = table
         self.path = path
+        self.sep = "."  # between path and key; ": " after a VM's "vm[2] web02"
         self.problems = problems
         self.seen: set[str] = set()
 
     def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+        return f"{self.path}{self.sep}{name}" if self.path else name
 
     def bad(self, name: str, what: str) -> None:
         self.problems.append(f"{self.key(name)}: {what}")
@@ -367,24 +374,36 @@ def _parse_vms(readers: list[_Reader], problems: list[str]) -> tuple[VmConfig, .
     vms: list[VmConfig] = []
     names: dict[str, str] = {}
     for r in readers:
+        r.sep = ": "  # problems name the VM: "vm[2] web02: socket: ..."
         name = r.get("name", r.string(nonempty=True), "")
+        if name:
+            r.path = f"{r.path} {name}"
         socket = r.get("socket", r.string(nonempty=True), "")
+        _absolute(r, "socket", socket)
         no_shutdown: NoShutdown = r.get("no_shutdown", _no_shutdown(problems), "auto")
         for required in ("name", "socket"):
             if required not in r.table:
                 r.bad(required, "missing (required)")
         if name and name in names:
             r.bad("name", f"duplicate VM name {_show(name)} (also {names[name]})")
-        names.setdefault(name, r.key("name"))
+        names.setdefault(name, r.path)
         r.finish()
         vms.append(VmConfig(name=name, socket=socket, no_shutdown=no_shutdown))
     return tuple(vms)
+
+
+def _absolute(r: _Reader, name: str, path: str) -> None:
+    """Socket paths must be absolute: a relative one would depend on the daemon's working
+    directory (/ under systemd), so it is a mistake wherever it is found."""
+    if path and not os.path.isabs(path):
+        r.bad(name, f"must be an absolute path, got {_show(path)}")
 
 
 def _parse_discover(readers: list[_Reader], problems: list[str]) -> tuple[DiscoverConfig, ...]:
     out: list[DiscoverConfig] = []
     for r in readers:
         glob = r.get("glob", r.string(nonempty=True), "")
+        _absolute(r, "glob", glob)
         if "glob" not in r.table:
             r.bad("glob", "missing (required)")
         no_shutdown: NoShutdown = r.get("no_shutdown", _no_shutdown(problems), "auto")
@@ -428,6 +447,15 @@ def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
     retry_max = r.get("retry_max_s", r.number(), d.retry_max_s)
     if retry_max < retry_initial:
         r.bad("retry_max_s", f"must not be less than retry_initial_s ({retry_initial:g})")
+    sink_failing = r.get(
+        "degraded_after_sink_failing_s", r.number(), d.degraded_after_sink_failing_s
+    )
+    external_url = r.get("external_url", r.string(), d.external_url)
+    if external_url and not external_url.startswith(("http://", "https://")):
+        r.bad("external_url", f"expected an http:// or https:// URL, got {_show(external_url)}")
+    runbook_url = r.get("runbook_url", r.string(), d.runbook_url)
+    if runbook_url and "{kind}" not in runbook_url:
+        r.bad("runbook_url", f'must contain "{{kind}}" (the alert kind), got {_show(runbook_url)}')
     webhooks: list[WebhookConfig] = []
     for w in r.array_of_tables("webhook"):
         url = _url(w)
@@ -474,6 +502,9 @@ def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
         outbox_max_entries=outbox_max,
         retry_initial_s=retry_initial,
         retry_max_s=retry_max,
+        degraded_after_sink_failing_s=sink_failing,
+        external_url=external_url,
+        runbook_url=runbook_url,
         webhook=tuple(webhooks),
         alertmanager=tuple(managers),
         exec=tuple(execs),

@@ -222,7 +222,7 @@ class VmConnection:
                         self._arm_deadline()
                     self._first_attempt = False
                     if self.services.metrics is not None:
-                        self.services.metrics.reconnect(self.target.name, err.reason)
+                        self.services.metrics.connect_failed(self.target.name, err.reason)
                     delay = backoff.next()
                     now = time.monotonic()
                     if err.reason != last_reason or now - last_logged >= FAILURE_LOG_INTERVAL_S:

@@ -28,7 +28,9 @@ from qmpwatch.config import Config, DaemonConfig, NoShutdown, VmConfig, load_con
 from qmpwatch.connection import Services
 from qmpwatch.dispatch import AlertDispatcher
 from qmpwatch.errors import ConfigError
+from qmpwatch.health import Degradation
 from qmpwatch.httpserver import Health, HttpServer, ListenError
+from qmpwatch.links import links_for
 from qmpwatch.metrics import Metrics
 from qmpwatch.statestore import StateStore
 from qmpwatch.supervisor import Supervisor
@@ -54,6 +56,7 @@ class Daemon:
         self._reload = asyncio.Event()
         self._signals = 0
         self._supervisor: Supervisor | None = None
+        self._degradation: Degradation | None = None
 
     def _on_stop_signal(self, signame: str) -> None:
         self._signals += 1
@@ -82,11 +85,16 @@ class Daemon:
             Path(state_dir) if state_dir else None,
             host=self.config.alert.host,
             on_result=metrics.alert_delivery,
+            links=links_for(self.config.alert, self.config.daemon.metrics_listen),
         )
         restored: dict[str, list[Alert]] = {}
         for alert in dispatcher.firing_alerts():
             restored.setdefault(alert.vm, []).append(alert)
         metrics.outbox_depth_from(dispatcher.depth)
+        self._degradation = Degradation(
+            store, dispatcher, lambda: self.config.alert.degraded_after_sink_failing_s
+        )
+        metrics.registry.register(self._degradation)
         status_changed = asyncio.Event()
         services = Services(
             store=store,
@@ -147,10 +155,11 @@ class Daemon:
         return 0
 
     def _health(self) -> Health:
-        if self._supervisor is None:
+        if self._supervisor is None or self._degradation is None:
             return Health(False, {"reason": "starting"})
         vms, connected, firing = self._supervisor.counts()
-        return Health(True, {"vms": vms, "connected": connected, "alerts_firing": firing})
+        detail = {"vms": vms, "connected": connected, "alerts_firing": firing}
+        return Health(True, detail, degraded=self._degradation.reasons())
 
     async def _status_forever(self, supervisor: Supervisor, changed: asyncio.Event) -> None:
         """Keep systemd's STATUS= line current: sent when it changes, at most once per

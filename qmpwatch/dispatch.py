@@ -10,6 +10,15 @@ whole sink pauses as long after consecutive failures, so a dead receiver gets on
 backoff interval, not one per queued alert. Entries never expire; the outbox bound (and its
 drop rule) limits what is kept.
 
+Resolved alerts are remembered for RESOLVED_RETENTION_S (15 minutes, Prometheus' resolved
+retention) and re-posted as resolved with every Alertmanager refresh in that time, as
+Prometheus does: an Alertmanager that somehow missed the resolution still learns it
+(`recently_resolved`).
+
+A sink whose every attempt (delivery or re-post) has failed since some time is in `failing`
+(by sink name, since when and the latest error) until an attempt works: `qmpwatch.health`
+reports it as degraded once that has lasted too long.
+
 `aclose(deadline_s)` makes every loop try what is due once more, stops each sink at its
 first failure and cuts attempts still running at the deadline; what is left stays in the
 outbox for the next start.
@@ -29,6 +38,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +46,7 @@ import structlog
 
 from qmpwatch.alert import RESOLVABLE_KINDS, Alert
 from qmpwatch.config import AlertConfig
+from qmpwatch.links import NO_LINKS, Links, links_for
 from qmpwatch.outbox import Entry, Outbox, OutboxError, Status
 from qmpwatch.sinks import DeliveryError, Sink, scrub, sink_id, truncate
 from qmpwatch.sinks.alertmanager import AlertmanagerSink
@@ -45,8 +56,20 @@ from qmpwatch.sinks.webhook import WebhookSink
 # The kinds the watch core resolves (it keeps them in `VmWatch.firing`); the others are
 # one-shot and never resolved, so they are not kept active for Alertmanager re-posts.
 CLOSE_MARGIN_S = 1.0  # beyond aclose's deadline, for the loops to release their sinks
+RESOLVED_RETENTION_S = 15 * 60.0  # resolved alerts re-posted this long (as Prometheus does)
+# Resolved alerts remembered for re-posting at most; beyond, the oldest resolution is forgotten
+# (it was delivered like any other: only its re-posts end early).
+RESOLVED_KEPT_MAX = 1000
 
 _log = structlog.get_logger()
+
+
+@dataclass(slots=True)
+class SinkFailing:
+    """A sink whose attempts have all failed since `since` (the dispatcher's clock)."""
+
+    since: float
+    error: str  # the latest failure
 
 
 def idempotency_key(host: str, alert: Alert, status: Status, at: float) -> str:
@@ -77,6 +100,8 @@ def build_sinks(
     host: str,
     active: Callable[[], list[Alert]],
     clock: Callable[[], float],
+    resolved: Callable[[str, float], list[tuple[Alert, float]]] | None = None,
+    links: Links | None = None,
 ) -> list[Sink]:
     """One sink per configured receiver, each with a stable outbox id."""
     seen: dict[str, int] = {}
@@ -98,6 +123,8 @@ def build_sinks(
                 host=host,
                 ident=ident(AlertmanagerSink.identity(a)),
                 active=active,
+                resolved=resolved or (lambda _sink, _now: []),
+                links=links or NO_LINKS,
                 clock=clock,
             )
         )
@@ -123,8 +150,10 @@ class AlertDispatcher:
         host: str,
         clock: Callable[[], float] = time.time,
         on_result: Callable[[str, str, str], None] | None = None,
+        links: Links | None = None,
     ) -> None:
-        """`on_result(kind, sink_name, "delivered" | "failed")` is told every attempt."""
+        """`on_result(kind, sink_name, "delivered" | "failed")` is told every attempt;
+        `links` go out with Alertmanager alerts (default: from `config` alone)."""
         self.config = config
         self._on_result = on_result
         self.host = host or config.host or socket.gethostname()
@@ -132,7 +161,15 @@ class AlertDispatcher:
         self._secrets = config.secrets()
         self._backoff = Backoff(config.retry_initial_s, config.retry_max_s)
         self._outbox: Outbox | None = None
-        self.sinks = build_sinks(config, host=self.host, active=self._active, clock=clock)
+        self._resolved: dict[str, tuple[Alert, float]] = {}  # fingerprint -> (alert, when)
+        self.sinks = build_sinks(
+            config,
+            host=self.host,
+            active=self._active,
+            resolved=self.recently_resolved,
+            clock=clock,
+            links=links or links_for(config, ""),
+        )
         sink_ids = [s.sink_id for s in self.sinks]
         self.problem: str | None = None  # why the outbox is not durable, if it is not
         try:
@@ -148,6 +185,13 @@ class AlertDispatcher:
         self._inflight: dict[str, asyncio.Timeout] = {}
         self._running = False
         self._stopped = asyncio.Event()
+        self.failing: dict[str, SinkFailing] = {}  # sink name -> since when it fails
+
+    @property
+    def durability_problem(self) -> str | None:
+        """Why notifications are not (all) durable now: an in-memory outbox, or its last
+        commit failed; None while they are."""
+        return self.problem or self.outbox.problem
 
     def _active(self) -> list[Alert]:
         return [] if self._outbox is None else self._outbox.active()
@@ -161,11 +205,17 @@ class AlertDispatcher:
 
     def fire(self, alert: Alert) -> None:
         """Queue a new alert for every sink."""
+        self._resolved.pop(alert.fingerprint, None)
         active = True if alert.kind in RESOLVABLE_KINDS else None
         self._queue(alert, "firing", alert.raised_at, active)
 
     def resolve(self, alert: Alert, now: float) -> None:
         """Queue the resolution of `alert` (ended at `now`) for every sink."""
+        resolved = self._resolved
+        resolved.pop(alert.fingerprint, None)
+        resolved[alert.fingerprint] = (alert, now)
+        if len(resolved) > RESOLVED_KEPT_MAX:
+            del resolved[next(iter(resolved))]
         self._queue(alert, "resolved", now, False)
 
     def _queue(self, alert: Alert, status: Status, at: float, active: bool | None) -> None:
@@ -193,6 +243,21 @@ class AlertDispatcher:
     def owed_by_sink(self) -> dict[str, int]:
         """Entries each sink still has to get, by sink name (`webhook[0]`, ...)."""
         return {s.name: self.outbox.owed_to(s.sink_id) for s in self.sinks}
+
+    def recently_resolved(self, sink_id: str, now: float) -> list[tuple[Alert, float]]:
+        """(alert, resolved at) of the alerts resolved within RESOLVED_RETENTION_S before
+        `now` whose notifications `sink_id` already has (an owed one is delivered in order
+        instead), oldest first. Forgets those resolved longer ago."""
+        resolved = self._resolved
+        while resolved:
+            fingerprint, (_, at) = next(iter(resolved.items()))
+            if now - at <= RESOLVED_RETENTION_S:
+                break
+            del resolved[fingerprint]
+        if not resolved:
+            return []
+        owed = self.outbox.owed_fingerprints(sink_id)
+        return [(a, at) for fp, (a, at) in resolved.items() if fp not in owed]
 
     def firing_alerts(self) -> list[Alert]:
         """Alerts fired (resolvable kinds) and not yet resolved, also from before a restart."""
@@ -294,6 +359,7 @@ class AlertDispatcher:
         except Exception as err:  # a bug or an unforeseen library error: retry, do not die
             error = scrub(truncate(f"{type(err).__name__}: {err}"), self._secrets)
         else:
+            self.failing.pop(sink.name, None)
             self.outbox.delivered(sink.sink_id, entry.seq)
             alert = entry.alert
             if self._on_result is not None:
@@ -309,6 +375,7 @@ class AlertDispatcher:
         pause = self._backoff.delay(failures + 1)
         retry_in = max(self._backoff.delay(attempt), pause)
         self.outbox.failed(sink.sink_id, entry.seq, self._clock() + retry_in)
+        self._note_failure(sink, error)
         alert = entry.alert
         if self._on_result is not None:
             self._on_result(alert.kind, sink.name, "failed")
@@ -321,8 +388,11 @@ class AlertDispatcher:
         return pause
 
     async def _refresh(self, sink: Sink, failures: int) -> bool:
-        """Re-post the active alerts to `sink` (Alertmanager); False on failure (logged)."""
+        """Re-post the active (and recently resolved) alerts to `sink` (Alertmanager); False
+        on failure (logged)."""
         alerts = self.outbox.active()
+        if not alerts and not self.recently_resolved(sink.sink_id, self._clock()):
+            return True  # nothing to post: no news about the sink either
         try:
             async with self._timeout(sink) as cm:
                 await sink.refresh(alerts, self._clock())
@@ -333,9 +403,11 @@ class AlertDispatcher:
         except Exception as err:
             error = scrub(truncate(f"{type(err).__name__}: {err}"), self._secrets)
         else:
+            self.failing.pop(sink.name, None)
             return True
         finally:
             self._inflight.pop(sink.sink_id, None)
+        self._note_failure(sink, error)
         _log.warning(
             "alert_refresh_failed",
             sink=sink.name,
@@ -345,6 +417,13 @@ class AlertDispatcher:
             retry_in_s=round(self._backoff.delay(failures + 1), 3),
         )
         return False
+
+    def _note_failure(self, sink: Sink, error: str) -> None:
+        failing = self.failing.get(sink.name)
+        if failing is None:
+            self.failing[sink.name] = SinkFailing(self._clock(), error)
+        else:
+            failing.error = error
 
     def _timeout(self, sink: Sink) -> asyncio.Timeout:
         when = asyncio.get_running_loop().time() + sink.timeout_s

@@ -3,8 +3,10 @@
 aiohttp serves both from the daemon's event loop, so a scrape costs no thread and `/healthz`
 is only answered while the loop turns. `/metrics` renders the `Metrics` registry in the format
 the scraper asks for (Prometheus text by default, OpenMetrics on request). `/healthz` answers
-200 with a small JSON object when the daemon's `health()` callback says it is healthy, and 503
-with the same object otherwise. Requests are not logged: a scrape every 15 s is not news.
+200 with a small JSON object when the daemon's `health()` callback says it is healthy (its
+`status` "ok", or "degraded" with the reasons), and 503 with the same object otherwise.
+`/runbooks/<kind>` serves the runbook of an alert kind (`qmpwatch.links`), as plain text, for
+the `runbook_url` links of alerts. Requests are not logged: a scrape every 15 s is not news.
 
 Use it as an async context manager, or run `serve()` as a task of the daemon's TaskGroup:
 
@@ -26,6 +28,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from qmpwatch.errors import QmpwatchError
+from qmpwatch.links import runbook_path
 from qmpwatch.metrics import Metrics
 
 SHUTDOWN_TIMEOUT_S = 5.0  # how long stop() lets an in-flight request finish
@@ -33,10 +36,15 @@ SHUTDOWN_TIMEOUT_S = 5.0  # how long stop() lets an in-flight request finish
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    """What `/healthz` reports: `ok` picks 200 or 503; `detail` goes into the JSON body."""
+    """What `/healthz` reports: `ok` picks 200 or 503; `detail` goes into the JSON body.
+
+    `degraded` (reason -> what is wrong, see `qmpwatch.health`) turns an ok status into
+    "degraded", still 200: the daemon runs, but its alerts are not safe.
+    """
 
     ok: bool
     detail: Mapping[str, Any] = field(default_factory=dict)
+    degraded: Mapping[str, str] = field(default_factory=dict)
 
 
 class ListenError(QmpwatchError):
@@ -64,6 +72,7 @@ class HttpServer:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/runbooks/{kind}", self._runbook)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
         )
@@ -124,9 +133,18 @@ class HttpServer:
             report = self.health()
         except Exception as err:  # a broken health check is unhealthy, not a 500 with a trace
             report = Health(False, {"error": f"health check failed: {err!r}"})
-        body: dict[str, Any] = {"status": "ok" if report.ok else "unhealthy"}
+        status = "unhealthy" if not report.ok else "degraded" if report.degraded else "ok"
+        body: dict[str, Any] = {"status": status}
         body.update((k, v) for k, v in report.detail.items() if k != "status")
+        if report.degraded:
+            body["degraded"] = dict(report.degraded)
         return web.json_response(body, status=200 if report.ok else 503, dumps=_dumps)
+
+    async def _runbook(self, request: web.Request) -> web.Response:
+        path = runbook_path(request.match_info["kind"])
+        if path is None:
+            raise web.HTTPNotFound(text="no runbook for that alert kind\n")
+        return web.Response(body=path.read_bytes(), content_type="text/plain", charset="utf-8")
 
 
 def _dumps(value: Any) -> str:

@@ -2,7 +2,8 @@
 
 `Metrics.observe_record` takes every record a `WatchOutput` writes (same `kind` and `fields`),
 so the numbers and the log can never disagree; the daemon adds what records do not carry
-(reconnect attempts, alert deliveries, the outbox depth, the status after `query-status`).
+(failed attempts to attach, alert deliveries, the outbox depth, the status after
+`query-status`).
 Everything lives in the instance's own `CollectorRegistry`, never the process-global one, so
 tests and a reload get a fresh set. Not thread-safe beyond prometheus-client's own locks: it is
 called from the event loop only.
@@ -18,8 +19,9 @@ called from the event loop only.
     qmpwatch_vm_running{vm}                         1 while the run status is "running"
     qmpwatch_vm_status{vm,status}                   1, one series per VM: its current status
     qmpwatch_disconnects_total{vm,cause}            sessions ended           (vm_disconnected)
-    qmpwatch_connect_failures_total{vm,reason}      attempts that failed     (vm_connect_failed)
-    qmpwatch_reconnects_total{vm,reason}            reconnect attempts       (reconnect())
+    qmpwatch_connect_failures_total{vm,reason}      attempts that failed     (connect_failed())
+    qmpwatch_reconnects_total{vm,reason}            reconnect attempts       (connect_failed(),
+                                                    reconnect())
     qmpwatch_alert_deliveries_total{alert,sink,result}                       (alert_delivery())
     qmpwatch_outbox_depth                           alerts waiting for a sink
     qmpwatch_info{version}                          1
@@ -285,8 +287,6 @@ class Metrics:
         elif kind == "vm_disconnected":
             self.set_connected(vm, False)
             self._child(self._disconnects, vm, fields.get("cause", "unknown")).inc()
-        elif kind == "vm_connect_failed":
-            self._child(self._connect_failures, vm, fields.get("reason", "unknown")).inc()
 
     # -- setters --------------------------------------------------------------------------
 
@@ -297,6 +297,16 @@ class Metrics:
     def set_status(self, vm: str, status: str | None) -> None:
         """The VM's current run status (None: unknown)."""
         self._status_of_vm[vm] = UNKNOWN_STATUS if status is None else status
+
+    def connect_failed(self, vm: str, reason: str) -> None:
+        """One attempt to attach to `vm` failed for `reason` ("missing", "refused", ...).
+
+        Called for every failed attempt: the `vm_connect_failed` record is rate-limited, and
+        its `attempts` counts them all, as this counter does. The attempt is retried, so it
+        also counts as a reconnect.
+        """
+        self._child(self._connect_failures, vm, reason).inc()
+        self.reconnect(vm, reason)
 
     def reconnect(self, vm: str, reason: str) -> None:
         """One reconnect attempt of `vm`, e.g. after "eof" or a failed attempt's "missing"."""

@@ -39,7 +39,8 @@ kill in between consider the stop already alerted).
 
 A failed commit rolls the batch back and is logged once (`alert_outbox_write_failed`, with the
 names of its writes in `op` and their number in `writes`); its entries are still delivered from
-memory, only not durably. Without a usable `state_dir` the dispatcher runs the outbox in memory
+memory, only not durably. `problem` says so until a commit works again
+(`alert_outbox_recovered`). Without a usable `state_dir` the dispatcher runs the outbox in memory
 only (`Outbox(None, ...)`).
 
 Order: a sink gets the entries of one alert (fingerprint) in the order they were added, so a
@@ -187,6 +188,7 @@ class Outbox:
         self.sinks = tuple(dict.fromkeys(sinks))
         self._over_capacity = False
         self._closed = False
+        self.problem: str | None = None  # why the last commit failed, until one works again
         self._db: sqlite3.Connection | None = None
         self._queued: list[tuple[str, _Write]] = []  # (op, write) not committed yet, in order
         self._end_of_turn = EndOfTurn(self.flush)
@@ -460,6 +462,11 @@ class Outbox:
     def owed_to(self, sink: str) -> int:
         return len(self._state.owed[sink])
 
+    def owed_fingerprints(self, sink: str) -> set[str]:
+        """The fingerprints of the alerts with a notification still owed to `sink`."""
+        entries = self._state.entries
+        return {entries[seq].alert.fingerprint for seq in self._state.owed[sink]}
+
     def entries(self) -> list[Entry]:
         return list(self._state.entries.values())
 
@@ -491,6 +498,7 @@ class Outbox:
                 for _, write in writes:
                     write(db)
         except sqlite3.Error as err:
+            self.problem = f"{self.path}: the last commit failed: {err}"
             _log.error(
                 "alert_outbox_write_failed",
                 op=",".join(dict.fromkeys(op for op, _ in writes)),
@@ -498,6 +506,10 @@ class Outbox:
                 path=str(self.path),
                 error=str(err),
             )
+            return
+        if self.problem is not None:
+            self.problem = None
+            _log.info("alert_outbox_recovered", path=str(self.path))
 
     def _write(self, op: str, write: _Write) -> None:
         """Queue `write` for the end of this loop turn; outside a running loop, commit it now."""

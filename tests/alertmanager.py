@@ -43,6 +43,24 @@ receivers:
 """
 
 
+def notifying(url: str) -> str:
+    """A configuration that sends every group to the webhook receiver at `url` at once, firing
+    and resolved (`send_resolved`), so a test sees what Alertmanager made of its alerts."""
+    return f"""\
+route:
+  receiver: hook
+  group_by: ["..."]
+  group_wait: 0s
+  group_interval: 100ms
+  repeat_interval: 1h
+receivers:
+  - name: hook
+    webhook_configs:
+      - url: "{url}"
+        send_resolved: true
+"""
+
+
 def binary() -> str | None:
     """The Alertmanager executable, or None."""
     return (
@@ -89,17 +107,31 @@ class Alertmanager:
         except TimeoutError:
             pytest.fail(f"Alertmanager: condition not met within {timeout} s; alerts: {last}")
 
+    async def received(self, status: str) -> float:
+        """How many alerts of `status` ("firing", "resolved") it has been posted (API v2), from
+        its own `alertmanager_alerts_received_total`."""
+        async with asyncio.timeout(5), self.session.get(f"{self.url}/metrics") as r:
+            r.raise_for_status()
+            text = await r.text()
+        for line in text.splitlines():
+            if line.startswith("alertmanager_alerts_received_total{") and (
+                f'status="{status}"' in line and 'version="v2"' in line
+            ):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"no alertmanager_alerts_received_total for {status}")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
 @contextlib.asynccontextmanager
 async def running_alertmanager(
-    tmp_dir: Path, *, port: int | None = None, ready_timeout: float = 15.0
+    tmp_dir: Path, *, port: int | None = None, ready_timeout: float = 15.0, config: str = CONFIG
 ) -> AsyncIterator[Alertmanager]:
     """Start an Alertmanager under `tmp_dir` (on `port`, else a free one); stop it on exit.
 
-    Its storage survives in `tmp_dir`, so starting again there is a restart.
+    Its storage survives in `tmp_dir`, so starting again there is a restart. `config` is its
+    configuration file's text (default: one receiver that sends nothing).
     """
     exe = binary()
     if exe is None:
@@ -107,7 +139,7 @@ async def running_alertmanager(
             "no Alertmanager binary: apt-get install prometheus-alertmanager "
             "(or set QMPWATCH_ALERTMANAGER); `make test` installs it"
         )
-    config, log_path = _prepare(tmp_dir)
+    config_path, log_path = _prepare(tmp_dir, config)
     chosen = port
     for _ in range(1 if chosen else 3):  # a free port may be taken before it is bound
         port = chosen or free_tcp_port()
@@ -115,7 +147,7 @@ async def running_alertmanager(
         with log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
                 exe,
-                f"--config.file={config}",
+                f"--config.file={config_path}",
                 f"--storage.path={tmp_dir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--cluster.listen-address=",
@@ -140,10 +172,10 @@ async def running_alertmanager(
     pytest.fail(f"Alertmanager did not start; its log:\n{log_path.read_text(errors='replace')}")
 
 
-def _prepare(tmp_dir: Path) -> tuple[Path, Path]:
+def _prepare(tmp_dir: Path, text: str) -> tuple[Path, Path]:
     tmp_dir.mkdir(parents=True, exist_ok=True)
     config = tmp_dir / "alertmanager.yml"
-    config.write_text(CONFIG)
+    config.write_text(text)
     return config, tmp_dir / "alertmanager.log"
 
 

@@ -16,7 +16,11 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from qmpwatch.lab import LabVM
+
 Record = dict[str, Any]
+# Reconnect at once: tests wait on conditions, not on the daemon's backoff.
+FAST_CONNECT = {"timeout_s": 2.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
 PIPE_LINE_LIMIT = 16 * 1024 * 1024  # a log line can carry a 1 MiB event (and more)
 
 
@@ -62,6 +66,33 @@ def write_config(
             lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def lab_config(
+    tmp_path: Path,
+    vm: LabVM,
+    *,
+    metrics_port: int | None = None,
+    alert: Mapping[str, object] | None = None,
+    arrays: Mapping[str, Sequence[Mapping[str, object]]] | None = None,
+    file: str = "c.toml",
+    **vm_keys: object,
+) -> Path:
+    """`tmp_path/file`: a config that watches the lab VM `vm` (named as its spec, `vm_keys`
+    added) with fast reconnects, state in `tmp_path/state`, `/metrics` on 127.0.0.1:PORT when
+    `metrics_port` is given, and `alert` keys and `arrays` ([[alert.exec]], ...) as given."""
+    sections: dict[str, Mapping[str, object]] = {"connect": FAST_CONNECT}
+    if metrics_port is not None:
+        sections["daemon"] = {"metrics_listen": f"127.0.0.1:{metrics_port}"}
+    if alert is not None:
+        sections["alert"] = alert
+    return write_config(
+        tmp_path / file,
+        state_dir=tmp_path / "state",
+        vms=[{"name": vm.spec.name, "socket": str(vm.watch_socket), **vm_keys}],
+        sections=sections,
+        arrays=arrays,
+    )
 
 
 def matches(record: Mapping[str, Any], match: Mapping[str, Any]) -> bool:

@@ -233,24 +233,36 @@ def test_values_other_than_the_defaults_are_read() -> None:
             'vm: expected an array of tables ([[vm]]), got "web01"',
             id="vm-not-array",
         ),
-        pytest.param('[[vm]]\nname = "web01"', "vm[0].socket: missing (required)", id="no-socket"),
         pytest.param(
-            '[[vm]]\nsocket = "/run/a.qmp"', "vm[0].name: missing (required)", id="no-name"
+            '[[vm]]\nname = "web01"', "vm[0] web01: socket: missing (required)", id="no-socket"
+        ),
+        pytest.param(
+            '[[vm]]\nsocket = "/run/a.qmp"', "vm[0]: name: missing (required)", id="no-name"
         ),
         pytest.param(
             '[[vm]]\nname = "a"\nsocket = "/a"\nno_shutdown = "yes"',
-            'vm[0].no_shutdown: expected true, false or "auto", got "yes"',
+            'vm[0] a: no_shutdown: expected true, false or "auto", got "yes"',
             id="no-shutdown-word",
         ),
         pytest.param(
             '[[vm]]\nname = "a"\nsocket = "/a"\n[[vm]]\nname = "a"\nsocket = "/b"',
-            'vm[1].name: duplicate VM name "a" (also vm[0].name)',
+            'vm[1] a: name: duplicate VM name "a" (also vm[0] a)',
             id="duplicate-vm",
         ),
         pytest.param(
             '[[vm]]\nname = "a"\nsocket = "/a"\nsockett = "/b"',
-            "vm[0].sockett: unknown key",
+            "vm[0] a: sockett: unknown key",
             id="typo-in-vm",
+        ),
+        pytest.param(
+            '[[vm]]\nname = "web02"\nsocket = "run/web02.qmp"',
+            'vm[0] web02: socket: must be an absolute path, got "run/web02.qmp"',
+            id="relative-socket",
+        ),
+        pytest.param(
+            '[[discover]]\nglob = "*.qmp"',
+            'discover[0].glob: must be an absolute path, got "*.qmp"',
+            id="relative-glob",
         ),
         pytest.param("[[discover]]\n", "discover[0].glob: missing (required)", id="no-glob"),
         pytest.param(
@@ -306,14 +318,14 @@ def test_several_problems_are_reported_at_once() -> None:
         'connect.timeout_s: expected a number, got "soon"',
         "followup.stop_after_shutdown_s: must be a number greater than 0, got 0",
         "followup.stop_after_watchdogs_s: unknown key",
-        "vm[0].socket: missing (required)",
+        "vm[0] web01: socket: missing (required)",
     ]
 
 
 def test_two_unnamed_vms_are_not_called_duplicates() -> None:
     """Two [[vm]] without a name are two missing names, not a duplicate name "" as well."""
     found = problems_of("[[vm]]\nsocket = '/a'\n[[vm]]\nsocket = '/b'")
-    assert found == ["vm[0].name: missing (required)", "vm[1].name: missing (required)"]
+    assert found == ["vm[0]: name: missing (required)", "vm[1]: name: missing (required)"]
 
 
 def test_toml_syntax_error_names_the_file_and_position(tmp_path: Path) -> None:

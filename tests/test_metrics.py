@@ -201,7 +201,7 @@ def test_setters() -> None:
     metrics = Metrics()
     metrics.reconnect("web01", "eof")
     metrics.reconnect("web01", "eof")
-    metrics.observe_record("web01", "vm_connect_failed", {"reason": "missing"}, T0)
+    metrics.connect_failed("web01", "missing")
     metrics.alert_delivery("vm_crashed", "webhook", "ok")
     metrics.alert_delivery("vm_crashed", "webhook", "retry")
     metrics.alert_delivery("vm_crashed", "webhook", "ok")
@@ -211,6 +211,7 @@ def test_setters() -> None:
     s = scrape(metrics)
     assert value(s, "qmpwatch_reconnects_total", vm="web01", reason="eof") == 2
     assert value(s, "qmpwatch_connect_failures_total", vm="web01", reason="missing") == 1
+    assert value(s, "qmpwatch_reconnects_total", vm="web01", reason="missing") == 1  # retried
     deliveries = "qmpwatch_alert_deliveries_total"
     assert value(s, deliveries, alert="vm_crashed", sink="webhook", result="ok") == 2
     assert value(s, deliveries, alert="vm_crashed", sink="webhook", result="retry") == 1

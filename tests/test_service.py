@@ -11,21 +11,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from qmpwatch.lab import LabSpec, LabVM, QemuBuild
 from tests.daemon_harness import DaemonProcess, write_config
 from tests.ports import free_tcp_port
+from tests.scrape import sample
 
 pytestmark = pytest.mark.qemu
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    raise AssertionError(f"no sample {name} {labels}")
 
 
 class NotifyListener:

@@ -129,11 +129,16 @@ class ExecSink:
 
 
 async def _feed(proc: asyncio.subprocess.Process, body: bytes) -> None:
-    """Write the payload to the command's stdin and close it; a command may ignore it."""
+    """Write the payload to the command's stdin and close it; a command may ignore it.
+
+    A command that exits without reading may have closed the pipe already: uvloop then
+    refuses the write (RuntimeError, "the handler is closed") instead of a broken pipe.
+    """
     assert proc.stdin is not None
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        proc.stdin.write(body)
-        await proc.stdin.drain()
+        if not proc.stdin.is_closing():
+            proc.stdin.write(body)
+            await proc.stdin.drain()
     proc.stdin.close()
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         await proc.stdin.wait_closed()
