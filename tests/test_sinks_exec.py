@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from qmpwatch.config import AlertConfig, ExecConfig, Secret, WebhookConfig
-from qmpwatch.dispatch import AlertDispatcher
+from qmpwatch.alerts.dispatch import AlertDispatcher
+from qmpwatch.core.config import AlertConfig, ExecConfig, Secret, WebhookConfig
 from tests.alert_fixtures import make_alert, running, wait_until
 
 # Records its stdin, argv and environment as JSON into argv[1], after failing (exit 3, with
