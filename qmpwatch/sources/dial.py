@@ -125,22 +125,24 @@ class Dialer:
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         timeout = self.connect.timeout_s
-        started = time.monotonic()
         try:
-            async with asyncio.timeout(timeout):
-                await loop.sock_connect(sock, path)
-        except BaseException as err:
-            sock.close()
+            async with asyncio.timeout(timeout):  # connect, greeting and negotiation
+                try:
+                    await loop.sock_connect(sock, path)
+                except BaseException:
+                    sock.close()
+                    raise
+                peer, pid = self._peer(sock)
+                link = QmpLink(
+                    self.target.name,
+                    sock,
+                    where=path,
+                    no_shutdown=peer.no_shutdown if peer is not None else None,
+                    pid=pid if peer is not None else None,
+                )
+                await link.negotiate(timeout)  # resets the link if the time runs out
+        except (TimeoutError, OSError) as err:
             raise _connect_failure(err, path, timeout) from None
-        peer, pid = self._peer(sock)
-        link = QmpLink(
-            self.target.name,
-            sock,
-            where=path,
-            no_shutdown=peer.no_shutdown if peer is not None else None,
-            pid=pid if peer is not None else None,
-        )
-        await link.negotiate(max(0.0, timeout - (time.monotonic() - started)))
         return link
 
     def _peer(self, sock: socket.socket) -> tuple[QemuCommandLine | None, int | None]:
@@ -162,7 +164,7 @@ class Dialer:
             return None, pid
 
 
-def _connect_failure(err: BaseException, path: str, timeout: float) -> BaseException:
+def _connect_failure(err: TimeoutError | OSError, path: str, timeout: float) -> ConnectFailed:
     """What a failed `connect()` of the monitor socket means, as ConnectFailed."""
     if isinstance(err, TimeoutError):
         return ConnectFailed(
@@ -176,9 +178,7 @@ def _connect_failure(err: BaseException, path: str, timeout: float) -> BaseExcep
         return ConnectFailed("permission", f"{path}: {err.strerror}")
     if isinstance(err, ConnectionRefusedError):
         return ConnectFailed("refused", f"{path}: connection refused (no QEMU behind the socket)")
-    if isinstance(err, OSError):
-        return ConnectFailed("error", f"{path}: {err.strerror or err}")
-    return err  # cancellation and the like go on as they are
+    return ConnectFailed("error", f"{path}: {err.strerror or err}")
 
 
 @dataclass(slots=True)
@@ -203,6 +203,7 @@ class DialTargets:
         self._leave_reason = leave_reason
         self.connect = ConnectConfig()
         self.running: dict[str, _Running] = {}
+        self._ending: set[asyncio.Task[None]] = set()  # cancelled, not yet ended
 
     def apply(
         self,
@@ -243,6 +244,8 @@ class DialTargets:
     def _stop(self, name: str, *, leaving: bool) -> asyncio.Task[None]:
         entry = self.running.pop(name)
         entry.task.cancel()
+        self._ending.add(entry.task)
+        entry.task.add_done_callback(self._ending.discard)
         structlog.get_logger().info("vm_removed", vm=name, socket=entry.target.socket)
 
         def ended(_: asyncio.Task[None]) -> None:
@@ -258,7 +261,9 @@ class DialTargets:
         return entry.task
 
     async def stop(self) -> None:
-        tasks = [entry.task for entry in self.running.values()]
+        """Cancel every task and wait for them, and for those cancelled before (so that the
+        VMs that left have resolved their alerts)."""
+        tasks = [entry.task for entry in self.running.values()] + list(self._ending)
         self.running.clear()
         for task in tasks:
             task.cancel()
