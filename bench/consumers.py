@@ -155,7 +155,7 @@ def _no_event(self: object, event: object, now: float) -> None:
 
 
 async def path(socket: Path, workdir: Path, seg: Segments) -> None:
-    from qmpwatch.metrics import EventMeter, Metrics
+    from qmpwatch.service.metrics import EventMeter, Metrics
 
     setattr(Metrics, "observe_record", _no_observation)  # noqa: B010 - this variant's point
     setattr(EventMeter, "observe", _no_event)  # noqa: B010
@@ -163,7 +163,7 @@ async def path(socket: Path, workdir: Path, seg: Segments) -> None:
 
 
 async def client(socket: Path, workdir: Path, seg: Segments) -> None:
-    from qmpwatch.qmpclient import WatchClient
+    from qmpwatch.sources.qmpclient import WatchClient
 
     done = asyncio.Event()
 

@@ -31,7 +31,7 @@ import orjson
 from bench import LOOPS, run_on
 from bench.fakeqmp import FakeQmp
 from bench.inproc import InProcessDaemon, config, timed_handover
-from qmpwatch.alert import Alert
+from qmpwatch.core.alert import Alert
 
 FLOOD, QUIET = "vm0000", "vm0001"
 

@@ -1,4 +1,4 @@
-"""The real daemon (`qmpwatch.daemon.Daemon`), run inside a measuring process.
+"""The real daemon (`qmpwatch.service.daemon.Daemon`), run inside a measuring process.
 
 Everything is the daemon's own: JSON logs through `logs.configure` into a file, the state
 store, metrics, the alert dispatcher and its outbox under the state directory, the
@@ -23,11 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qmpwatch import logs
-from qmpwatch.alert import Alert
-from qmpwatch.config import AlertConfig, Config, DaemonConfig, VmConfig, WebhookConfig
-from qmpwatch.daemon import Daemon
-from qmpwatch.dispatch import AlertDispatcher
+from qmpwatch.alerts.dispatch import AlertDispatcher
+from qmpwatch.core.alert import Alert
+from qmpwatch.core.config import AlertConfig, Config, DaemonConfig, VmConfig, WebhookConfig
+from qmpwatch.output import logs
+from qmpwatch.service.daemon import Daemon
 
 Watcher = Callable[[float, bytes], None]
 

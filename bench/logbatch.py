@@ -24,8 +24,8 @@ from typing import IO
 import orjson
 
 from bench import stream
-from qmpwatch import logs
-from qmpwatch.events import Event, decode_object
+from qmpwatch.core.events import Event, decode_object
+from qmpwatch.output import logs
 
 BATCHES = (64, 640, 6400)
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from qmpwatch.cli import main
+from qmpwatch.cli.main import main
 
 raise SystemExit(main())

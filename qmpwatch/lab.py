@@ -23,7 +23,7 @@ demo`` runs the same build as its parent::
 
 Exceptions (all carry their cause)::
 
-    QmpwatchError                  (qmpwatch.errors)
+    QmpwatchError                  (qmpwatch.core.errors)
      └── LabError                  anything this module raises on purpose
           ├── QemuNotFound         no qemu-system-x86_64; says what to install
           ├── QemuStartError       QEMU exited or hung during start-up; holds its stderr
@@ -67,7 +67,7 @@ from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate, StateError
 
-from qmpwatch.errors import QmpwatchError
+from qmpwatch.core.errors import QmpwatchError
 
 __all__ = [
     "FIRMWARE_SIZE",

@@ -32,8 +32,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from qmpwatch.alert import Alert, Severity
-from qmpwatch.dispatch import AlertDispatcher
+from qmpwatch.alerts.dispatch import AlertDispatcher
+from qmpwatch.core.alert import Alert, Severity
 
 T = TypeVar("T")
 Mode = Literal["ok", "fail", "hang"]
@@ -185,8 +185,8 @@ def child_main() -> None:
 
     argv: STATE_DIR COUNT URL... ; logs JSON lines on stdout; SIGTERM stops it cleanly.
     """
-    from qmpwatch import logs
-    from qmpwatch.config import AlertConfig, WebhookConfig
+    from qmpwatch.core.config import AlertConfig, WebhookConfig
+    from qmpwatch.output import logs
 
     state_dir, count, *urls = sys.argv[1:]
     logs.configure("json")

@@ -29,10 +29,12 @@ from typing import Any
 
 import orjson
 
-from qmpwatch import logs
-from qmpwatch.config import ConnectConfig, FollowupConfig
-from qmpwatch.connection import Services, VmConnection, VmTarget
-from qmpwatch.statestore import StateStore
+from qmpwatch.core.config import ConnectConfig, FollowupConfig, LifecycleConfig
+from qmpwatch.output import logs
+from qmpwatch.service.recorder import DaemonRecorder, Services
+from qmpwatch.service.statestore import StateStore
+from qmpwatch.session.session import VmSession
+from qmpwatch.sources.dial import Dialer, DialTarget
 from tests.daemon_harness import matches
 
 CRLF = b"\r\n"
@@ -286,7 +288,7 @@ class FakeQmp:
 
 
 # ---------------------------------------------------------------------------------------------
-# In-process watching: the daemon's own VmConnection and JSON renderer, without a subprocess
+# In-process watching: the daemon's own dialer, session and JSON renderer, without a subprocess
 # (for hypothesis, where a process per example would be too slow, and for log lines longer
 # than a subprocess pipe reader takes).
 
@@ -385,12 +387,15 @@ FAST_CONNECT = ConnectConfig(timeout_s=1.0, backoff_initial_s=0.02, backoff_max_
 
 def vm_connection(
     name: str, path: Path, store: StateStore, *, connect: ConnectConfig = FAST_CONNECT
-) -> VmConnection:
-    """The daemon's connection manager for one VM (build it after `rendered_log()`)."""
-    return VmConnection(
-        VmTarget(name, os.fspath(path), no_shutdown=False),
-        connect=connect,
+) -> Dialer:
+    """The daemon's dialer and session for one VM (build it after `rendered_log()`)."""
+    session = VmSession(
+        name,
+        DaemonRecorder(name, Services(store=store)),
+        store,
         followup=FollowupConfig(),
+        lifecycle=LifecycleConfig(),
         client_stop_severity="warning",
-        services=Services(store=store),
+        no_shutdown=False,
     )
+    return Dialer(DialTarget(name, os.fspath(path), no_shutdown=False), session, connect)

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from qmpwatch.config import AlertConfig, AlertmanagerConfig
-from qmpwatch.dispatch import RESOLVED_KEPT_MAX, RESOLVED_RETENTION_S, AlertDispatcher
+from qmpwatch.alerts.dispatch import RESOLVED_KEPT_MAX, RESOLVED_RETENTION_S, AlertDispatcher
+from qmpwatch.alerts.links import Links
+from qmpwatch.alerts.sinks.alertmanager import refresh_body
+from qmpwatch.core.config import AlertConfig, AlertmanagerConfig
 from qmpwatch.lab import LabSpec, LabVM
-from qmpwatch.links import Links
-from qmpwatch.logs import iso_from_epoch
-from qmpwatch.sinks.alertmanager import refresh_body
+from qmpwatch.output.logs import iso_from_epoch
 from tests.alert_fixtures import Receiver, make_alert, receiving, running
 from tests.alertmanager import Alertmanager, notifying, running_alertmanager
 from tests.daemon_harness import DaemonProcess, lab_config

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmpwatch.config import (
+from qmpwatch.core.config import (
     Config,
     ConnectConfig,
     DaemonConfig,
@@ -23,7 +23,7 @@ from qmpwatch.config import (
     parse_config,
     parse_config_text,
 )
-from qmpwatch.errors import ConfigError
+from qmpwatch.core.errors import ConfigError
 
 TOKEN = "s3cr3t-T0KEN-value"
 

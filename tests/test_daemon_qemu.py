@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from qmpwatch.events import iso_utc
+from qmpwatch.core.events import iso_utc
 from qmpwatch.lab import (
     BlkdebugSpec,
     LabEvent,
@@ -28,7 +28,7 @@ from qmpwatch.lab import (
     QemuStartError,
     WatchdogAction,
 )
-from qmpwatch.statestore import FILE_NAME as STATE_FILE
+from qmpwatch.service.statestore import FILE_NAME as STATE_FILE
 from tests.daemon_harness import DaemonProcess, write_config
 from tests.display_clients import spice_link_main_channel, vnc_session
 from tests.ports import free_tcp_port, free_vnc_display

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmpwatch.errors import DecodeError
-from qmpwatch.events import (
+from qmpwatch.core.errors import DecodeError
+from qmpwatch.core.events import (
     MAX_TIMESTAMP_S,
     BlockIoError,
     Control,

@@ -2,7 +2,7 @@
 
 The daemon runs as a subprocess and is observed through its JSON log; its open file
 descriptors and threads are read from /proc. Asyncio tasks can only be counted in-process,
-so one test runs the daemon's own `VmConnection` in this process against a QEMU killed over
+so one test runs the daemon's own dialer and session in this process against a QEMU killed over
 and over.
 """
 
@@ -94,7 +94,7 @@ async def test_qemu_killed_100_times_each_crash_reported_once_no_leak(
 
 
 async def test_in_process_no_task_or_fd_leak_across_crashes(sock_dir: Path) -> None:
-    """The daemon's VmConnection against a QEMU killed 30 times: tasks and fds stay flat."""
+    """The daemon's dialer and session against a QEMU killed 30 times: tasks and fds stay flat."""
     path = sock_dir / "t.qmp"
     with rendered_log() as log:
         log.reset()

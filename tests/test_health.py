@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from qmpwatch.config import AlertConfig, AlertmanagerConfig, ExecConfig
-from qmpwatch.dispatch import AlertDispatcher, SinkFailing
-from qmpwatch.health import REASONS, degraded_reasons
+from qmpwatch.alerts.dispatch import AlertDispatcher, SinkFailing
+from qmpwatch.core.config import AlertConfig, AlertmanagerConfig, ExecConfig
 from qmpwatch.lab import LabSpec, LabVM
+from qmpwatch.service.health import REASONS, degraded_reasons
 from tests.alert_fixtures import make_alert, running, wait_until
 from tests.daemon_harness import FAST_CONNECT, DaemonProcess, lab_config, write_config
 from tests.ports import free_tcp_port

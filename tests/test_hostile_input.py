@@ -2,7 +2,7 @@
 and keeps logging the valid events of that VM and of every other VM.
 
 Hypothesis drives arbitrary bytes and arbitrary JSON through the real stream path (the
-daemon's `VmConnection` and `WatchClient` against a fake monitor on a real unix socket, with
+daemon's dialer, `VmSession` and `WatchClient` against a fake monitor on a real unix socket, with
 the daemon's own JSON renderer); scripted scenarios run the real daemon as a subprocess
 beside a real QEMU, which must keep being watched whatever the fake one does.
 """
@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qmpwatch.lab import LabSpec, LabVM
-from qmpwatch.qmpclient import READ_LIMIT
+from qmpwatch.sources.qmpclient import READ_LIMIT
 from tests.daemon_harness import DaemonProcess, Record, write_config
 from tests.fake_qmp import (
     GREETING,
@@ -104,7 +104,7 @@ byte_blobs = st.binary(max_size=300) | st.lists(
 
 
 async def stream_through_watch(log: RenderedLog, path: Path, blob: bytes) -> list[Record]:
-    """Attach the daemon's VmConnection to a fake monitor, send `blob`, then a sentinel event.
+    """Attach the daemon's dialer and session to a fake monitor, send `blob`, then a sentinel event.
 
     Returns the qmp_event/qmp_decode_error records logged for the blob. Before returning it
     checks that the sentinel event was logged, that a command still gets its reply (the
@@ -125,7 +125,7 @@ async def stream_through_watch(log: RenderedLog, path: Path, blob: bytes) -> lis
                 "qmp_event", qmp="FUZZ_SENTINEL", after=start, timeout=FUZZ_WAIT_S
             )
             fake.status = "sentinel-status"
-            conn.request_status()
+            conn.session.request_status()
             await store.wait_status("fuzz", "sentinel-status", timeout=FUZZ_WAIT_S)
             assert not log.find("vm_disconnected", after=start)
             assert not log.find("internal_error")

@@ -11,9 +11,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qmpwatch.events import Event, decode
-from qmpwatch.httpserver import Health, HttpServer, ListenError, parse_listen
-from qmpwatch.metrics import Metrics
+from qmpwatch.core.events import Event, decode
+from qmpwatch.service.httpserver import Health, HttpServer, ListenError, parse_listen
+from qmpwatch.service.metrics import Metrics
 
 DEADLINE_S = 5.0
 T0 = 1_700_000_000

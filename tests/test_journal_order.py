@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from qmpwatch import logs
-from qmpwatch.config import AlertConfig, Config, DaemonConfig, VmConfig, WebhookConfig
-from qmpwatch.daemon import Daemon
+from qmpwatch.alerts.outbox import DB_NAME
+from qmpwatch.core.config import AlertConfig, Config, DaemonConfig, VmConfig, WebhookConfig
 from qmpwatch.lab import LabSpec, LabVM
-from qmpwatch.outbox import DB_NAME
-from qmpwatch.statestore import FILE_NAME
+from qmpwatch.output import logs
+from qmpwatch.service.daemon import Daemon
+from qmpwatch.service.statestore import FILE_NAME
 from tests.ports import free_tcp_port
 
 pytestmark = pytest.mark.qemu

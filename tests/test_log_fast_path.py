@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from qmpwatch import logs
-from qmpwatch.events import Event, decode
-from qmpwatch.logs import RecordLogger, iso_from_epoch, qmp_event_fields
+from qmpwatch.core.events import Event, decode
+from qmpwatch.output import logs
+from qmpwatch.output.logs import RecordLogger, iso_from_epoch, qmp_event_fields
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(),

@@ -17,11 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from qmpwatch import logs
-from qmpwatch.config import FollowupConfig
-from qmpwatch.events import Event, decode
-from qmpwatch.logs import LineWriter, RecordLogger, iso_from_epoch
-from qmpwatch.watch import VmWatch
+from qmpwatch.core.config import FollowupConfig
+from qmpwatch.core.events import Event, decode
+from qmpwatch.core.watch import VmWatch
+from qmpwatch.output import logs
+from qmpwatch.output.logs import LineWriter, RecordLogger, iso_from_epoch
 
 ISO_UTC_MICRO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 

@@ -11,12 +11,12 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from qmpwatch import __version__
-from qmpwatch.alert import Alert
-from qmpwatch.config import FollowupConfig
-from qmpwatch.errors import DecodeError
-from qmpwatch.events import Event, decode
-from qmpwatch.metrics import LAG_BUCKETS, Metrics
-from qmpwatch.watch import VmWatch
+from qmpwatch.core.alert import Alert
+from qmpwatch.core.config import FollowupConfig
+from qmpwatch.core.errors import DecodeError
+from qmpwatch.core.events import Event, decode
+from qmpwatch.core.watch import VmWatch
+from qmpwatch.service.metrics import LAG_BUCKETS, Metrics
 
 T0 = 1_700_000_000  # epoch seconds of the scripted run
 

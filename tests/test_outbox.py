@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from qmpwatch.alert import Alert, Severity
-from qmpwatch.config import AlertConfig, WebhookConfig
-from qmpwatch.dispatch import AlertDispatcher
-from qmpwatch.outbox import DB_NAME, Entry, Outbox, OutboxError, Status
+from qmpwatch.alerts.dispatch import AlertDispatcher
+from qmpwatch.alerts.outbox import DB_NAME, Entry, Outbox, OutboxError, Status
+from qmpwatch.core.alert import Alert, Severity
+from qmpwatch.core.config import AlertConfig, WebhookConfig
 from tests.alert_fixtures import (
     make_alert,
     receiving,
@@ -402,7 +402,7 @@ async def test_close_commits_the_queued_writes(tmp_path: Path) -> None:
 KILLED_CHILD = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from qmpwatch.outbox import Outbox
+from qmpwatch.alerts.outbox import Outbox
 from tests.alert_fixtures import make_alert
 
 async def main() -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from qmpwatch.cli import main
+from qmpwatch.cli.main import main
+from qmpwatch.cli.probe import probe_state_dir, probe_tcp
 from qmpwatch.lab import LabSpec, LabVM
-from qmpwatch.probe import probe_state_dir, probe_tcp
 from tests.alert_fixtures import receiving
 from tests.daemon_harness import DaemonProcess, lab_config, write_config
 from tests.ports import free_tcp_port

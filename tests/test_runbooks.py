@@ -10,12 +10,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from qmpwatch.alert import KINDS
-from qmpwatch.config import AlertConfig, parse_config_text
-from qmpwatch.errors import ConfigError
-from qmpwatch.httpserver import Health, HttpServer
-from qmpwatch.links import RUNBOOK_DIR, Links, external_url, links_for, runbook_path
-from qmpwatch.metrics import Metrics
+from qmpwatch.alerts.links import RUNBOOK_DIR, Links, external_url, links_for, runbook_path
+from qmpwatch.core.alert import KINDS
+from qmpwatch.core.config import AlertConfig, parse_config_text
+from qmpwatch.core.errors import ConfigError
+from qmpwatch.service.httpserver import Health, HttpServer
+from qmpwatch.service.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "runbooks"

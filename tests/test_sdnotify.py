@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from qmpwatch import sdnotify
+from qmpwatch.service import sdnotify
 
 DEADLINE_S = 5.0
 

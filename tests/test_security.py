@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qmpwatch.config import DaemonConfig, load_config
+from qmpwatch.core.config import DaemonConfig, load_config
 from qmpwatch.lab import LabSpec, LabVM
 from tests.daemon_harness import DaemonProcess, write_config
 from tests.fake_qmp import FakeQmp

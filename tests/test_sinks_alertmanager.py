@@ -10,8 +10,8 @@ from typing import Any
 
 from structlog.testing import capture_logs
 
-from qmpwatch.config import AlertConfig, AlertmanagerConfig
-from qmpwatch.dispatch import AlertDispatcher
+from qmpwatch.alerts.dispatch import AlertDispatcher
+from qmpwatch.core.config import AlertConfig, AlertmanagerConfig
 from tests.alert_fixtures import make_alert, running, wait_until
 from tests.alertmanager import Alertmanager, alertmanager, running_alertmanager
 from tests.ports import free_tcp_port

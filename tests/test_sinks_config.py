@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmpwatch.config import AlertConfig, Config, Secret, parse_config, parse_config_text
-from qmpwatch.dispatch import build_sinks
-from qmpwatch.errors import ConfigError
+from qmpwatch.alerts.dispatch import build_sinks
+from qmpwatch.core.config import AlertConfig, Config, Secret, parse_config, parse_config_text
+from qmpwatch.core.errors import ConfigError
 
 
 def problems(text: str) -> list[str]:
@@ -144,7 +144,7 @@ def test_sink_ids_are_stable_and_distinct() -> None:
 
 
 def _hook(url: str) -> Any:
-    from qmpwatch.config import WebhookConfig
+    from qmpwatch.core.config import WebhookConfig
 
     return WebhookConfig(url, headers={"X": Secret("inline", "s")})
 

@@ -12,11 +12,11 @@ import pytest
 import uvloop
 from structlog.testing import capture_logs
 
-from qmpwatch.config import AlertConfig, ExecConfig, Secret, WebhookConfig
-from qmpwatch.dispatch import AlertDispatcher
-from qmpwatch.outbox import Entry
-from qmpwatch.sinks import DeliveryError
-from qmpwatch.sinks.exec import ExecSink
+from qmpwatch.alerts.dispatch import AlertDispatcher
+from qmpwatch.alerts.outbox import Entry
+from qmpwatch.alerts.sinks import DeliveryError
+from qmpwatch.alerts.sinks.exec import ExecSink
+from qmpwatch.core.config import AlertConfig, ExecConfig, Secret, WebhookConfig
 from tests.alert_fixtures import make_alert, running, wait_until
 
 # Records its stdin, argv and environment as JSON into argv[1], after failing (exit 3, with

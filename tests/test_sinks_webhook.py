@@ -18,10 +18,11 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from qmpwatch.config import AlertConfig, WebhookConfig, parse_config
-from qmpwatch.dispatch import AlertDispatcher, Backoff, idempotency_key
-from qmpwatch.outbox import DB_NAME
-from qmpwatch.sinks.webhook import SIGNATURE_HEADER
+from qmpwatch.alerts.dispatch import AlertDispatcher, idempotency_key
+from qmpwatch.alerts.outbox import DB_NAME
+from qmpwatch.alerts.sinks.webhook import SIGNATURE_HEADER
+from qmpwatch.core.backoff import Backoff
+from qmpwatch.core.config import AlertConfig, WebhookConfig, parse_config
 from tests.alert_fixtures import (
     Receiver,
     make_alert,
@@ -318,7 +319,7 @@ async def test_sigkill_with_pending_alerts_delivers_each_once_after_restart(
 
 
 def _secret(value: str) -> Any:
-    from qmpwatch.config import Secret
+    from qmpwatch.core.config import Secret
 
     return Secret("inline", value)
 
@@ -374,8 +375,8 @@ async def _child(state: Path, count: int, *urls: str) -> _Child:
 def test_urls_and_secrets_are_blanked_for_logs() -> None:
     """Targets keep scheme, host and port only; error texts lose URL paths, queries,
     passwords and secret values."""
-    from qmpwatch.config import Secret
-    from qmpwatch.sinks import redact_url, scrub
+    from qmpwatch.alerts.sinks import redact_url, scrub
+    from qmpwatch.core.config import Secret
 
     url = "https://bot:pw-9@hooks.example:8443/services/T0/B0/XyZsecret?token=q-secret"
     assert redact_url(url) == "https://hooks.example:8443"

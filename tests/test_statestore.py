@@ -9,8 +9,8 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from qmpwatch.outbox import DB_NAME, Outbox
-from qmpwatch.statestore import FILE_NAME, StateStore, flush_all
+from qmpwatch.alerts.outbox import DB_NAME, Outbox
+from qmpwatch.service.statestore import FILE_NAME, StateStore, flush_all
 from tests.alert_fixtures import make_alert, run_until_sigkill, sql_statements, wait_until
 
 
@@ -77,7 +77,7 @@ async def test_close_writes_what_the_turn_changed(tmp_path: Path) -> None:
 KILLED_CHILD = """
 import asyncio, os, signal, sys
 from pathlib import Path
-from qmpwatch.statestore import StateStore
+from qmpwatch.service.statestore import StateStore
 
 async def main() -> None:
     store = StateStore(Path(sys.argv[1]))

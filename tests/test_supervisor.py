@@ -1,9 +1,9 @@
 """The supervisor with real QEMUs: VMs that come and go.
 
-A removed VM's task is cancelled, and it then records its session's end (`vm_disconnected`,
-the last status) on its way out. Those records must not bring back the metric series the
-supervisor forgot for it: with discovery, every VM that ever existed would otherwise keep its
-series (and a `running` status) for the life of the daemon.
+A removed VM's dialing task is cancelled, and its session then records the link's end
+(`vm_disconnected`, the last status) on its way out. Those records must not bring back the
+metric series the supervisor forgot for it: with discovery, every VM that ever existed would
+otherwise keep its series (and a `running` status) for the life of the daemon.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qmpwatch.config import Config, DaemonConfig, DiscoverConfig, VmConfig
-from qmpwatch.connection import Services
+from qmpwatch.core.config import Config, DaemonConfig, DiscoverConfig, VmConfig
 from qmpwatch.lab import LabSpec, LabVM
-from qmpwatch.metrics import Metrics
-from qmpwatch.statestore import StateStore
-from qmpwatch.supervisor import Supervisor
+from qmpwatch.service.metrics import Metrics
+from qmpwatch.service.recorder import Services
+from qmpwatch.service.statestore import StateStore
+from qmpwatch.service.supervisor import Supervisor
+from tests.alert_fixtures import wait_until
 from tests.fake_qmp import FAST_CONNECT, rendered_log
 
 pytestmark = pytest.mark.qemu
@@ -75,13 +76,14 @@ async def test_vms_that_come_and_go_leave_no_series(sock_dir: Path) -> None:
                     async with LabVM.start(LabSpec(name=name), lab, watch_socket=path):
                         supervisor.apply()
                         await log.wait_for("vm_connected", vm=name)
-                        task = supervisor.running[name].task
-                        path.unlink()  # the VM went away; the next rescan removes it
-                        supervisor.apply()
-                        assert name not in supervisor.running
-                        async with asyncio.timeout(10):
-                            await asyncio.wait([task])
-                    await log.wait_for("vm_disconnected", vm=name, cause="closed")
+                        path.unlink()  # the VM went away; inotify tells discovery
+                        await log.wait_for("vm_removed", vm=name)
+                        await log.wait_for("vm_disconnected", vm=name, cause="closed")
+
+                        def closed(name: str = name) -> bool:
+                            return name not in supervisor.sessions
+
+                        await wait_until(closed, 10, f"{name} closed")
                 await vm.stop()
                 await log.wait_for("qmp_event", vm="stays", qmp="STOP")
                 await supervisor.stop_all()
@@ -107,7 +109,7 @@ async def test_a_vm_restarted_on_a_new_socket_keeps_counting(sock_dir: Path) -> 
             supervisor = Supervisor(config, Services(StateStore(None), metrics=metrics), tg)
             supervisor.apply()
             await log.wait_for("vm_connected", vm="web", socket=os.fspath(first))
-            old = supervisor.running["web"].task
+            old = supervisor.sources["vms"].targets.running["web"].task  # type: ignore[attr-defined]
             moved = Config(
                 daemon=NO_DAEMON, connect=FAST_CONNECT, vms=(VmConfig("web", os.fspath(second)),)
             )

@@ -15,9 +15,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from qmpwatch.config import FollowupConfig
-from qmpwatch.events import Event, decode_object
-from qmpwatch.tracker import QEMU_EXIT, Ended, Expectation, FollowUpTracker, Rules
+from qmpwatch.core.config import FollowupConfig
+from qmpwatch.core.events import Event, decode_object
+from qmpwatch.core.tracker import QEMU_EXIT, Ended, Expectation, FollowUpTracker, Rules
 
 # Every deadline different, so a rule that reads the wrong key shows.
 DEADLINES = FollowupConfig(

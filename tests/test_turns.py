@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from qmpwatch.turns import EndOfTurn
+from qmpwatch.aio.turns import EndOfTurn
 
 
 def test_outside_a_loop_the_callback_runs_at_once() -> None:

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmpwatch.alert import Alert, resolved_because
-from qmpwatch.config import FollowupConfig
-from qmpwatch.errors import DecodeError
-from qmpwatch.events import Event, decode_object
-from qmpwatch.logs import qmp_event_fields
-from qmpwatch.watch import RAW_LIMIT, VmWatch, WatchOutput, with_handlers
+from qmpwatch.core.alert import Alert, resolved_because
+from qmpwatch.core.config import FollowupConfig
+from qmpwatch.core.errors import DecodeError
+from qmpwatch.core.events import Event, decode_object
+from qmpwatch.core.watch import RAW_LIMIT, VmWatch, WatchOutput, with_handlers
+from qmpwatch.output.logs import qmp_event_fields
 from tests.spec_examples import NEWEST, examples
 
 T0 = 1_700_000_000.0

@@ -1,0 +1,1 @@
+"""Small asyncio helpers shared by the I/O layers."""

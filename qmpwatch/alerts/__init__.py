@@ -1,0 +1,1 @@
+"""Alert delivery: the durable outbox, the dispatcher and the sinks."""

@@ -1,0 +1,109 @@
+"""Alert sinks: where the dispatcher delivers outbox entries (webhook, Alertmanager, exec).
+
+A sink is one configured receiver. The dispatcher (`qmpwatch.alerts.dispatch`) runs one delivery
+loop per sink, wraps every `deliver` in the per-attempt timeout (`timeout_s`), retries with
+backoff, and logs. A sink only tries once: it returns when the receiver has the entry (HTTP
+2xx, exit status 0) and raises `DeliveryError` otherwise, with a message that is safe to
+log (never a secret, never a full URL: its path and query may be credentials too).
+
+    QmpwatchError
+     └── DeliveryError   one attempt failed; `str()` is the loggable reason
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from qmpwatch.alerts.outbox import Entry
+from qmpwatch.core.alert import Alert
+from qmpwatch.core.config import Secret
+from qmpwatch.core.errors import QmpwatchError
+
+
+class DeliveryError(QmpwatchError):
+    """One delivery attempt failed; the message names the reason and holds no secret."""
+
+
+class Sink(Protocol):
+    """One receiver of alert notifications."""
+
+    @property
+    def name(self) -> str:
+        """For logs, as in the config: `webhook[0]`, `alertmanager[1]`, `exec[0]`."""
+
+    @property
+    def sink_id(self) -> str:
+        """Stable identity in the outbox (survives reordering the config)."""
+
+    @property
+    def target(self) -> str:
+        """Where it goes, safe to log: `scheme://host:port`, or the program's path."""
+
+    @property
+    def timeout_s(self) -> float:
+        """The limit of one attempt."""
+
+    @property
+    def resend_interval_s(self) -> float | None:
+        """How often `refresh` re-posts the active alerts; None: never."""
+
+    async def start(self) -> None:
+        """Acquire resources (an HTTP session); called once by the delivery loop."""
+
+    async def stop(self) -> None:
+        """Release them."""
+
+    async def deliver(self, entry: Entry) -> None:
+        """One attempt to hand over `entry`; raises DeliveryError."""
+
+    async def refresh(self, alerts: Sequence[Alert], now: float) -> None:
+        """Re-post the still active `alerts` (Alertmanager); raises DeliveryError."""
+
+
+def sink_id(kind: str, *parts: str) -> str:
+    """A stable, opaque id from what identifies a sink (its kind and URL or argv)."""
+    digest = hashlib.sha256("\x00".join((kind, *parts)).encode()).hexdigest()[:16]
+    return f"{kind}:{digest}"
+
+
+def redact_url(url: str) -> str:
+    """`scheme://host[:port]`: drops user info, path and query, which may hold credentials."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "<invalid URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}"
+
+
+def scrub(text: str, secrets: Iterable[Secret | str], url: str = "") -> str:
+    """`text` with every secret value, and `url` (beyond scheme://host:port), blanked out."""
+    if url:
+        text = text.replace(url, redact_url(url))
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            parts = None
+        if parts is not None:
+            query = f"?{parts.query}" if parts.query else ""
+            for piece in (parts.path + query, parts.path, parts.query):
+                if len(piece) > 1:
+                    text = text.replace(piece, "/<redacted>")
+            if parts.password:
+                text = text.replace(parts.password, "<secret>")
+    for secret in secrets:
+        value = secret.reveal() if isinstance(secret, Secret) else secret
+        if value:
+            text = text.replace(value, "<secret>")
+    return text
+
+
+def truncate(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,1 @@
+"""Records out: JSON lines or console lines, written once per event-loop turn."""

@@ -1,0 +1,1 @@
+"""The daemon: start-up, supervision, metrics and health, state, systemd."""

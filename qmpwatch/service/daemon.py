@@ -1,0 +1,293 @@
+"""The daemon: start-up, the main loop, reload on SIGHUP, graceful shutdown with a deadline.
+
+start-up   load config (refuse to start on a bad one), configure logs, open the state
+           store, start the configured sources (supervisor)
+main loop  wait for a signal: SIGHUP reloads (an invalid new config is refused with one
+           clear record and the old one keeps running), SIGTERM/SIGINT stop
+shutdown   cancel every task; sessions close cleanly within SHUTDOWN_DEADLINE_S;
+           a second SIGTERM/SIGINT exits at once
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+from qmpwatch import __version__
+from qmpwatch.alerts.dispatch import AlertDispatcher
+from qmpwatch.alerts.links import links_for
+from qmpwatch.core.alert import Alert
+from qmpwatch.core.config import Config, DaemonConfig, NoShutdown, VmConfig, load_config
+from qmpwatch.core.errors import ConfigError
+from qmpwatch.output import logs
+from qmpwatch.service import sdnotify, statestore
+from qmpwatch.service.health import Degradation
+from qmpwatch.service.httpserver import Health, HttpServer, ListenError
+from qmpwatch.service.metrics import Metrics
+from qmpwatch.service.recorder import Services
+from qmpwatch.service.statestore import StateStore
+from qmpwatch.service.supervisor import Supervisor
+
+SHUTDOWN_DEADLINE_S = 5.0
+ALERT_FLUSH_DEADLINE_S = 3.0  # last delivery attempts on shutdown; the rest waits
+STATUS_INTERVAL_S = 1.0
+# Open files qmpwatch needs beside one socket per VM: stdio, the event loop, the state and
+# outbox databases (3 files each), the HTTP listener and its clients, sink connections, an
+# exec sink's pipes, /proc reads. Measured near 25; the rest is margin.
+FD_HEADROOM = 64
+
+
+class Daemon:
+    """One run of `qmpwatch run`."""
+
+    def __init__(self, config: Config, config_path: Path | None, writer: logs.LineWriter) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.writer = writer
+        self.log = structlog.get_logger()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._signals = 0
+        self._supervisor: Supervisor | None = None
+        self._degradation: Degradation | None = None
+
+    def _on_stop_signal(self, signame: str) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            self.log.warning("daemon_forced_exit", signal=signame)
+            self.writer.flush()
+            os._exit(1)
+        self.log.info("daemon_stopping", signal=signame)
+        self._stop.set()
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        state_dir = self.config.daemon.state_dir
+        if statestore.flush_all not in self.writer.before_write:
+            # The alert outbox and the state store commit a turn's writes before its lines.
+            self.writer.before_write.append(statestore.flush_all)
+        store = StateStore(Path(state_dir) if state_dir else None)
+        if store.problem:
+            self.log.error("state_store_unavailable", error=store.problem)
+        metrics = Metrics()
+        dispatcher = AlertDispatcher(
+            self.config.alert,
+            Path(state_dir) if state_dir else None,
+            host=self.config.alert.host,
+            on_result=metrics.alert_delivery,
+            links=links_for(self.config.alert, self.config.daemon.metrics_listen),
+        )
+        restored: dict[str, list[Alert]] = {}
+        for alert in dispatcher.firing_alerts():
+            restored.setdefault(alert.vm, []).append(alert)
+        metrics.outbox_depth_from(dispatcher.depth)
+        self._degradation = Degradation(
+            store, dispatcher, lambda: self.config.alert.degraded_after_sink_failing_s
+        )
+        metrics.registry.register(self._degradation)
+        status_changed = asyncio.Event()
+        services = Services(
+            store=store,
+            alerts=dispatcher,
+            metrics=metrics,
+            restored=restored,
+            changed=status_changed.set,
+        )
+        self.log.info(
+            "daemon_started",
+            version=__version__,
+            config=str(self.config_path or ""),
+            vms=len(self.config.vms),
+            discover=[d.glob for d in self.config.discover],
+        )
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                listen = self.config.daemon.metrics_listen
+                if listen:
+                    server = HttpServer(listen, metrics, self._health)
+                    try:
+                        await stack.enter_async_context(server)
+                    except ListenError as err:
+                        self.log.error("metrics_listen_failed", error=str(err))
+                        return 1
+                    self.log.info("metrics_listening", listen=listen, port=server.port)
+                async with asyncio.TaskGroup() as tg:
+                    supervisor = Supervisor(self.config, services, tg)
+                    self._supervisor = supervisor
+                    supervisor.apply()  # opens the sessions; their tasks run from the next await
+                    check_fd_limit(len(supervisor.sessions), self.log)
+                    supervisor.resolve_orphans()
+                    sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
+                    delivery = tg.create_task(dispatcher.run(), name="alert-delivery")
+                    background = [
+                        tg.create_task(self._reload_forever(supervisor), name="reload"),
+                        tg.create_task(sdnotify.keep_alive(), name="watchdog"),
+                        tg.create_task(
+                            self._status_forever(supervisor, status_changed), name="status"
+                        ),
+                    ]
+                    await self._stop.wait()
+                    sdnotify.stopping()
+                    for task in background:
+                        task.cancel()
+                    try:
+                        async with asyncio.timeout(SHUTDOWN_DEADLINE_S):
+                            await supervisor.stop_all()
+                    except TimeoutError:
+                        self.log.warning("daemon_shutdown_deadline_passed")
+                    await dispatcher.aclose(ALERT_FLUSH_DEADLINE_S)
+                    await delivery
+        finally:
+            store.close()
+            self.log.info("daemon_stopped")
+            self.writer.flush()
+        return 0
+
+    def _health(self) -> Health:
+        if self._supervisor is None or self._degradation is None:
+            return Health(False, {"reason": "starting"})
+        vms, connected, firing = self._supervisor.counts()
+        detail = {"vms": vms, "connected": connected, "alerts_firing": firing}
+        return Health(True, detail, degraded=self._degradation.reasons())
+
+    async def _status_forever(self, supervisor: Supervisor, changed: asyncio.Event) -> None:
+        """Keep systemd's STATUS= line current: sent when it changes, at most once per
+        `STATUS_INTERVAL_S` (a storm of pauses is one update), and never woken while idle."""
+        last = ""
+        while True:
+            await changed.wait()
+            changed.clear()
+            line = sdnotify.status_line(*supervisor.counts())
+            if line != last:
+                sdnotify.status(line)
+                last = line
+                await asyncio.sleep(STATUS_INTERVAL_S)
+
+    async def _reload_forever(self, supervisor: Supervisor) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            if self.config_path is None:
+                continue
+            sdnotify.reloading()
+            try:
+                config = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as err:
+                self.log.error(
+                    "config_reload_refused", config=str(self.config_path), problems=err.problems
+                )
+            else:
+                if config.alert != self.config.alert:
+                    self.log.warning(
+                        "config_reload_partial",
+                        detail="[alert] changed: alert sinks are set up at start-up; "
+                        "restart qmpwatch to apply the new ones",
+                    )
+                self.config = config
+                supervisor.apply(config)
+                check_fd_limit(len(supervisor.sessions), self.log)
+                self.log.info(
+                    "config_reloaded", config=str(self.config_path), vms=len(supervisor.sessions)
+                )
+            sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
+
+
+def check_fd_limit(vms: int, log: structlog.typing.FilteringBoundLogger) -> None:
+    """Fit RLIMIT_NOFILE to `vms` sockets plus FD_HEADROOM: raise the soft limit, or say why not.
+
+    The soft limit goes up to the hard limit when it is below what is needed (`fd_limit_raised`,
+    info). A hard limit below the need is `fd_limit_too_low` (error): the VMs beyond it get
+    `vm_connect_failed` with reason `fd_limit` and are retried, the others are watched.
+    """
+    needed = vms + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    new_soft = needed if hard == resource.RLIM_INFINITY else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+    except (ValueError, OSError):
+        new_soft = soft
+    fields = {"soft": soft, "hard": hard, "new_soft": new_soft, "needed": needed, "vms": vms}
+    if new_soft >= needed:
+        log.info("fd_limit_raised", **fields)
+        return
+    log.error(
+        "fd_limit_too_low",
+        summary=(
+            f"RLIMIT_NOFILE allows {new_soft} open files, but {vms} VMs need {needed} (a socket "
+            f"each, plus {FD_HEADROOM} for qmpwatch itself): VMs beyond the limit are not "
+            "watched; raise LimitNOFILE= in the systemd unit (or ulimit -n)"
+        ),
+        **fields,
+    )
+
+
+def _open_log(path: str) -> IO[bytes]:
+    if not path:
+        return sys.stdout.buffer
+    return open(path, "ab")  # lives as long as the daemon
+
+
+def _run_loop(main: Daemon) -> int:
+    faulthandler.enable()  # a watchdog SIGABRT of a stuck loop leaves tracebacks in the journal
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main.main())
+    return uvloop.run(main.main())
+
+
+def run_tail(sockets: list[str], *, json: bool, no_shutdown: NoShutdown) -> int:
+    """`qmpwatch tail`: the daemon on the given sockets, no sinks, state kept in memory."""
+    vms: list[VmConfig] = []
+    names: set[str] = set()
+    for path in sockets:
+        name = stem = Path(path).stem or path
+        n = 1
+        while name in names:
+            n += 1
+            name = f"{stem}-{n}"
+        names.add(name)
+        vms.append(VmConfig(name, path, no_shutdown))
+    config = Config(daemon=DaemonConfig(state_dir="", metrics_listen=""), vms=tuple(vms))
+    writer = logs.configure("json" if json else "console", sys.stdout.buffer)
+    with contextlib.suppress(KeyboardInterrupt):
+        return _run_loop(Daemon(config, None, writer))
+    return 130
+
+
+def run_daemon(config_path: Path, *, log_format: str | None = None) -> int:
+    """`qmpwatch run`: returns the process exit status."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        print(f"{config_path}: invalid configuration, not starting:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    fmt = log_format or config.daemon.log_format
+    try:
+        stream = _open_log(config.daemon.log_file)
+    except OSError as err:
+        print(
+            f"daemon.log_file: cannot open {config.daemon.log_file}: {err.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+    writer = logs.configure("console" if fmt == "console" else "json", stream)
+    with contextlib.suppress(KeyboardInterrupt):
+        return _run_loop(Daemon(config, config_path, writer))
+    return 130

@@ -1,0 +1,97 @@
+"""Whether qmpwatch's alerts still get through: the `degraded` state of `/healthz`.
+
+The daemon can be up, watching every VM, and still fail its one promise, that an alert
+reaches a receiver and survives a restart on the way. `degraded_reasons` says why it does
+not, one reason per kind of trouble, each with a sentence for people:
+
+    state_store_unavailable   the state store cannot write (the `state_store_unavailable`
+                              record): a restart would not know which stops it already alerted
+    alert_outbox_unavailable  the alert outbox is in memory only, or its last commit failed
+                              (`alert_outbox_unavailable`, `alert_outbox_write_failed`): a
+                              restart would lose the undelivered notifications
+    sink_failing              a sink has failed every attempt for longer than
+                              `alert.degraded_after_sink_failing_s`
+
+`/healthz` then answers 200 with `"status": "degraded"` and these reasons (a restart fixes
+none of them, so a liveness probe must not restart the daemon for it), and
+`qmpwatch_degraded{reason}` is 1 for each reason that holds and 0 for the others.
+
+Pure apart from reading the state it is given; time is passed in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from qmpwatch.alerts.dispatch import AlertDispatcher, SinkFailing
+from qmpwatch.service.statestore import StateStore
+
+REASONS = ("state_store_unavailable", "alert_outbox_unavailable", "sink_failing")
+
+
+def degraded_reasons(
+    *,
+    store_problem: str | None,
+    outbox_problem: str | None,
+    failing: Mapping[str, SinkFailing],
+    sink_failing_s: float,
+    now: float,
+) -> dict[str, str]:
+    """Reason -> what is wrong, for every reason in REASONS that holds at `now`."""
+    reasons: dict[str, str] = {}
+    if store_problem:
+        reasons["state_store_unavailable"] = store_problem
+    if outbox_problem:
+        reasons["alert_outbox_unavailable"] = outbox_problem
+    late = [
+        f"{name} has failed every attempt for {now - f.since:.0f} s: {f.error}"
+        for name, f in sorted(failing.items())
+        if now - f.since >= sink_failing_s
+    ]
+    if late:
+        reasons["sink_failing"] = "; ".join(late)
+    return reasons
+
+
+class Degradation(Collector):
+    """The daemon's degraded reasons, read from its store and dispatcher when asked.
+
+    Register it in the metrics registry for `qmpwatch_degraded{reason}`; `/healthz` calls
+    `reasons()`. `sink_failing_s` is called each time, so a reload's new value applies.
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        alerts: AlertDispatcher,
+        sink_failing_s: Callable[[], float],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._alerts = alerts
+        self._sink_failing_s = sink_failing_s
+        self._clock = clock
+
+    def reasons(self) -> dict[str, str]:
+        return degraded_reasons(
+            store_problem=self._store.problem,
+            outbox_problem=self._alerts.durability_problem,
+            failing=self._alerts.failing,
+            sink_failing_s=self._sink_failing_s(),
+            now=self._clock(),
+        )
+
+    def collect(self) -> Iterable[Metric]:
+        now = self.reasons()
+        family = GaugeMetricFamily(
+            "qmpwatch_degraded",
+            "1 while alerts are not durable or not getting through, by reason; see /healthz.",
+            labels=["reason"],
+        )
+        for reason in REASONS:
+            family.add_metric([reason], 1 if reason in now else 0)
+        yield family

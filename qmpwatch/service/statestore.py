@@ -1,0 +1,176 @@
+"""The last known run status of every VM, in SQLite under `state_dir`, across restarts.
+
+A VM found paused when the daemon (re)starts is only "unexplained" if its status differs from
+what qmpwatch last saw; this file is that memory. Writes happen only when a status changes.
+If the state directory is unusable the store keeps working in memory and says why, once: a
+watcher that cannot persist is still far better than one that stops. A write that fails later
+(a full disk) is logged once as `state_store_unavailable`; the statuses not written are
+written with the next write that works, which logs `state_store_recovered`.
+
+Writes are batched: `set_status` changes memory (authoritative while the daemon runs) at once
+and marks the VM unsaved; the first change of an event-loop turn schedules `flush` with
+`loop.call_soon`, which writes the latest status of every unsaved VM (one row per VM, however
+often it changed in the turn) in one transaction right after the turn, like the log lines of
+`qmpwatch.output.logs.LineWriter`. Outside a running event loop (tests, tools) every change is
+written at once; `close()` flushes. WAL mode with `synchronous=NORMAL`: a commit survives the
+process being killed (a power cut may lose the last ones). A SIGKILL loses the changes made
+since the last commit: at most those of the loop turn in progress (with those of any callback
+that ran after it but before the commit callback), the turn whose log lines are not written
+yet either. Both are written by callbacks run right after the turn, in the order they were
+scheduled (usually the log lines first: a turn logs its event before it changes a status), so
+a kill that lands between the two could find the lines written and the statuses not; so the
+daemon runs `flush_all`, which commits every journal now, before its log writer writes a
+batch (`LineWriter.before_write`): a line on disk implies the state changes of its turn. The
+reverse cannot happen either: before committing,
+`flush` commits the alert outbox's queued writes (`qmpwatch.alerts.outbox.flush_all`), so a
+status is
+never on disk before the alerts raised before it: a restart after a kill never takes a stop as
+already seen when its alert was lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+
+import structlog
+
+from qmpwatch.aio.turns import EndOfTurn
+from qmpwatch.alerts.outbox import flush_all as flush_outboxes
+
+FILE_NAME = "state.sqlite3"
+
+_UPSERT = (
+    "INSERT INTO vm_status (vm, status, updated_at, source) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(vm) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, "
+    "source = excluded.source"
+)
+
+
+def flush_all() -> None:
+    """Commit every alert outbox's and then every state store's queued writes, now.
+
+    For whatever must not get ahead of the journals, such as a log writer about to write the
+    lines of the turn that made these writes.
+    """
+    flush_outboxes()
+    for store in list(_with_unsaved):
+        store.flush()
+
+
+class StateStore:
+    """VM name -> last known status (and the source that found the VM)."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        """Open (or create) the store under `state_dir`; None keeps it in memory only."""
+        self.path = state_dir / FILE_NAME if state_dir is not None else None
+        self.problem: str | None = None
+        self._memory: dict[str, str | None] = {}
+        self._sources: dict[str, str] = {}
+        self._unsaved: set[str] = set()  # VMs whose status is not written (queued or failed)
+        self._db: sqlite3.Connection | None = None
+        self._end_of_turn = EndOfTurn(self.flush)
+        if state_dir is None or self.path is None:
+            return
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS vm_status "
+                "(vm TEXT PRIMARY KEY, status TEXT, updated_at REAL NOT NULL)"
+            )
+            columns = [row[1] for row in db.execute("PRAGMA table_info(vm_status)")]
+            if "source" not in columns:  # written by qmpwatch before sources had names
+                db.execute("ALTER TABLE vm_status ADD COLUMN source TEXT")
+            for vm, status, source in db.execute("SELECT vm, status, source FROM vm_status"):
+                self._memory[vm] = status
+                if source:
+                    self._sources[vm] = source
+            self._db = db
+        except (OSError, sqlite3.Error) as err:
+            self.problem = f"{self.path}: {err}"
+
+    def last_status(self, vm: str) -> str | None:
+        return self._memory.get(vm)
+
+    def known(self, source: str) -> dict[str, str | None]:
+        """The VMs last found by `source`, with their last status."""
+        return {vm: self._memory.get(vm) for vm, s in self._sources.items() if s == source}
+
+    def set_source(self, vm: str, source: str) -> None:
+        """Remember which source found `vm` (written with its status)."""
+        if self._sources.get(vm) == source:
+            return
+        self._sources[vm] = source
+        self._mark(vm)
+
+    def set_status(self, vm: str, status: str | None) -> None:
+        """Remember `status` for `vm`; written at the end of this loop turn (or now, outside
+        a running loop)."""
+        if vm in self._memory and self._memory[vm] == status and vm not in self._unsaved:
+            return
+        self._memory[vm] = status
+        self._mark(vm)
+
+    def _mark(self, vm: str) -> None:
+        if self._db is None:
+            return
+        self._unsaved.add(vm)
+        _with_unsaved.add(self)
+        self._end_of_turn.schedule()
+
+    def flush(self) -> None:
+        """Write the latest status of every unsaved VM now, in one transaction.
+
+        Runs by itself right after the loop turn that changed them. On failure memory keeps
+        the statuses and they stay unsaved, to be written with the next write that works.
+        """
+        self._end_of_turn.cancel()
+        _with_unsaved.discard(self)
+        db = self._db
+        if db is None or not self._unsaved:
+            return
+        flush_outboxes()  # the alerts raised before these statuses go first
+        now = time.time()
+        rows = [
+            (vm, self._memory.get(vm), now, self._sources.get(vm)) for vm in sorted(self._unsaved)
+        ]
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(_UPSERT, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as err:
+            if self.problem is None:
+                structlog.get_logger().error(
+                    "state_store_unavailable",
+                    error=f"{self.path}: {err}",
+                    effect="run statuses are kept in memory until a write works again",
+                )
+            self.problem = f"{self.path}: {err}"
+            return  # still unsaved: written with the next write that works
+        self._unsaved.clear()
+        if self.problem is not None:
+            self.problem = None
+            structlog.get_logger().info("state_store_recovered", path=str(self.path))
+
+    def close(self) -> None:
+        """Write what is unsaved (`flush`), then close the database (idempotent)."""
+        try:
+            self.flush()
+        finally:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+_with_unsaved: set[StateStore] = set()  # the stores with a flush due, for `flush_all`

@@ -1,0 +1,129 @@
+"""The supervisor: the sources the configuration asks for, and one session per VM name.
+
+`apply()` hands every configured source the (new) configuration; a source opens the session
+of each VM it finds (`open`) and closes it when the VM leaves (`close`, which resolves the
+VM's firing alerts with the reason). A VM name belongs to the first source that opens it; a
+VM that did not change keeps its session and link across a reload. Every task belongs to the
+daemon's TaskGroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from qmpwatch.core.alert import Alert, resolved_because
+from qmpwatch.core.config import Config, NoShutdown
+from qmpwatch.service.recorder import DaemonRecorder, Services
+from qmpwatch.session.session import VmSession
+from qmpwatch.sources import registry
+from qmpwatch.sources.base import Source
+
+
+@dataclass(slots=True)
+class _Held:
+    session: VmSession
+    source: str
+
+
+class Supervisor:
+    """The sources and sessions of the daemon (the `SessionHost` of every source)."""
+
+    def __init__(self, config: Config, services: Services, tg: asyncio.TaskGroup) -> None:
+        self.config = config
+        self.services = services
+        self._tg = tg
+        self.sessions: dict[str, _Held] = {}
+        self.sources: dict[str, Source] = {}
+        self._restored = dict(services.restored)  # taken by each VM's first session
+        self.log = structlog.get_logger()
+
+    def apply(self, config: Config | None = None) -> None:
+        """Reconcile every source with `config` (or the current one)."""
+        if config is not None:
+            self.config = config
+        for kind in registry.SOURCES:
+            source = self.sources.get(kind)
+            if source is None:
+                if kind not in registry.configured(self.config):
+                    continue
+                source = self.sources[kind] = registry.load(kind)(self.config, self, self._tg)
+            source.reconfigure(self.config)
+
+    # -- the SessionHost of the sources -----------------------------------------------------------
+
+    def open(self, name: str, source: str, *, no_shutdown: NoShutdown) -> VmSession | None:
+        held = self.sessions.get(name)
+        if held is not None:
+            return held.session if held.source == source else None
+        config = self.config
+        session = VmSession(
+            name,
+            DaemonRecorder(name, self.services),
+            self.services.store,
+            followup=config.followup,
+            lifecycle=config.lifecycle,
+            client_stop_severity=config.alert.client_stop_severity,
+            no_shutdown=no_shutdown,
+            firing=self._restored.pop(name, ()),
+        )
+        self.services.store.set_source(name, source)
+        self.sessions[name] = _Held(session, source)
+        return session
+
+    def close(self, name: str, reason: str) -> None:
+        held = self.sessions.pop(name, None)
+        if held is None:
+            return
+        held.session.retire(reason)
+        if self.services.metrics is not None:
+            self.services.metrics.forget_vm(name)
+
+    def holder(self, name: str) -> str | None:
+        held = self.sessions.get(name)
+        return held.source if held is not None else None
+
+    def known(self, source: str) -> Mapping[str, str | None]:
+        return self.services.store.known(source)
+
+    # -- the daemon's ---------------------------------------------------------------------------
+
+    def resolve_orphans(self) -> None:
+        """Alerts still firing from before a restart, of VMs no source has opened (removed
+        from the configuration while qmpwatch was down): resolve them, saying why."""
+        alerts = self.services.alerts
+        now = time.time()
+        reason = "no longer in the configuration or discovered"
+        orphans: dict[str, list[Alert]] = {
+            vm: firing for vm, firing in self._restored.items() if vm not in self.sessions
+        }
+        for vm, firing in orphans.items():
+            del self._restored[vm]
+            for alert in firing:
+                self.log.info(
+                    "alert_resolved",
+                    vm=vm,
+                    alert=alert.kind,
+                    fingerprint=alert.fingerprint,
+                    summary=alert.summary,
+                    reason=reason,
+                )
+                if alerts is not None:
+                    alerts.resolve(resolved_because(alert, reason), now)
+
+    async def stop_all(self) -> None:
+        """Stop every source; their sessions close cleanly."""
+        sources = list(self.sources.values())
+        self.sources.clear()
+        await asyncio.gather(*(source.stop() for source in sources))
+
+    def counts(self) -> tuple[int, int, int]:
+        """(VMs, connected, alerts firing) for the status line and /healthz."""
+        held = self.sessions.values()
+        connected = sum(1 for h in held if h.session.connected)
+        firing = sum(len(h.session.watch.firing) for h in held)
+        return len(self.sessions), connected, firing

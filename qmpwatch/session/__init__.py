@@ -1,0 +1,1 @@
+"""One VM's session, whatever source carries it: resync, status probe, deadlines."""

@@ -1,0 +1,1 @@
+"""Where VMs come from: each source finds VMs and hands their sessions a link."""
