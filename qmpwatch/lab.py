@@ -519,6 +519,16 @@ class _ControlClient(QMPClient):
         # Skip the stock DEBUG line, which pretty-prints every message even with logging off.
         return msg
 
+    async def _recv(self) -> Message:
+        # Events go to the recorder here, before the handshake reads a message too: on a
+        # monitor's first connection QEMU (seen with 10.0) can send an event that was emitted
+        # while it was opening the connection before its greeting.
+        while True:
+            msg = await super()._recv()
+            if "event" not in msg or "QMP" in msg:
+                return msg
+            await self._event_dispatch(msg)
+
     async def _event_dispatch(self, msg: Message) -> None:
         try:
             self._on_event(msg)
