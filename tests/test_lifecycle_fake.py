@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.daemon_harness import DaemonProcess, Record, write_config
-from tests.fake_qmp import FakeQmp, error_line
+from tests.fake_qmp import GREETING, FakeQmp, error_line, event_line
 
 
 async def test_a_monitor_that_refuses_query_status_is_watched_not_crashed(
@@ -54,3 +54,25 @@ async def test_a_monitor_that_refuses_query_status_is_watched_not_crashed(
 
 def _not_closed(record: Record) -> bool:
     return record.get("cause") != "closed"
+
+
+async def test_an_event_before_the_greeting_is_logged_and_the_session_goes_on(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """QEMU 10.0 can send an event ahead of a monitor's first greeting: the event is logged
+    once and the session is set up as usual."""
+    async with FakeQmp.serve(sock_dir / "early.qmp") as fake:
+        fake.greeting = event_line("RESUME", seconds=1_700_000_000) + GREETING
+        cfg = write_config(
+            tmp_path / "c.toml",
+            state_dir=tmp_path / "state",
+            vms=[{"name": "early01", "socket": str(fake.path)}],
+        )
+        async with DaemonProcess.start(cfg) as daemon:
+            await daemon.wait_for("vm_connected", vm="early01")
+            resumed = await daemon.wait_for("qmp_event", vm="early01", qmp="RESUME")
+            assert fake.connections == 1
+    assert resumed["qemu_time"] == "2023-11-14T22:13:20.000000Z"
+    assert len(daemon.find("qmp_event", vm="early01")) == 1
+    assert not daemon.find("vm_connect_failed")
+    assert not daemon.find("qmp_decode_error")

@@ -35,6 +35,7 @@ from qmpwatch.sources.qmp import QmpLink
 
 BACKLOG = 128  # QEMUs reconnecting at once after a restart of qmpwatch
 SOCKET_MODE = 0o660
+REPORTED_MAX = 4096  # refused peers remembered (so as not to log them again); then forgotten
 _QEMU_PROGRAM = re.compile(r"(qemu|kvm)", re.IGNORECASE)
 
 
@@ -137,6 +138,8 @@ class ListenSource:
         self.listeners: dict[str, _Listener] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._graced = False
+        # What was said about a peer: QEMU dials again every second, and one record is enough.
+        self._reported: set[tuple[str, int, str]] = set()
 
     def reconfigure(self, config: Config) -> None:
         self.connect = config.connect
@@ -195,8 +198,8 @@ class ListenSource:
             peer = identify(conn)
         except PeerRefused as err:
             conn.close()
-            self.log.warning("listen_peer_refused", socket=entry.socket, reason=err.reason,
-                             error=str(err))  # fmt: skip
+            self._once(("", 0, str(err)), "listen_peer_refused", socket=entry.socket,
+                       reason=err.reason, error=str(err))  # fmt: skip
             return
         link = QmpLink(
             peer.name,
@@ -208,13 +211,15 @@ class ListenSource:
         try:
             await link.negotiate(self.connect.timeout_s)
         except ConnectFailed as err:  # the link has closed the connection
-            self.log.warning("listen_peer_refused", socket=entry.socket, vm=peer.name,
-                             pid=peer.pid, reason=err.reason, error=err.detail)  # fmt: skip
+            self._once((peer.name, peer.pid, err.reason), "listen_peer_refused",
+                       socket=entry.socket, vm=peer.name, pid=peer.pid, reason=err.reason,
+                       error=err.detail)  # fmt: skip
             return
         session = self.host.open(peer.name, self.kind, no_shutdown=entry.no_shutdown)
         if session is None or session.connected:
             holder = self.host.holder(peer.name)
-            self.log.warning(
+            self._once(
+                (peer.name, peer.pid, "conflict"),
                 "listen_name_conflict",
                 vm=peer.name,
                 pid=peer.pid,
@@ -229,6 +234,15 @@ class ListenSource:
         if not session.connected and session.watch.status == "shutdown":
             self.log.info("vm_removed", vm=peer.name, socket=entry.socket)
             self.host.close(peer.name, "its QEMU shut down")
+
+    def _once(self, key: tuple[str, int, str], kind: str, **fields: object) -> None:
+        """Log a refused peer once: QEMU dials again every second."""
+        if key in self._reported:
+            return
+        if len(self._reported) >= REPORTED_MAX:
+            self._reported.clear()
+        self._reported.add(key)
+        self.log.warning(kind, **fields)
 
     async def stop(self) -> None:
         tasks = list(self._tasks)

@@ -151,6 +151,11 @@ class WatchClient(QMPClient):
                     if type(obj) is not dict:
                         problem = "not a JSON object"
                     elif not self._greeted:
+                        if "event" in obj and "QMP" not in obj:
+                            # QEMU (seen with 10.0) can send an event emitted while it opened
+                            # a monitor's first connection before that monitor's greeting.
+                            self.on_event(obj, now)
+                            continue
                         return _message(obj)  # the greeting: qemu.qmp checks it
                     elif "event" in obj:
                         if len(line) <= _SHALLOW or not deeper_than(obj, MAX_DEPTH):
