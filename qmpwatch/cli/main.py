@@ -1,4 +1,4 @@
-"""The command line: `qmpwatch run | check-config | replay | tail | demo`.
+"""The command line: `qmpwatch run | check-config | status | tail | replay | demo`.
 
 The only module that calls `sys.exit` (through `main`'s return value) and prints for people.
 """
@@ -79,15 +79,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--log-format", choices=("json", "console"), default="json")
 
+    status = sub.add_parser(
+        "status",
+        help="ask the running daemon which VMs are connected, their status, why, and alerts",
+        description="Ask the running daemon (through daemon.metrics_listen of FILE) for every "
+        "VM: its source, whether it is connected and since when, its run status, why and since "
+        "when, and its firing alerts. Exit 0 when every VM is connected and running, 1 when "
+        "something needs attention, 2 when the daemon cannot be reached.",
+    )
+    config_arg(status)
+    status.add_argument("vms", nargs="*", metavar="VM", help="only these VMs (default: all)")
+    status.add_argument(
+        "--json", action="store_true", help="print the status document (version 1) as JSON"
+    )
+
     tail = sub.add_parser(
         "tail",
-        help="attach to monitor sockets ad hoc and print their events for people",
-        description="Attach to QMP monitor sockets and print every event, follow-up and alert, "
-        "one line each (coloured on a terminal). VM name = socket file name without extension.",
+        help="follow the running daemon's VM records, or attach to monitor sockets ad hoc",
+        description="Without SOCKET: follow the records of the daemon that FILE configures "
+        "(events, follow-ups, alerts), one line each (coloured on a terminal), beside it and "
+        "without a monitor of its own. With SOCKET...: attach to those QMP monitors directly "
+        "(VM name = socket file name without extension); a monitor that another client, such "
+        "as the daemon, holds is refused at once.",
     )
-    tail.add_argument("sockets", nargs="+", metavar="SOCKET", help="QMP monitor unix socket")
+    config_arg(tail)
+    tail.add_argument(
+        "sockets", nargs="*", metavar="SOCKET", help="attach to these QMP monitor unix sockets"
+    )
+    tail.add_argument("--vm", default="", help="only this VM's records (following the daemon)")
     tail.add_argument("--json", action="store_true", help="print JSON lines instead")
-    tail.add_argument("--no-shutdown", choices=("auto", "true", "false"), default="auto")
+    tail.add_argument(
+        "--no-shutdown",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help='with SOCKET: whether QEMU runs with -no-shutdown ("auto": read its command line)',
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -158,6 +184,37 @@ def _replay(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load_or_report(path: Path, command: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        print(f"qmpwatch {command}: {path}: " + "; ".join(err.problems), file=sys.stderr)
+        return None
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from qmpwatch.cli import ask
+
+    if not args.sockets:
+        config = _load_or_report(args.config, "tail")
+        if config is None:
+            return ask.EXIT_UNREACHABLE
+        return ask.tail(config, args.vm, as_json=args.json, out=sys.stdout)
+    held = [path for path in args.sockets if not ask.monitor_is_free(path)]
+    if held:
+        for path in held:
+            print(
+                f"qmpwatch tail: {path}: no QMP greeting: another client holds this monitor "
+                "(the qmpwatch daemon?); follow the daemon instead: qmpwatch tail -c CONFIG",
+                file=sys.stderr,
+            )
+        return EXIT_FAILURE
+    from qmpwatch.service.daemon import run_tail
+
+    no_shutdown: NoShutdown = "auto" if args.no_shutdown == "auto" else args.no_shutdown == "true"
+    return run_tail(args.sockets, json=args.json, no_shutdown=no_shutdown)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `qmpwatch` console script."""
     args = _parser().parse_args(argv)
@@ -169,13 +226,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from qmpwatch.service.daemon import run_daemon
 
         return run_daemon(args.config, log_format=args.log_format)
-    if args.command == "tail":
-        from qmpwatch.service.daemon import run_tail
+    if args.command == "status":
+        from qmpwatch.cli import ask
 
-        no_shutdown: NoShutdown = (
-            "auto" if args.no_shutdown == "auto" else args.no_shutdown == "true"
-        )
-        return run_tail(args.sockets, json=args.json, no_shutdown=no_shutdown)
+        config = _load_or_report(args.config, "status")
+        if config is None:
+            return ask.EXIT_UNREACHABLE
+        return ask.status(config, args.vms, as_json=args.json, out=sys.stdout)
+    if args.command == "tail":
+        return _tail(args)
     if args.command == "demo":
         from qmpwatch.cli.demo import run_demo
 

@@ -100,6 +100,34 @@ TRANSIENT_STATUSES = frozenset(
 )
 
 
+# A run status in words, for people (`qmpwatch status`).
+STATUS_WORDS = {
+    "running": "",
+    "paused": "paused by a monitor client (stop)",
+    "shutdown": "the guest shut down; QEMU waits (-no-shutdown)",
+    "io-error": "paused on a disk I/O error",
+    "watchdog": "paused by its watchdog",
+    "guest-panicked": "the guest kernel panicked",
+    "internal-error": "stopped on an internal error of QEMU",
+    "debug": "stopped for a debugger",
+    "prelaunch": "not started yet (-S): waiting for cont",
+    "inmigrate": "waiting for an incoming migration",
+    "postmigrate": "migrated away; this QEMU is left over",
+    "finish-migrate": "finishing a migration",
+    "save-vm": "saving a snapshot",
+    "restore-vm": "restoring a snapshot",
+    "suspended": "suspended by the guest (ACPI S3)",
+    "colo": "in COLO fault tolerance",
+}
+
+
+def describe_status(status: str | None) -> str:
+    """Why a VM is in `status`, in words ("" while running; "" when unknown)."""
+    if status is None:
+        return ""
+    return STATUS_WORDS.get(status, f"state {status}")
+
+
 @dataclass(frozen=True, slots=True)
 class StopClass:
     """How a stopped VM's status is alerted: kind, severity and the words for the summary."""

@@ -25,6 +25,7 @@ from qmpwatch.core.alert import (
     Alert,
     Severity,
     classify_status,
+    describe_status,
     resolved_because,
 )
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig
@@ -92,6 +93,8 @@ class VmWatch:
         self.client_stop_severity = client_stop_severity
         self.handlers = HANDLERS if handlers is None else handlers
         self.status = last_status  # last known run status (query-status word), None: unknown
+        self.status_since: float | None = None  # when it became `status` (None: before start)
+        self.status_why = describe_status(last_status)  # why, in words
         # Whether the VM's CPUs are stopped, as the latest STOP/RESUME or status says (None:
         # unknown). A SHUTDOWN or a drained BLOCK_IO_ERROR of a stopped VM expects no STOP.
         self.stopped: bool | None = None
@@ -292,9 +295,13 @@ class VmWatch:
 
     # -- decisions --------------------------------------------------------------------------
 
-    def _set_status(self, status: str | None, now: float) -> None:
-        """The VM's run status is now `status` (None: unknown); keeps `stopped` and the
-        transient-state timer in line with it."""
+    def _set_status(self, status: str | None, now: float, why: str = "") -> None:
+        """The VM's run status is now `status` (None: unknown), for the reason `why` (by
+        default the status in words); keeps `stopped` and the transient-state timer in line
+        with it."""
+        if status != self.status or why:
+            self.status_since = now
+            self.status_why = why or describe_status(status)
         self.status = status
         self.stopped = None if status is None else status != "running"
         if status in TRANSIENT_STATUSES:
@@ -455,7 +462,7 @@ class VmWatch:
 
     def _alert_for_satisfied(self, kind: str, cause: Event, now: float) -> None:
         if isinstance(cause, BlockIoError):
-            self._set_status("io-error", now)
+            self._set_status("io-error", now, _io_error_words(cause))
             self._raise(
                 now,
                 kind,
@@ -476,7 +483,9 @@ class VmWatch:
                 qemu_time=cause.qemu_time,
             )
         elif isinstance(cause, Watchdog):
-            self._set_status("watchdog", now)
+            self._set_status(
+                "watchdog", now, "paused by its watchdog: the guest stopped feeding it"
+            )
             self._raise(
                 now,
                 kind,

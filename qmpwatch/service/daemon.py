@@ -17,8 +17,9 @@ import os
 import resource
 import signal
 import sys
+import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import structlog
 
@@ -35,6 +36,7 @@ from qmpwatch.service.httpserver import Health, HttpServer, ListenError
 from qmpwatch.service.metrics import Metrics
 from qmpwatch.service.recorder import Services
 from qmpwatch.service.statestore import StateStore
+from qmpwatch.service.status import RecordTap, snapshot
 from qmpwatch.service.supervisor import Supervisor
 
 SHUTDOWN_DEADLINE_S = 5.0
@@ -98,13 +100,16 @@ class Daemon:
         )
         metrics.registry.register(self._degradation)
         status_changed = asyncio.Event()
+        tap = RecordTap()
         services = Services(
             store=store,
             alerts=dispatcher,
             metrics=metrics,
             restored=restored,
             changed=status_changed.set,
+            tap=tap,
         )
+        host = dispatcher.host
         self.log.info(
             "daemon_started",
             version=__version__,
@@ -116,7 +121,13 @@ class Daemon:
             async with contextlib.AsyncExitStack() as stack:
                 listen = self.config.daemon.metrics_listen
                 if listen:
-                    server = HttpServer(listen, metrics, self._health)
+                    server = HttpServer(
+                        listen,
+                        metrics,
+                        self._health,
+                        status=lambda: self._status(host, tap.count),
+                        tap=tap,
+                    )
                     try:
                         await stack.enter_async_context(server)
                     except ListenError as err:
@@ -154,6 +165,11 @@ class Daemon:
             self.log.info("daemon_stopped")
             self.writer.flush()
         return 0
+
+    def _status(self, host: str, followers: int) -> dict[str, Any]:
+        """The status document of `qmpwatch status` (`qmpwatch.service.status`)."""
+        held = self._supervisor.sessions.items() if self._supervisor is not None else ()
+        return snapshot(host, held, time.time(), followers)
 
     def _health(self) -> Health:
         if self._supervisor is None or self._degradation is None:

@@ -30,6 +30,7 @@ from prometheus_client.exposition import choose_encoder
 from qmpwatch.alerts.links import runbook_path
 from qmpwatch.core.errors import QmpwatchError
 from qmpwatch.service.metrics import Metrics
+from qmpwatch.service.status import RecordTap
 
 SHUTDOWN_TIMEOUT_S = 5.0  # how long stop() lets an in-flight request finish
 
@@ -64,15 +65,30 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class HttpServer:
     """`/metrics` and `/healthz` on one address; `start()`/`stop()` or `async with`."""
 
-    def __init__(self, listen: str, metrics: Metrics, health: Callable[[], Health]) -> None:
+    def __init__(
+        self,
+        listen: str,
+        metrics: Metrics,
+        health: Callable[[], Health],
+        *,
+        status: Callable[[], Mapping[str, Any]] | None = None,
+        tap: RecordTap | None = None,
+    ) -> None:
+        """`status` answers `/api/v1/status`; `tap` feeds `/api/v1/records` (`qmpwatch
+        status` and `qmpwatch tail`)."""
         self.listen = listen
         self.host, self._port = parse_listen(listen)
         self.metrics = metrics
         self.health = health
+        self.status = status
+        self.tap = tap
+        self._streams: set[asyncio.Task[Any]] = set()  # /api/v1/records handlers
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/runbooks/{kind}", self._runbook)
+        app.router.add_get("/api/v1/status", self._status)
+        app.router.add_get("/api/v1/records", self._records)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
         )
@@ -97,8 +113,11 @@ class HttpServer:
         self.listening.set()
 
     async def stop(self) -> None:
-        """Stop listening and close open connections (in-flight requests get a moment)."""
+        """Stop listening and close open connections (in-flight requests get a moment; record
+        streams end at once)."""
         self.listening.clear()
+        for task in self._streams:
+            task.cancel()
         await self._runner.cleanup()
 
     async def serve(self) -> None:
@@ -145,6 +164,30 @@ class HttpServer:
         if path is None:
             raise web.HTTPNotFound(text="no runbook for that alert kind\n")
         return web.Response(body=path.read_bytes(), content_type="text/plain", charset="utf-8")
+
+    async def _status(self, request: web.Request) -> web.Response:
+        if self.status is None:
+            raise web.HTTPNotFound(text="no status here\n")
+        return web.json_response(self.status(), dumps=_dumps)
+
+    async def _records(self, request: web.Request) -> web.StreamResponse:
+        """The records of one VM (`?vm=NAME`) or of all, as JSON lines, as they are written."""
+        if self.tap is None:
+            raise web.HTTPNotFound(text="no records here\n")
+        if self.tap.full:
+            raise web.HTTPServiceUnavailable(text="too many followers\n")
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        try:
+            async with self.tap.follow(request.query.get("vm", "")) as follower:
+                response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+                await response.prepare(request)
+                await response.write(b"")  # the headers go out now: the client is following
+                while True:
+                    await response.write(await follower.next_lines())
+        finally:
+            self._streams.discard(task)
 
 
 def _dumps(value: Any) -> str:

@@ -8,9 +8,10 @@ from typing import Any, Protocol
 
 from qmpwatch.core.alert import Alert
 from qmpwatch.core.events import Event
-from qmpwatch.output.logs import RecordLogger, qmp_event_fields
+from qmpwatch.output.logs import RecordLogger, iso_from_epoch, qmp_event_fields
 from qmpwatch.service.metrics import Metrics
 from qmpwatch.service.statestore import StateStore
+from qmpwatch.service.status import RecordTap
 
 
 class AlertSink(Protocol):
@@ -36,6 +37,7 @@ class Services:
     # daemon's status line (VMs, connected, alerts firing) is made of.
     changed: Callable[[], None] | None = None
     restored: Mapping[str, list[Alert]] = field(default_factory=dict)  # firing at start-up
+    tap: RecordTap | None = None  # copies VM records to `qmpwatch tail`
 
 
 class DaemonRecorder:
@@ -50,9 +52,12 @@ class DaemonRecorder:
         self._observe = services.observe
         self._observe_record = metrics.observe_record if metrics is not None else None
         self._meter = metrics.event_meter(vm) if metrics is not None else None
+        self._tap = services.tap
 
     def record(self, kind: str, level: str, now: float, fields: dict[str, Any]) -> None:
         self._records.record(kind, level, now, fields)
+        if self._tap is not None and self._tap.active:
+            self._follow(kind, level, now, fields)
         if self._observe_record is not None:
             self._observe_record(self._vm, kind, fields, now)
         if self._observe is not None:
@@ -60,6 +65,8 @@ class DaemonRecorder:
 
     def qmp_event(self, event: Event, now: float) -> None:
         self._records.qmp_event(event, now)
+        if self._tap is not None and self._tap.active:
+            self._follow("qmp_event", "info", now, qmp_event_fields(event))
         if self._meter is not None:
             self._meter.observe(event, now)
         if self._observe is not None:
@@ -87,6 +94,12 @@ class DaemonRecorder:
     def connect_failed(self, reason: str) -> None:
         if self._metrics is not None:
             self._metrics.connect_failed(self._vm, reason)
+
+    def _follow(self, kind: str, level: str, now: float, fields: Mapping[str, Any]) -> None:
+        assert self._tap is not None
+        record = {"timestamp": iso_from_epoch(now), "level": level, "event": kind, "vm": self._vm}
+        record.update(fields)
+        self._tap.offer(self._vm, record)
 
     def _changed(self) -> None:
         if self._services.changed is not None:

@@ -111,6 +111,8 @@ class VmSession:
         )
         self.watch.restore(list(firing), time.time())
         self.state = RunState.IDLE
+        self.where = ""  # the socket (or URI) of the latest link, or the one dialed
+        self.since = time.time()  # when the session last came up or went down
         self.links = 0  # links watched so far
         self._absence_checked = False
         self._status_wanted = asyncio.Event()
@@ -137,6 +139,10 @@ class VmSession:
             self._store_status()
             self._arm_deadline()
 
+    def note(self, kind: str, level: str, **fields: Any) -> None:
+        """A record about this VM from its session or source, like the core's own."""
+        self.recorder.record(kind, level, time.time(), fields)
+
     def forgo_absence_check(self) -> None:
         """The VM was watched until now under another source or socket: a first failure to
         reach it says nothing about qmpwatch's downtime."""
@@ -152,6 +158,7 @@ class VmSession:
         watch = self.watch
         self.links += 1
         self._absence_checked = True
+        self.where = link.info.where
         if self.no_shutdown == "auto":
             watch.no_shutdown = bool(link.info.no_shutdown)
         else:
@@ -191,12 +198,12 @@ class VmSession:
         try:
             status = await link.query_status()
         except StatusRefused as err:
-            self.log.warning("vm_status_unavailable", error=str(err))
+            self.note("vm_status_unavailable", "warning", error=str(err))
         except TimeoutError as err:
             # The monitor greeted but does not answer (QEMU frozen, its main loop stuck):
             # not a crash. Say so, hang up, and attach again after the backoff.
             error = f"resync: no answer to query-status {err}".rstrip()
-            self.log.warning("vm_unresponsive", error=error)
+            self.note("vm_unresponsive", "warning", error=error)
             return False, True, error
         except LinkClosed as err:
             return False, False, f"resync failed: {err}"
@@ -220,6 +227,7 @@ class VmSession:
         was_connected = self.connected
         self.state = state
         if self.connected != was_connected:
+            self.since = time.time()
             self.recorder.connected(self.connected)
 
     def _ended(self, cause: EndCause, error: str) -> None:
@@ -273,12 +281,12 @@ class VmSession:
             except LinkClosed:
                 return  # the link is ending; on_disconnected classifies what is pending
             except StatusRefused as err:
-                self.log.warning("vm_status_unavailable", error=str(err))
+                self.note("vm_status_unavailable", "warning", error=str(err))
                 self.watch.status_unknown(time.time(), str(err))
                 continue
             except TimeoutError:
                 why = "query-status timed out"
-                self.log.warning("vm_unresponsive", error=why)
+                self.note("vm_unresponsive", "warning", error=why)
                 self.watch.status_unknown(time.time(), why)
                 continue
             self.watch.on_status(status, time.time(), self._changes_at_reply)

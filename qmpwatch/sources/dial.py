@@ -80,8 +80,9 @@ class Dialer:
                 delay = backoff.next()
                 now = time.monotonic()
                 if err.reason != last_reason or now - last_logged >= FAILURE_LOG_INTERVAL_S:
-                    self.log.warning(
+                    self.session.note(
                         "vm_connect_failed",
+                        "warning",
                         socket=self.target.socket,
                         reason=err.reason,
                         error=err.detail,
@@ -234,6 +235,7 @@ class DialTargets:
         self, target: DialTarget, session: VmSession, after: asyncio.Task[None] | None
     ) -> None:
         session.no_shutdown = target.no_shutdown
+        session.where = target.socket
         if after is not None:
             session.forgo_absence_check()  # watched until now, on the old socket
         dialer = Dialer(target, session, self.connect, after)
