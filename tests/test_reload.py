@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from qmpwatch.lab import LabSpec, LabVM
+from tests.alert_fixtures import Receiver, receiving
 from tests.daemon_harness import DaemonProcess, write_config
 
 pytestmark = pytest.mark.qemu
@@ -77,3 +78,65 @@ async def test_invalid_reload_is_refused_and_old_config_runs(
             await daemon.wait_for("qmp_event", vm="web01", qmp="STOP", after=mark)
             assert not daemon.find("vm_disconnected", vm="web01")
             assert not daemon.find("config_reloaded")
+
+
+async def test_reload_applies_alert_settings_and_rebuilds_sinks(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """SIGHUP with a new client-stop severity, host and webhook: the next pause is critical,
+    names the new host, goes to the new webhook too, and the delivery in flight to the old
+    webhook when the reload came is completed, not lost; the record names what changed."""
+    async with (
+        receiving(hang_first=1) as old_hook,
+        receiving() as new_hook,
+        LabVM.start(LabSpec(name="web01"), sock_dir) as vm,
+    ):
+        cfg, state = tmp_path / "c.toml", tmp_path / "state"
+        web = {"name": "web01", "socket": str(vm.watch_socket)}
+
+        def write(host: str, severity: str, hooks: list[Receiver]) -> None:
+            write_config(
+                cfg,
+                state_dir=state,
+                vms=[web],
+                sections={"alert": {"host": host, "client_stop_severity": severity}},
+                arrays={"alert.webhook": [{"url": hook.url, "timeout_s": 30.0} for hook in hooks]},
+            )
+
+        write("hv-old", "warning", [old_hook])
+        async with DaemonProcess.start(cfg) as daemon:
+            await daemon.wait_for("vm_connected", vm="web01")
+            await vm.stop()
+            first = await daemon.wait_for("alert", vm="web01")
+            await old_hook.wait_for(lambda h: len(h.requests) == 1, what="a delivery in flight")
+            write("hv-new", "critical", [old_hook, new_hook])
+            mark = daemon.mark()
+            daemon.send_signal(signal.SIGHUP)
+            reloaded = await daemon.wait_for("config_reloaded", after=mark)
+            old_hook._release.set()  # the hung request may end now: it is retried, not lost
+            await vm.cont()
+            await daemon.wait_for("alert_resolved", vm="web01", after=mark)
+            await vm.stop()
+            second = await daemon.wait_for("alert", vm="web01", after=mark)
+            await new_hook.wait_for(
+                lambda h: any(r.json()["status"] == "firing" for r in h.delivered), what="firing"
+            )
+            await old_hook.wait_for(lambda h: len(h.delivered) >= 3, what="all three")
+    assert (first["severity"], second["severity"]) == ("warning", "critical")
+    # webhook[0] is rebuilt for its new host; webhook[1] is new
+    assert reloaded["changed"] == [
+        "alert.client_stop_severity",
+        "alert.host",
+        "webhook[0]",
+        "webhook[1]",
+    ]
+    old_payloads = [r.json() for r in old_hook.delivered]
+    assert [p["status"] for p in old_payloads] == ["firing", "resolved", "firing"]
+    assert old_payloads[0]["fingerprint"] == first["fingerprint"]
+    assert [p["host"] for p in old_payloads[1:]] == ["hv-new", "hv-new"]
+    new_payloads = [r.json() for r in new_hook.delivered]
+    assert [(p["status"], p["severity"], p["host"]) for p in new_payloads] == [
+        ("resolved", "warning", "hv-new"),
+        ("firing", "critical", "hv-new"),
+    ]
+    assert not daemon.find("config_reload_partial")

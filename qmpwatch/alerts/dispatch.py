@@ -78,6 +78,16 @@ def idempotency_key(host: str, alert: Alert, status: Status, at: float) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _same_sink(a: Sink, b: Sink) -> bool:
+    """Two sinks that would deliver alike (kind, settings, host, name)."""
+    return (
+        type(a) is type(b)
+        and a.name == b.name
+        and getattr(a, "config", None) == getattr(b, "config", None)
+        and getattr(a, "host", None) == getattr(b, "host", None)
+    )
+
+
 def build_sinks(
     config: AlertConfig,
     *,
@@ -168,6 +178,7 @@ class AlertDispatcher:
         self._deadline: float | None = None  # loop time, once closing
         self._inflight: dict[str, asyncio.Timeout] = {}
         self._running = False
+        self._tg: asyncio.TaskGroup | None = None  # run()'s, for sinks added by a reload
         self._stopped = asyncio.Event()
         self.failing: dict[str, SinkFailing] = {}  # sink name -> since when it fails
 
@@ -257,11 +268,12 @@ class AlertDispatcher:
         self._stopped.clear()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 for sink in self.sinks:
                     tg.create_task(self._serve(sink), name=f"qmpwatch-alert-{sink.name}")
-                if not self.sinks:
-                    await self._closing.wait()
+                await self._closing.wait()  # sinks added by a reload need the group until then
         finally:
+            self._tg = None
             self._running = False
             self._stopped.set()
 
@@ -288,6 +300,59 @@ class AlertDispatcher:
         )
         self.outbox.close()
 
+    def reconfigure(self, config: AlertConfig, links: Links | None = None) -> list[str]:
+        """A reload's `[alert]`: the host, the retry delays and the sinks change now. A sink
+        whose settings did not change keeps its connection and its delivery in flight; a
+        changed one takes over from the old one after that one's attempt in flight; a new
+        sink is owed the notifications from now on; a removed one is owed nothing more.
+        Returns what changed, as config keys."""
+        old = self.config
+        changed = [
+            f"alert.{name}"
+            for name in ("host", "retry_initial_s", "retry_max_s", "outbox_max_entries")
+            if getattr(old, name) != getattr(config, name)
+        ]
+        self.config = config
+        self.host = config.host or socket.gethostname()
+        self._secrets = config.secrets()
+        self._backoff = Backoff(config.retry_initial_s, config.retry_max_s)
+        self.outbox.max_entries = config.outbox_max_entries
+        built = build_sinks(
+            config,
+            host=self.host,
+            active=self._active,
+            resolved=self.recently_resolved,
+            clock=self._clock,
+            links=links or links_for(config, ""),
+        )
+        current = {sink.sink_id: sink for sink in self.sinks}
+        sinks: list[Sink] = []
+        for sink in built:
+            before = current.get(sink.sink_id)
+            if before is not None and _same_sink(before, sink):
+                sinks.append(before)
+                continue
+            sinks.append(sink)
+            changed.append(sink.name)
+        kept = {id(sink) for sink in sinks}
+        changed += [s.name + " (removed)" for s in self.sinks if s.sink_id not in
+                    {n.sink_id for n in sinks}]  # fmt: skip
+        for sink in self.sinks:
+            if id(sink) not in kept:
+                self._wake[sink.sink_id].set()  # its loop sees it is retired, and ends
+        self.sinks = sinks
+        self.outbox.set_sinks(s.sink_id for s in sinks)
+        for sink in sinks:
+            if sink.sink_id not in self._wake:
+                self._wake[sink.sink_id] = asyncio.Event()
+            if id(sink) not in {id(s) for s in current.values()} and self._tg is not None:
+                self._tg.create_task(self._serve(sink), name=f"qmpwatch-alert-{sink.name}")
+        return changed
+
+    def _retired(self, sink: Sink) -> bool:
+        """Whether a reload replaced or removed `sink`."""
+        return all(s is not sink for s in self.sinks)
+
     async def _serve(self, sink: Sink) -> None:
         await sink.start()
         try:
@@ -301,6 +366,8 @@ class AlertDispatcher:
         next_refresh = self._clock() if sink.resend_interval_s is not None else None
         while True:
             wake.clear()
+            if self._retired(sink):
+                return
             now = self._clock()
             closing = self._closing.is_set()
             entry, due = self.outbox.next_for(sink.sink_id, now)

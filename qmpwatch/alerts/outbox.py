@@ -291,6 +291,29 @@ class Outbox:
 
     # -- adding ----------------------------------------------------------------------------
 
+    def set_sinks(self, sinks: Iterable[str]) -> None:
+        """The configured sinks changed (a reload): notifications owed to a sink that is gone
+        are forgotten (as at start-up); a new sink is owed the notifications from now on."""
+        new = tuple(dict.fromkeys(sinks))
+        state = self._state
+        gone = [sink for sink in self.sinks if sink not in new]
+        for sink in gone:
+            _log.info("alert_outbox_pruned", sink_id=sink, entries=len(state.owed.pop(sink)))
+        for sink in new:
+            state.owed.setdefault(sink, {})
+        self.sinks = new
+        done = [seq for seq in state.entries if not any(seq in o for o in state.owed.values())]
+        for seq in done:
+            self._forget(seq)
+        if self._db is None or not (gone or done):
+            return
+
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM pending WHERE sink = ?", [(sink,) for sink in gone])
+            db.executemany("DELETE FROM entry WHERE seq = ?", [(seq,) for seq in done])
+
+        self._write("set_sinks", write)
+
     def add(
         self, alert: Alert, status: Status, at: float, key: str, *, active: bool | None = None
     ) -> Entry | None:
@@ -398,7 +421,7 @@ class Outbox:
         """
         if self._queued:
             self.flush()
-        owed = self._state.owed[sink]
+        owed = self._state.owed.get(sink, {})
         entries = self._state.entries
         seen: set[str] = set()
         soonest: float | None = None
@@ -415,15 +438,16 @@ class Outbox:
         return None, soonest
 
     def is_owed(self, sink: str, seq: int) -> bool:
-        return seq in self._state.owed[sink]
+        return seq in self._state.owed.get(sink, {})
 
     def attempts(self, sink: str, seq: int) -> int:
-        owed = self._state.owed[sink].get(seq)
+        owed = self._state.owed.get(sink, {}).get(seq)
         return 0 if owed is None else owed.attempts
 
     def delivered(self, sink: str, seq: int) -> None:
         """`sink` has the entry; the entry leaves the outbox when every sink has it."""
-        if self._state.owed[sink].pop(seq, None) is None:
+        owed = self._state.owed.get(sink)  # None: the sink was removed by a reload meanwhile
+        if owed is None or owed.pop(seq, None) is None:
             return  # dropped meanwhile
         done = not any(seq in owed for owed in self._state.owed.values())
         if done:
@@ -439,7 +463,7 @@ class Outbox:
 
     def failed(self, sink: str, seq: int, next_at: float) -> int:
         """An attempt failed; retry not before `next_at`. Returns the attempts so far."""
-        owed = self._state.owed[sink].get(seq)
+        owed = self._state.owed.get(sink, {}).get(seq)
         if owed is None:
             return 0
         owed.attempts += 1
@@ -461,12 +485,12 @@ class Outbox:
         return len(self._state.entries)
 
     def owed_to(self, sink: str) -> int:
-        return len(self._state.owed[sink])
+        return len(self._state.owed.get(sink, ()))
 
     def owed_fingerprints(self, sink: str) -> set[str]:
         """The fingerprints of the alerts with a notification still owed to `sink`."""
         entries = self._state.entries
-        return {entries[seq].alert.fingerprint for seq in self._state.owed[sink]}
+        return {entries[seq].alert.fingerprint for seq in self._state.owed.get(sink, {})}
 
     def entries(self) -> list[Entry]:
         return list(self._state.entries.values())

@@ -161,6 +161,17 @@ class VmWatch:
                 deadline = other
         return deadline
 
+    def reconfigure(
+        self, followup: FollowupConfig, lifecycle: LifecycleConfig, client_stop_severity: str
+    ) -> None:
+        """New deadlines, thresholds and severity (a reload), for what happens from now on:
+        open expectations keep the deadline they were opened with."""
+        self.rules = Rules(followup)
+        self.client_stop_severity = client_stop_severity
+        if lifecycle != self.lifecycle:
+            self.lifecycle = lifecycle
+            self.incidents = deque(self.incidents, maxlen=lifecycle.crash_loop_count)
+
     def restore(self, alerts: list[Alert], now: float) -> None:
         """Alerts still firing when the daemon last stopped: they resolve like new ones (a
         crash loop after a quiet time from now)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import faulthandler
 import os
 import resource
@@ -109,7 +110,6 @@ class Daemon:
             changed=status_changed.set,
             tap=tap,
         )
-        host = dispatcher.host
         self.log.info(
             "daemon_started",
             version=__version__,
@@ -125,7 +125,7 @@ class Daemon:
                         listen,
                         metrics,
                         self._health,
-                        status=lambda: self._status(host, tap.count),
+                        status=lambda: self._status(dispatcher.host, tap.count),
                         tap=tap,
                     )
                     try:
@@ -143,7 +143,7 @@ class Daemon:
                     sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
                     delivery = tg.create_task(dispatcher.run(), name="alert-delivery")
                     background = [
-                        tg.create_task(self._reload_forever(supervisor), name="reload"),
+                        tg.create_task(self._reload_forever(supervisor, dispatcher), name="reload"),
                         tg.create_task(sdnotify.keep_alive(), name="watchdog"),
                         tg.create_task(
                             self._status_forever(supervisor, status_changed), name="status"
@@ -191,7 +191,7 @@ class Daemon:
                 last = line
                 await asyncio.sleep(STATUS_INTERVAL_S)
 
-    async def _reload_forever(self, supervisor: Supervisor) -> None:
+    async def _reload_forever(self, supervisor: Supervisor, dispatcher: AlertDispatcher) -> None:
         while True:
             await self._reload.wait()
             self._reload.clear()
@@ -205,19 +205,49 @@ class Daemon:
                     "config_reload_refused", config=str(self.config_path), problems=err.problems
                 )
             else:
+                changed = changed_keys(self.config, config)
                 if config.alert != self.config.alert:
+                    links = links_for(config.alert, config.daemon.metrics_listen)
+                    changed += dispatcher.reconfigure(config.alert, links)
+                daemon_keys = [key for key in changed if key.startswith("daemon.")]
+                if daemon_keys:
                     self.log.warning(
                         "config_reload_partial",
-                        detail="[alert] changed: alert sinks are set up at start-up; "
-                        "restart qmpwatch to apply the new ones",
+                        keys=daemon_keys,
+                        detail="[daemon] is read at start-up: restart qmpwatch to apply it",
                     )
                 self.config = config
                 supervisor.apply(config)
                 check_fd_limit(len(supervisor.sessions), self.log)
                 self.log.info(
-                    "config_reloaded", config=str(self.config_path), vms=len(supervisor.sessions)
+                    "config_reloaded",
+                    config=str(self.config_path),
+                    vms=len(supervisor.sessions),
+                    changed=sorted(dict.fromkeys(changed)),
                 )
             sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
+
+
+_SINK_LISTS = ("webhook", "alertmanager", "exec")  # compared sink by sink by the dispatcher
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The configuration keys whose values differ (sections of VMs by their section name;
+    alert sinks are left to `AlertDispatcher.reconfigure`)."""
+    changed: list[str] = []
+    for section in dataclasses.fields(Config):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        if before == after:
+            continue
+        if not dataclasses.is_dataclass(before):
+            changed.append("vm" if section.name == "vms" else section.name)  # VMs come and go
+            continue
+        changed += [
+            f"{section.name}.{key.name}"
+            for key in dataclasses.fields(before)
+            if key.name not in _SINK_LISTS and getattr(before, key.name) != getattr(after, key.name)
+        ]
+    return changed
 
 
 def check_fd_limit(vms: int, log: structlog.typing.FilteringBoundLogger) -> None:

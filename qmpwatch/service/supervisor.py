@@ -46,6 +46,10 @@ class Supervisor:
         """Reconcile every source with `config` (or the current one)."""
         if config is not None:
             self.config = config
+            for held in self.sessions.values():
+                held.session.reconfigure(
+                    config.followup, config.lifecycle, config.alert.client_stop_severity
+                )
         for kind in registry.SOURCES:
             source = self.sources.get(kind)
             if source is None:

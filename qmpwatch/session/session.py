@@ -139,6 +139,12 @@ class VmSession:
             self._store_status()
             self._arm_deadline()
 
+    def reconfigure(
+        self, followup: FollowupConfig, lifecycle: LifecycleConfig, client_stop_severity: str
+    ) -> None:
+        """A reload's deadlines, thresholds and severity, for what happens from now on."""
+        self.watch.reconfigure(followup, lifecycle, client_stop_severity)
+
     def note(self, kind: str, level: str, **fields: Any) -> None:
         """A record about this VM from its session or source, like the core's own."""
         self.recorder.record(kind, level, time.time(), fields)
