@@ -127,6 +127,9 @@ def test_watch_records_reach_the_log_with_vm() -> None:
         def query_status(self) -> None:
             pass
 
+        def command(self, name: str, arguments: object) -> None:
+            pass
+
     with capture_logs() as captured:
         watch = VmWatch("db01", Output("db01"), followup=FollowupConfig())
         event = decode(

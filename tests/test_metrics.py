@@ -63,6 +63,9 @@ class MetricsOutput:
     def query_status(self) -> None:
         self.status_wanted = True
 
+    def command(self, name: str, arguments: object) -> None:
+        pass
+
 
 def event(name: str, at: float, data: Mapping[str, Any] | None = None) -> Event:
     seconds = int(at)

@@ -136,7 +136,7 @@ async def test_tail_follows_the_daemon_beside_it(tmp_path: Path, sock_dir: Path)
             await web.stop()
             await daemon.wait_for("alert", vm="web01")
             assert follower.stdout is not None
-            lines = []
+            lines: list[dict[str, Any]] = []
             async with asyncio.timeout(15):
                 while not any(r.get("event") == "alert" for r in lines):
                     lines.append(json.loads(await follower.stdout.readline()))

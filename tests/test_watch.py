@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +40,7 @@ class Collect:
         self.raised: list[Alert] = []
         self.resolved: list[Alert] = []
         self.status_queries = 0
+        self.commands: list[tuple[str, dict[str, Any]]] = []
 
     def record(self, kind: str, level: str, now: float, fields: dict[str, Any]) -> None:
         self.records.append(Record(kind, level, now, dict(fields)))
@@ -54,6 +56,9 @@ class Collect:
 
     def query_status(self) -> None:
         self.status_queries += 1
+
+    def command(self, name: str, arguments: Mapping[str, Any]) -> None:
+        self.commands.append((name, dict(arguments)))
 
     # -- for assertions
     def kinds(self) -> list[str]:

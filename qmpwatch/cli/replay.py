@@ -9,7 +9,7 @@ Expectations still open at the end of the input are reported as `followup_open` 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from qmpwatch.core.alert import Alert
@@ -41,6 +41,9 @@ class ReplayOutput:
 
     def query_status(self) -> None:
         self.wants_status = True
+
+    def command(self, name: str, arguments: Mapping[str, Any]) -> None:
+        pass  # a captured stream cannot be acted on
 
 
 def replay(lines: Iterable[bytes], *, vm: str, no_shutdown: bool, config: Config) -> int:

@@ -30,6 +30,7 @@ KINDS = (
     "vm_memory_failure",
     "block_job_error",
     "migration_failed",
+    "vm_resume_given_up",
 )
 
 # Alerts about a VM that is not running; they resolve when it runs again.

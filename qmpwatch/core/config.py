@@ -87,16 +87,28 @@ class LifecycleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RemediateConfig:
+    """What qmpwatch may do to a VM ([remediate], overridable per [[vm]] / source entry)."""
+
+    resume_after_io_error: bool = False  # try `cont` after an io-error pause
+    resume_backoff_initial_s: float = 10.0
+    resume_backoff_max_s: float = 300.0
+    resume_give_up_after_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class VmConfig:
     name: str
     socket: str
     no_shutdown: NoShutdown = "auto"
+    remediate: RemediateConfig = field(default_factory=RemediateConfig)
 
 
 @dataclass(frozen=True, slots=True)
 class DiscoverConfig:
     glob: str
     no_shutdown: NoShutdown = "auto"
+    remediate: RemediateConfig = field(default_factory=RemediateConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +119,7 @@ class ListenConfig:
     group: str = ""  # the socket's group (mode 0660); empty: qmpwatch's own
     no_shutdown: NoShutdown = "auto"
     grace_s: float = 10.0  # a VM watched before a restart, not back by then, is gone
+    remediate: RemediateConfig = field(default_factory=RemediateConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +187,7 @@ class Config:
     connect: ConnectConfig = field(default_factory=ConnectConfig)
     followup: FollowupConfig = field(default_factory=FollowupConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    remediate: RemediateConfig = field(default_factory=RemediateConfig)
     alert: AlertConfig = field(default_factory=AlertConfig)
     vms: tuple[VmConfig, ...] = ()
     discover: tuple[DiscoverConfig, ...] = ()
@@ -241,6 +255,15 @@ class _Reader:
                 )
                 return None
             return float(value)
+
+        return check
+
+    def boolean(self) -> Callable[[str, Any], bool | None]:
+        def check(key: str, value: Any) -> bool | None:
+            if not isinstance(value, bool):
+                self.problems.append(f"{key}: expected true or false, got {_show(value)}")
+                return None
+            return value
 
         return check
 
@@ -381,7 +404,31 @@ def _parse_lifecycle(r: _Reader) -> LifecycleConfig:
     return cfg
 
 
-def _parse_vms(readers: list[_Reader], problems: list[str]) -> tuple[VmConfig, ...]:
+def _parse_remediate(r: _Reader, base: RemediateConfig) -> RemediateConfig:
+    """[remediate] keys on top of `base` (the defaults, or [remediate] in an entry)."""
+    cfg = RemediateConfig(
+        resume_after_io_error=r.get(
+            "resume_after_io_error", r.boolean(), base.resume_after_io_error
+        ),
+        resume_backoff_initial_s=r.get(
+            "resume_backoff_initial_s", r.number(), base.resume_backoff_initial_s
+        ),
+        resume_backoff_max_s=r.get("resume_backoff_max_s", r.number(), base.resume_backoff_max_s),
+        resume_give_up_after_s=r.get(
+            "resume_give_up_after_s", r.number(), base.resume_give_up_after_s
+        ),
+    )
+    if cfg.resume_backoff_max_s < cfg.resume_backoff_initial_s:
+        r.bad(
+            "resume_backoff_max_s",
+            f"must not be less than resume_backoff_initial_s ({cfg.resume_backoff_initial_s:g})",
+        )
+    return cfg
+
+
+def _parse_vms(
+    readers: list[_Reader], problems: list[str], remediate: RemediateConfig
+) -> tuple[VmConfig, ...]:
     vms: list[VmConfig] = []
     names: dict[str, str] = {}
     for r in readers:
@@ -398,8 +445,9 @@ def _parse_vms(readers: list[_Reader], problems: list[str]) -> tuple[VmConfig, .
         if name and name in names:
             r.bad("name", f"duplicate VM name {_show(name)} (also {names[name]})")
         names.setdefault(name, r.path)
+        own = _parse_remediate(r, remediate)
         r.finish()
-        vms.append(VmConfig(name=name, socket=socket, no_shutdown=no_shutdown))
+        vms.append(VmConfig(name=name, socket=socket, no_shutdown=no_shutdown, remediate=own))
     return tuple(vms)
 
 
@@ -410,7 +458,9 @@ def _absolute(r: _Reader, name: str, path: str) -> None:
         r.bad(name, f"must be an absolute path, got {_show(path)}")
 
 
-def _parse_discover(readers: list[_Reader], problems: list[str]) -> tuple[DiscoverConfig, ...]:
+def _parse_discover(
+    readers: list[_Reader], problems: list[str], remediate: RemediateConfig
+) -> tuple[DiscoverConfig, ...]:
     out: list[DiscoverConfig] = []
     for r in readers:
         glob = r.get("glob", r.string(nonempty=True), "")
@@ -418,12 +468,15 @@ def _parse_discover(readers: list[_Reader], problems: list[str]) -> tuple[Discov
         if "glob" not in r.table:
             r.bad("glob", "missing (required)")
         no_shutdown: NoShutdown = r.get("no_shutdown", _no_shutdown(problems), "auto")
+        own = _parse_remediate(r, remediate)
         r.finish()
-        out.append(DiscoverConfig(glob=glob, no_shutdown=no_shutdown))
+        out.append(DiscoverConfig(glob=glob, no_shutdown=no_shutdown, remediate=own))
     return tuple(out)
 
 
-def _parse_listen(readers: list[_Reader], problems: list[str]) -> tuple[ListenConfig, ...]:
+def _parse_listen(
+    readers: list[_Reader], problems: list[str], remediate: RemediateConfig
+) -> tuple[ListenConfig, ...]:
     out: list[ListenConfig] = []
     seen: set[str] = set()
     for r in readers:
@@ -438,8 +491,9 @@ def _parse_listen(readers: list[_Reader], problems: list[str]) -> tuple[ListenCo
         group = r.get("group", r.string(), "")
         no_shutdown: NoShutdown = r.get("no_shutdown", _no_shutdown(problems), "auto")
         grace = r.get("grace_s", r.number(), 10.0)
+        own = _parse_remediate(r, remediate)
         r.finish()
-        out.append(ListenConfig(path, group, no_shutdown, grace))
+        out.append(ListenConfig(path, group, no_shutdown, grace, own))
     return tuple(out)
 
 
@@ -546,15 +600,19 @@ def parse_config(table: Mapping[str, Any]) -> Config:
     """Build a Config from parsed TOML; raises ConfigError listing every problem."""
     problems: list[str] = []
     root = _Reader(table, "", problems)
+    remediate_table = root.table_at("remediate")
+    remediate = _parse_remediate(remediate_table, RemediateConfig())
+    remediate_table.finish()
     cfg = Config(
         daemon=_parse_daemon(root.table_at("daemon")),
         connect=_parse_connect(root.table_at("connect")),
         followup=_parse_followup(root.table_at("followup")),
         lifecycle=_parse_lifecycle(root.table_at("lifecycle")),
+        remediate=remediate,
         alert=_parse_alert(root.table_at("alert"), problems),
-        vms=_parse_vms(root.array_of_tables("vm"), problems),
-        discover=_parse_discover(root.array_of_tables("discover"), problems),
-        listen=_parse_listen(root.array_of_tables("listen"), problems),
+        vms=_parse_vms(root.array_of_tables("vm"), problems, remediate),
+        discover=_parse_discover(root.array_of_tables("discover"), problems, remediate),
+        listen=_parse_listen(root.array_of_tables("listen"), problems, remediate),
     )
     root.finish()
     if problems:

@@ -28,7 +28,7 @@ from qmpwatch.core.alert import (
     describe_status,
     resolved_because,
 )
-from qmpwatch.core.config import FollowupConfig, LifecycleConfig
+from qmpwatch.core.config import FollowupConfig, LifecycleConfig, RemediateConfig
 from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import (
     BlockIoError,
@@ -37,6 +37,7 @@ from qmpwatch.core.events import (
     Shutdown,
     Watchdog,
 )
+from qmpwatch.core.remedy import SETTLE_S, Resumer
 from qmpwatch.core.tracker import QEMU_EXIT, Ended, FollowUpTracker, Rules
 
 RAW_LIMIT = 2048  # characters of a bad message kept in its qmp_decode_error record
@@ -65,6 +66,10 @@ class WatchOutput(Protocol):
     def query_status(self) -> None:
         """Run `query-status` off the reader task and call `on_status` (or `status_unknown`)."""
 
+    def command(self, name: str, arguments: Mapping[str, Any]) -> None:
+        """Send QEMU a command that acts on the VM (opt-in remediation); the answer comes
+        back through `on_command_result`."""
+
 
 Handler = Callable[["VmWatch", Event, float], None]
 
@@ -79,6 +84,7 @@ class VmWatch:
         *,
         followup: FollowupConfig,
         lifecycle: LifecycleConfig | None = None,
+        remediate: RemediateConfig | None = None,
         no_shutdown: bool = False,
         client_stop_severity: str = "warning",
         last_status: str | None = None,
@@ -115,6 +121,7 @@ class VmWatch:
         # A transient status (migration, -S, snapshots): since when, and when it is "stuck".
         self.transient_since: float | None = None
         self.transient_due: float | None = None
+        self.resumer = Resumer(remediate if remediate is not None else RemediateConfig())
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -142,7 +149,10 @@ class VmWatch:
     def timers_pending(self) -> bool:
         """Whether anything waits for a time to pass (`next_deadline()` is not None)."""
         return (
-            self.tracker.waiting or self.loop_quiet_at is not None or self.transient_due is not None
+            self.tracker.waiting
+            or self.loop_quiet_at is not None
+            or self.transient_due is not None
+            or self.resumer.due() is not None
         )
 
     def tick(self, now: float) -> None:
@@ -153,13 +163,27 @@ class VmWatch:
             self._stuck(now)
         if self.loop_quiet_at is not None and self.loop_quiet_at <= now:
             self._loop_quiet(now)
+        due = self.resumer.due()
+        if due is not None and due <= now:
+            self._remedy(now)
 
     def next_deadline(self) -> float | None:
         deadline = self.tracker.next_deadline()
-        for other in (self.loop_quiet_at, self.transient_due):
+        for other in (self.loop_quiet_at, self.transient_due, self.resumer.due()):
             if other is not None and (deadline is None or other < deadline):
                 deadline = other
         return deadline
+
+    def on_command_result(self, name: str, error: str, now: float) -> None:
+        """QEMU answered a command of `command()`: `error` is "" when it was done."""
+        resumer = self.resumer
+        if name != "cont" or not resumer.sent:
+            return
+        resumer.sent = False
+        if error:
+            self._resume_failed(now, "refused", error)
+        elif resumer.settle_until is None and resumer.next_at is not None and self.stopped:
+            self._resume_failed(now, "not_running", "QEMU accepted cont, and the VM is stopped")
 
     def reconfigure(
         self, followup: FollowupConfig, lifecycle: LifecycleConfig, client_stop_severity: str
@@ -303,6 +327,7 @@ class VmWatch:
                 )
         self.saw_shutdown = False
         self.stopped = None
+        self.resumer.stop()  # the next session starts over, if the VM is still paused
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -314,6 +339,10 @@ class VmWatch:
             self.status_since = now
             self.status_why = why or describe_status(status)
         self.status = status
+        if status == "io-error":
+            self.resumer.start(now)
+        elif status != "running" and self.resumer.active:
+            self.resumer.stop()  # paused (or ended) for another reason: not ours to resume
         self.stopped = None if status is None else status != "running"
         if status in TRANSIENT_STATUSES:
             if self.transient_since is None:
@@ -327,6 +356,52 @@ class VmWatch:
                 lambda a: a.kind == "vm_stuck_transient",
                 f"the VM left the transient state (now {status or 'unknown'})",
             )
+
+    def _remedy(self, now: float) -> None:
+        """The resume plan is due: the VM ran long enough, or give up, or try `cont`."""
+        resumer = self.resumer
+        attempts = resumer.attempts
+        if resumer.settle_until is not None:
+            resumer.stop()
+            self.out.record(
+                "vm_resume_attempted", "info", now, {"attempt": attempts, "outcome": "resumed"}
+            )
+            self._resolve(
+                now,
+                lambda a: a.kind in STOPPED_KINDS,
+                f"resumed by qmpwatch after {attempts} attempt{'s' if attempts != 1 else ''}",
+            )
+            return
+        assert resumer.paused_at is not None
+        if resumer.give_up_due(now):
+            since = now - resumer.paused_at
+            resumer.stop()
+            self.out.record(
+                "vm_resume_given_up", "warning", now, {"attempts": attempts, "paused_s": since}
+            )
+            self._raise(
+                now,
+                "vm_resume_given_up",
+                "warning",
+                f"VM {self.vm} stays paused on its disk error: qmpwatch gave up resuming it "
+                f"after {attempts} attempt(s) in {since:.0f} s",
+                cause=f"resume:{now:.6f}",
+                details={"attempts": attempts, "paused_s": round(since, 3)},
+            )
+            return
+        resumer.attempts += 1
+        resumer.sent = True
+        self.out.command("cont", {})
+
+    def _resume_failed(self, now: float, outcome: str, error: str) -> None:
+        resumer = self.resumer
+        fields: dict[str, Any] = {"attempt": resumer.attempts, "outcome": outcome}
+        if error:
+            fields["error"] = error
+        resumer.failed(now)
+        assert resumer.next_at is not None
+        fields["retry_in_s"] = round(resumer.next_at - now, 3)
+        self.out.record("vm_resume_attempted", "warning", now, fields)
 
     def _stuck(self, now: float) -> None:
         self.transient_due = None
@@ -576,6 +651,8 @@ def on_stop(watch: VmWatch, event: Event, now: float) -> None:
     """A STOP explains itself through a satisfied expectation, or gets classified."""
     watch.run_changes += 1
     watch.stopped = True
+    if watch.resumer.settle_until is not None:  # paused again right after our cont
+        watch._resume_failed(now, "paused_again", "")
     satisfied = watch.tracker.satisfy("STOP", now)
     if satisfied:
         watch._ended(satisfied)
@@ -594,7 +671,14 @@ def on_resume(watch: VmWatch, event: Event, now: float) -> None:
     watch.saw_shutdown = False
     if watch.pending_stop is not None:
         watch._classify_stop(watch.pending_stop, "paused", now, "resumed before query-status")
+    resumer = watch.resumer
+    ours = resumer.sent
+    if resumer.active and not ours:
+        resumer.stop()  # a person (or another client) resumed it
     watch._set_status("running", now)
+    if ours:  # resolved once it has run for a while (it may pause again at once)
+        resumer.settle_until = now + SETTLE_S
+        return
     watch._resolve(now, lambda a: a.kind in STOPPED_KINDS, "the VM resumed (RESUME)")
 
 

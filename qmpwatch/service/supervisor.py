@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from qmpwatch.core.alert import Alert, resolved_because
-from qmpwatch.core.config import Config, NoShutdown
+from qmpwatch.core.config import Config, NoShutdown, RemediateConfig
 from qmpwatch.service.recorder import DaemonRecorder, Services
 from qmpwatch.session.session import VmSession
 from qmpwatch.sources import registry
@@ -60,7 +60,14 @@ class Supervisor:
 
     # -- the SessionHost of the sources -----------------------------------------------------------
 
-    def open(self, name: str, source: str, *, no_shutdown: NoShutdown) -> VmSession | None:
+    def open(
+        self,
+        name: str,
+        source: str,
+        *,
+        no_shutdown: NoShutdown,
+        remediate: RemediateConfig | None = None,
+    ) -> VmSession | None:
         held = self.sessions.get(name)
         if held is not None:
             return held.session if held.source == source else None
@@ -74,6 +81,7 @@ class Supervisor:
             client_stop_severity=config.alert.client_stop_severity,
             no_shutdown=no_shutdown,
             firing=self._restored.pop(name, ()),
+            remediate=remediate if remediate is not None else config.remediate,
         )
         self.services.store.set_source(name, source)
         self.sessions[name] = _Held(session, source)

@@ -7,7 +7,7 @@ messages and "a reply was read" (which orders command answers against events).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -54,11 +54,20 @@ class Link(Protocol):
         answers with an error, TimeoutError when it does not answer in time, and
         `LinkClosed` when the link ends first."""
 
+    async def execute(self, command: str, arguments: Mapping[str, Any]) -> Any:
+        """Run a QMP command that acts on the VM (opt-in remediation); raises `CommandFailed`
+        (a sentence) when QEMU refuses it or does not answer, `LinkClosed` when the link
+        ends first."""
+
     async def wait_closed(self) -> tuple[EndCause, str]:
         """Wait until the link ends; how (`eof`: QEMU went away) and an error sentence."""
 
     async def close(self) -> tuple[EndCause, str]:
         """Hang up (bounded in time); how the link had ended, as `wait_closed` says."""
+
+
+class CommandFailed(Exception):
+    """QEMU refused a command or did not answer it in time; the message is a sentence."""
 
 
 class LinkClosed(Exception):

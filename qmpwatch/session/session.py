@@ -13,21 +13,29 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
 
 from qmpwatch.core.alert import Alert
-from qmpwatch.core.config import FollowupConfig, LifecycleConfig, NoShutdown
+from qmpwatch.core.config import FollowupConfig, LifecycleConfig, NoShutdown, RemediateConfig
 from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import Control, Event, decode_object
 from qmpwatch.core.watch import VmWatch
-from qmpwatch.session.link import EndCause, Link, LinkCallbacks, LinkClosed, StatusRefused
+from qmpwatch.session.link import (
+    CommandFailed,
+    EndCause,
+    Link,
+    LinkCallbacks,
+    LinkClosed,
+    StatusRefused,
+)
 
 # Failures that mean no QEMU is behind the VM's socket (it went away while nobody watched),
 # as opposed to a QEMU that is there but cannot be reached.
 ABSENT_REASONS = frozenset({"missing", "refused", "not_reconnected"})
+COMMANDS_MAX = 16  # commands of the core waiting to be sent (a few: one resume at a time)
 
 
 class Recorder(Protocol):
@@ -77,6 +85,7 @@ class _Output:
         self.raise_alert = recorder.raise_alert
         self.resolve_alert = recorder.resolve_alert
         self.query_status = session.request_status
+        self.command = session.request_command
 
 
 class VmSession:
@@ -93,6 +102,7 @@ class VmSession:
         client_stop_severity: str,
         no_shutdown: NoShutdown = "auto",
         firing: Sequence[Alert] = (),
+        remediate: RemediateConfig | None = None,
     ) -> None:
         """`firing`: the VM's alerts still firing from before a restart."""
         self.name = name
@@ -105,6 +115,7 @@ class VmSession:
             _Output(recorder, self),
             followup=followup,
             lifecycle=lifecycle,
+            remediate=remediate,
             no_shutdown=no_shutdown is True,
             client_stop_severity=client_stop_severity,
             last_status=store.last_status(name),
@@ -116,6 +127,7 @@ class VmSession:
         self.links = 0  # links watched so far
         self._absence_checked = False
         self._status_wanted = asyncio.Event()
+        self._commands: asyncio.Queue[tuple[str, Mapping[str, Any]]] = asyncio.Queue(COMMANDS_MAX)
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._deadline_at: float | None = None
         self._changes_at_reply = 0  # watch.run_changes when the latest reply was read
@@ -178,9 +190,13 @@ class VmSession:
             if resynced:
                 self._set_state(RunState.WATCHING)
                 async with asyncio.TaskGroup() as tg:
-                    worker = tg.create_task(self._status_worker(link))
+                    workers = [
+                        tg.create_task(self._status_worker(link)),
+                        tg.create_task(self._command_worker(link)),
+                    ]
                     cause, error = await link.wait_closed()
-                    worker.cancel()
+                    for worker in workers:
+                        worker.cancel()
             else:
                 cause, why = await link.close()
                 if cause == "closed" and error:
@@ -297,6 +313,32 @@ class VmSession:
                 continue
             self.watch.on_status(status, time.time(), self._changes_at_reply)
             self._store_status()
+            self._arm_deadline()
+
+    def request_command(self, name: str, arguments: Mapping[str, Any]) -> None:
+        """The core wants QEMU to act (opt-in remediation): sent by the command worker."""
+        try:
+            self._commands.put_nowait((name, arguments))
+        except asyncio.QueueFull:
+            self.watch.on_command_result(name, "too many commands queued", time.time())
+
+    async def _command_worker(self, link: Link) -> None:
+        """Send the core's commands, one at a time, each logged as `vm_command_sent`."""
+        while True:
+            name, arguments = await self._commands.get()
+            error = ""
+            try:
+                await link.execute(name, arguments)
+            except CommandFailed as err:
+                error = str(err)
+            except LinkClosed as err:
+                error = f"the link ended: {err}"
+            fields: dict[str, Any] = {"command": name, "arguments": dict(arguments)}
+            fields["outcome"] = "refused" if error else "done"
+            if error:
+                fields["error"] = error
+            self.note("vm_command_sent", "warning" if error else "info", **fields)
+            self.watch.on_command_result(name, error, time.time())
             self._arm_deadline()
 
     def _arm_deadline(self) -> None:

@@ -12,15 +12,23 @@ import asyncio
 from collections.abc import Mapping
 from typing import Protocol
 
-from qmpwatch.core.config import Config, NoShutdown
+from qmpwatch.core.config import Config, NoShutdown, RemediateConfig
 from qmpwatch.session.session import VmSession
 
 
 class SessionHost(Protocol):
     """The daemon's side: one session per VM name, whichever source found it."""
 
-    def open(self, name: str, source: str, *, no_shutdown: NoShutdown) -> VmSession | None:
-        """The VM's session (made when new); None when another source holds the name."""
+    def open(
+        self,
+        name: str,
+        source: str,
+        *,
+        no_shutdown: NoShutdown,
+        remediate: RemediateConfig | None = None,
+    ) -> VmSession | None:
+        """The VM's session (made when new, with what qmpwatch may do to the VM); None when
+        another source holds the name."""
 
     def close(self, name: str, reason: str) -> None:
         """The VM left its source: its session ends and its firing alerts resolve (`reason`)."""

@@ -17,12 +17,12 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from qmpwatch.core.backoff import Backoff
-from qmpwatch.core.config import Config, ConnectConfig, NoShutdown
+from qmpwatch.core.config import Config, ConnectConfig, NoShutdown, RemediateConfig
 from qmpwatch.core.errors import ConnectFailed
 from qmpwatch.session.session import VmSession
 from qmpwatch.sources.base import SessionHost
@@ -42,6 +42,8 @@ class DialTarget:
     socket: str
     no_shutdown: NoShutdown = "auto"
     confine: str = ""  # discovered: the directory the socket's real path must stay in
+    # What qmpwatch may do to the VM; a change applies to the running session (no redial).
+    remediate: RemediateConfig = field(default_factory=RemediateConfig, compare=False)
 
 
 class Dialer:
@@ -222,9 +224,13 @@ class DialTargets:
             elif target != self.running[name].target:
                 moved[name] = self._stop(name, leaving=False)
         for name, target in wanted.items():
+            session = self.host.open(
+                name, self.kind, no_shutdown=target.no_shutdown, remediate=target.remediate
+            )
             if name in self.running:
+                if session is not None:
+                    session.watch.resumer.config = target.remediate
                 continue
-            session = self.host.open(name, self.kind, no_shutdown=target.no_shutdown)
             if session is None:
                 if on_refused is not None:
                     on_refused(target)
@@ -282,7 +288,10 @@ class DialSource:
         self.targets = DialTargets(self.kind, host, tg, "removed from the configuration")
 
     def reconfigure(self, config: Config) -> None:
-        wanted = {vm.name: DialTarget(vm.name, vm.socket, vm.no_shutdown) for vm in config.vms}
+        wanted = {
+            vm.name: DialTarget(vm.name, vm.socket, vm.no_shutdown, remediate=vm.remediate)
+            for vm in config.vms
+        }
         self.targets.apply(wanted, config.connect)
 
     async def stop(self) -> None:

@@ -105,7 +105,9 @@ class DiscoverSource:
             if name in wanted:
                 self._conflict(path, name, wanted[name].socket)
                 continue
-            wanted[name] = DialTarget(name, path, rule.no_shutdown, confine=glob_root(rule.glob))
+            wanted[name] = DialTarget(
+                name, path, rule.no_shutdown, glob_root(rule.glob), rule.remediate
+            )
         self.targets.apply(wanted, config.connect, on_refused=self._refused)
 
     def _refused(self, target: DialTarget) -> None:

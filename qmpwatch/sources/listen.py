@@ -215,7 +215,9 @@ class ListenSource:
                        socket=entry.socket, vm=peer.name, pid=peer.pid, reason=err.reason,
                        error=err.detail)  # fmt: skip
             return
-        session = self.host.open(peer.name, self.kind, no_shutdown=entry.no_shutdown)
+        session = self.host.open(
+            peer.name, self.kind, no_shutdown=entry.no_shutdown, remediate=entry.remediate
+        )
         if session is None or session.connected:
             holder = self.host.holder(peer.name)
             self._once(

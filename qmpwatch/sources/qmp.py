@@ -18,7 +18,14 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPError
 from qemu.qmp.protocol import Runstate
 
 from qmpwatch.core.errors import ConnectFailed, DecodeError
-from qmpwatch.session.link import EndCause, LinkCallbacks, LinkClosed, LinkInfo, StatusRefused
+from qmpwatch.session.link import (
+    CommandFailed,
+    EndCause,
+    LinkCallbacks,
+    LinkClosed,
+    LinkInfo,
+    StatusRefused,
+)
 from qmpwatch.sources.qmpclient import WatchClient
 
 COMMAND_TIMEOUT_S = 5.0  # query-status
@@ -114,6 +121,17 @@ class QmpLink:
             raise LinkClosed(describe_error(err)) from err
         status = reply.get("status") if isinstance(reply, dict) else None
         return status if isinstance(status, str) else "unknown"
+
+    async def execute(self, command: str, arguments: Mapping[str, Any]) -> Any:
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                return await self.client.execute(command, dict(arguments) or None)
+        except ExecuteError as err:
+            raise CommandFailed(describe_error(err)) from err
+        except TimeoutError:
+            raise CommandFailed(f"no answer to {command} within {COMMAND_TIMEOUT_S:g} s") from None
+        except (QMPError, OSError, EOFError) as err:
+            raise LinkClosed(describe_error(err)) from err
 
     async def wait_closed(self) -> tuple[EndCause, str]:
         while self.client.runstate == Runstate.RUNNING:

@@ -1,0 +1,91 @@
+"""Acting on VMs, opt-in: qmpwatch resumes a real QEMU paused on a disk error.
+
+blkdebug makes the disk error happen once (the retry after `cont` succeeds: the storage is
+back) or on every try (it stays broken), as qemu-facts.md describes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qmpwatch.lab import BlkdebugSpec, LabSpec, LabVM
+from tests.daemon_harness import DaemonProcess, write_config
+
+pytestmark = pytest.mark.qemu
+
+FAST_RESUME: dict[str, object] = {
+    "resume_after_io_error": True,
+    "resume_backoff_initial_s": 0.5,
+    "resume_backoff_max_s": 1.0,
+    "resume_give_up_after_s": 4.0,
+}
+
+
+def config(tmp_path: Path, vm: LabVM, **remediate: object) -> Path:
+    return write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        vms=[{"name": vm.spec.name, "socket": str(vm.watch_socket)}],
+        sections={"remediate": {**FAST_RESUME, **remediate}},
+    )
+
+
+async def test_a_pause_on_a_passing_disk_error_is_resumed(tmp_path: Path, sock_dir: Path) -> None:
+    """The error happened once: qmpwatch sends cont, the VM runs on, the alert resolves."""
+    spec = LabSpec("heal01", blkdebug=BlkdebugSpec(errno=28, sector=8, once=True))
+    async with (
+        LabVM.start(spec, sock_dir) as vm,
+        DaemonProcess.start(config(tmp_path, vm)) as daemon,
+    ):
+        await daemon.wait_for("vm_connected", vm="heal01")
+        await vm.ata_read_sector(8)
+        paused = await daemon.wait_for("alert", vm="heal01", alert="vm_stopped_io_error")
+        sent = await daemon.wait_for("vm_command_sent", vm="heal01")
+        attempt = await daemon.wait_for("vm_resume_attempted", vm="heal01", timeout=20)
+        resolved = await daemon.wait_for("alert_resolved", vm="heal01")
+        assert await vm.query_status() == "running"
+    assert (sent["command"], sent["outcome"]) == ("cont", "done")
+    assert attempt["outcome"] == "resumed"
+    assert resolved["fingerprint"] == paused["fingerprint"]
+    assert resolved["reason"] == "resumed by qmpwatch after 1 attempt"
+
+
+async def test_a_disk_that_stays_broken_is_tried_then_given_up(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """Every retry fails again: attempts back off, then one warning says qmpwatch gave up;
+    the VM stays paused and its alert stays firing."""
+    spec = LabSpec("broken01", blkdebug=BlkdebugSpec(errno=5, sector=8, once=False))
+    async with (
+        LabVM.start(spec, sock_dir) as vm,
+        DaemonProcess.start(config(tmp_path, vm)) as daemon,
+    ):
+        await daemon.wait_for("vm_connected", vm="broken01")
+        await vm.ata_read_sector(8)
+        await daemon.wait_for("alert", vm="broken01", alert="vm_stopped_io_error")
+        gave_up = await daemon.wait_for("alert", vm="broken01", alert="vm_resume_given_up",
+                                        timeout=30)  # fmt: skip
+        assert await vm.query_status() == "io-error"
+    attempts = daemon.find("vm_resume_attempted", vm="broken01")
+    assert len(attempts) >= 2
+    assert {a["outcome"] for a in attempts} == {"paused_again"}
+    assert gave_up["severity"] == "warning"
+    assert gave_up["details"]["attempts"] == len(attempts)
+    assert not daemon.find("alert_resolved", vm="broken01")
+
+
+async def test_a_persons_stop_is_never_resumed(tmp_path: Path, sock_dir: Path) -> None:
+    """With resume on, a client's `stop` is alerted and left alone: no command is sent."""
+    async with (
+        LabVM.start(LabSpec("held01"), sock_dir) as vm,
+        DaemonProcess.start(config(tmp_path, vm)) as daemon,
+    ):
+        await daemon.wait_for("vm_connected", vm="held01")
+        await vm.stop()
+        await daemon.wait_for("alert", vm="held01", alert="vm_stopped_unexpected")
+        await vm.cont()
+        await daemon.wait_for("alert_resolved", vm="held01")
+    assert not daemon.find("vm_command_sent")
+    assert not daemon.find("vm_resume_attempted")
