@@ -6,10 +6,13 @@ back) or on every try (it stays broken), as qemu-facts.md describes.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from qmpwatch.alerts.sinks.alertmanager import am_labels
+from qmpwatch.core.alert import Alert
 from qmpwatch.lab import BlkdebugSpec, LabSpec, LabVM
 from tests.daemon_harness import DaemonProcess, write_config
 
@@ -89,3 +92,48 @@ async def test_a_persons_stop_is_never_resumed(tmp_path: Path, sock_dir: Path) -
         await daemon.wait_for("alert_resolved", vm="held01")
     assert not daemon.find("vm_command_sent")
     assert not daemon.find("vm_resume_attempted")
+
+
+async def test_vms_on_one_file_system_share_their_storage_label(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """Two VMs whose images are on one file system pause on disk errors: both alerts name
+    the image and the same storage (the mount point `df` names), the label Alertmanager
+    groups by."""
+    specs = [LabSpec(f"store0{n}", blkdebug=BlkdebugSpec(errno=28, sector=8)) for n in (1, 2)]
+    async with (
+        LabVM.start(specs[0], sock_dir) as one,
+        LabVM.start(specs[1], sock_dir) as two,
+    ):
+        cfg = write_config(
+            tmp_path / "c.toml",
+            state_dir=tmp_path / "state",
+            vms=[{"name": vm.spec.name, "socket": str(vm.watch_socket)} for vm in (one, two)],
+        )
+        async with DaemonProcess.start(cfg) as daemon:
+            for vm in (one, two):
+                await daemon.wait_for("vm_connected", vm=vm.spec.name)
+                await vm.ata_read_sector(8)
+            alerts = [
+                await daemon.wait_for("alert", vm=vm.spec.name, alert="vm_stopped_io_error")
+                for vm in (one, two)
+            ]
+        images = [vm.disk_image for vm in (one, two)]
+    df = await asyncio.create_subprocess_exec(
+        "df", "--output=target", str(images[0]), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await df.communicate()
+    mount_point = out.decode().splitlines()[-1].strip()
+    for alert, image in zip(alerts, images, strict=True):
+        assert alert["details"]["image"] == str(image)
+        assert alert["details"]["storage"] == mount_point
+        assert alert["details"]["storage_fs"]
+    assert am_labels_of(alerts[0])["storage"] == am_labels_of(alerts[1])["storage"] == mount_point
+
+
+def am_labels_of(record: dict[str, object]) -> dict[str, str]:
+    """The Alertmanager labels qmpwatch posts for the alert of a record."""
+    details = record["details"]
+    assert isinstance(details, dict)
+    alert = Alert(str(record["alert"]), "critical", str(record["vm"]), "", "", 0.0, details)
+    return am_labels(alert, "hv")

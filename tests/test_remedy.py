@@ -3,7 +3,10 @@ what counts as resumed, backing off, giving up, and never acting where it must n
 
 from __future__ import annotations
 
-from qmpwatch.core.config import RemediateConfig
+import pytest
+
+from qmpwatch.core.config import RemediateConfig, parse_config_text
+from qmpwatch.core.errors import ConfigError
 from qmpwatch.core.remedy import SETTLE_S
 from qmpwatch.core.watch import VmWatch
 from tests.test_watch import T0, Collect, bioerr, ev, feed, make_watch
@@ -113,3 +116,30 @@ def test_only_io_error_pauses_are_resumed() -> None:
     watch.on_status("watchdog", T0 + 0.1)
     watch.tick(T0 + 10_000)
     assert out.commands == []
+
+
+def test_remediate_keys_default_off_and_override_per_entry() -> None:
+    """[remediate] sets the default; a [[vm]] entry's own keys override it for that VM."""
+    cfg = parse_config_text(
+        "[remediate]\nresume_after_io_error = true\nresume_backoff_initial_s = 5\n"
+        '[[vm]]\nname = "a"\nsocket = "/run/a.qmp"\n'
+        '[[vm]]\nname = "b"\nsocket = "/run/b.qmp"\nresume_after_io_error = false\n'
+    )
+    assert parse_config_text("").remediate == RemediateConfig()
+    assert not RemediateConfig().resume_after_io_error
+    a, b = cfg.vms
+    assert a.remediate == RemediateConfig(True, 5.0, 300.0, 3600.0)
+    assert b.remediate == RemediateConfig(False, 5.0, 300.0, 3600.0)
+
+
+def test_bad_remediate_keys_name_the_key() -> None:
+    """A wrong type or an inverted backoff names the key (and the VM)."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text(
+            '[remediate]\nresume_after_io_error = "yes"\n'
+            '[[vm]]\nname = "a"\nsocket = "/run/a.qmp"\nresume_backoff_max_s = 1\n'
+        )
+    assert caught.value.problems == [
+        'remediate.resume_after_io_error: expected true or false, got "yes"',
+        "vm[0] a: resume_backoff_max_s: must not be less than resume_backoff_initial_s (10)",
+    ]

@@ -9,6 +9,8 @@ import pytest
 from qmpwatch.core.backoff import Backoff
 from qmpwatch.core.config import ListenConfig, parse_config_text
 from qmpwatch.core.errors import ConfigError
+from qmpwatch.core.watch import DiskInfo
+from qmpwatch.session.storage import disks
 from qmpwatch.sources import registry
 from qmpwatch.sources.peer import parse_cmdline
 
@@ -79,3 +81,30 @@ def test_backoff_doubles_to_its_cap_with_jitter_and_resets() -> None:
     assert top.next() == 1.0
     low = Backoff(1.0, 10.0, rng=lambda: 0.0)
     assert [low.delay(n) for n in (1, 2, 5)] == [0.5, 1.0, 5.0]
+
+
+MOUNTINFO = (
+    "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+    "40 22 0:35 / /var/lib/images rw shared:20 - nfs4 nas:/export/vm rw,vers=4.2\n"
+    r"41 22 0:36 / /mnt/my\040disk rw - xfs /dev/sdb1 rw"
+    "\n"
+)
+
+
+def test_a_disk_image_is_placed_on_its_mount() -> None:
+    """query-block's image files land on the longest mount point that holds them."""
+    block = [
+        {"device": "drive0", "inserted": {"node-name": "n0", "file": "/var/lib/images/a.qcow2",
+                                          "image": {"filename": "/var/lib/images/a.qcow2"}}},
+        {"device": "", "inserted": {"node-name": "n1", "file": "blkdebug:/c.conf:/mnt/my disk/b",
+                                    "image": {"filename": "blkdebug:/c.conf:/mnt/my disk/b"}}},
+        {"device": "cd0", "locked": False},
+    ]  # fmt: skip
+    found = disks(block, MOUNTINFO)
+    assert (
+        found["drive0"]
+        == found["n0"]
+        == DiskInfo("/var/lib/images/a.qcow2", "/var/lib/images", "nas:/export/vm", "nfs4")
+    )
+    assert found["n1"] == DiskInfo("/mnt/my disk/b", "/mnt/my disk", "/dev/sdb1", "xfs")
+    assert "cd0" not in found

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qmpwatch.core.alert import (
@@ -44,6 +45,25 @@ RAW_LIMIT = 2048  # characters of a bad message kept in its qmp_decode_error rec
 
 # Alerts that say QEMU is not there; its monitor answering again ends them.
 ABSENT_KINDS = frozenset({"vm_crashed", "vm_gone_while_unmonitored"})
+
+
+@dataclass(frozen=True, slots=True)
+class DiskInfo:
+    """Where one disk's image lives: the file and the mount (file system) holding it."""
+
+    image: str
+    storage: str = ""  # the mount point
+    storage_source: str = ""  # what is mounted there (a device, host:/export, ...)
+    storage_fs: str = ""  # its file system type
+
+    def fields(self) -> dict[str, str]:
+        pairs = {
+            "image": self.image,
+            "storage": self.storage,
+            "storage_source": self.storage_source,
+            "storage_fs": self.storage_fs,
+        }
+        return {key: value for key, value in pairs.items() if value}
 
 
 class WatchOutput(Protocol):
@@ -122,6 +142,7 @@ class VmWatch:
         self.transient_since: float | None = None
         self.transient_due: float | None = None
         self.resumer = Resumer(remediate if remediate is not None else RemediateConfig())
+        self.disks: dict[str, DiskInfo] = {}  # device or node-name -> image (query-block)
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -357,6 +378,14 @@ class VmWatch:
                 f"the VM left the transient state (now {status or 'unknown'})",
             )
 
+    def _disk_fields(self, event: BlockIoError) -> dict[str, str]:
+        """The failing disk's image and storage, when `query-block` told them."""
+        node = event.data.get("node-name")
+        for key in (event.device, node):
+            if isinstance(key, str) and key in self.disks:
+                return self.disks[key].fields()
+        return {}
+
     def _remedy(self, now: float) -> None:
         """The resume plan is due: the VM ran long enough, or give up, or try `cont`."""
         resumer = self.resumer
@@ -565,6 +594,7 @@ class VmWatch:
                         for k in ("node-name", "reason", "nospace")
                         if k in cause.data
                     },
+                    **self._disk_fields(cause),
                 },
                 qemu_time=cause.qemu_time,
             )

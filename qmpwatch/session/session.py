@@ -31,6 +31,7 @@ from qmpwatch.session.link import (
     LinkClosed,
     StatusRefused,
 )
+from qmpwatch.session.storage import disks
 
 # Failures that mean no QEMU is behind the VM's socket (it went away while nobody watched),
 # as opposed to a QEMU that is there but cannot be reached.
@@ -230,6 +231,7 @@ class VmSession:
         except LinkClosed as err:
             return False, False, f"resync failed: {err}"
         as_of = self._changes_at_reply
+        await self._learn_disks(link)
         info = link.info
         fields: dict[str, Any] = {
             "socket": info.where,
@@ -244,6 +246,14 @@ class VmSession:
         self._store_status()
         self._arm_deadline()
         return True, False, ""
+
+    async def _learn_disks(self, link: Link) -> None:
+        """Where the VM's disks live (`query-block`), for the storage of disk alerts."""
+        try:
+            block = await link.execute("query-block", {})
+        except (CommandFailed, LinkClosed, TimeoutError):
+            return  # a restricted monitor, a link that ends: alerts go without it
+        self.watch.disks = disks(block)
 
     def _set_state(self, state: RunState) -> None:
         was_connected = self.connected

@@ -47,7 +47,13 @@ TTL_INTERVALS = 4  # a firing alert's endsAt is this many resend intervals ahead
 
 
 def am_labels(alert: Alert, host: str) -> dict[str, str]:
-    return {"alertname": alert.kind, "vm": alert.vm, "severity": alert.severity, "host": host}
+    """Labels: the kind, VM, severity and host; and the storage of a disk alert, so that a
+    route can group the VMs of one file system (`group_by: [storage]`)."""
+    labels = {"alertname": alert.kind, "vm": alert.vm, "severity": alert.severity, "host": host}
+    storage = alert.details.get("storage")
+    if isinstance(storage, str) and storage:
+        labels["storage"] = storage
+    return labels
 
 
 def am_annotations(alert: Alert, links: Links) -> dict[str, str]:

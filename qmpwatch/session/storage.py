@@ -1,0 +1,84 @@
+"""Where a VM's disks live: image files from `query-block`, and the mounts that hold them.
+
+So that alerts about disks can say which file system they are on (`storage`), and
+Alertmanager can group "8 VMs paused on one NFS mount" into one notification.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from qmpwatch.core.watch import DiskInfo
+
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def mounts(text: str) -> list[tuple[str, str, str]]:
+    """(mount point, source, file system type) of every line of a mountinfo file."""
+    found = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 2:
+            continue
+        point = fields[4].encode().decode("unicode_escape")  # \\040 for a space, ...
+        found.append((point, tail[1], tail[0]))
+    return found
+
+
+def mount_of(path: str, table: Iterable[tuple[str, str, str]]) -> tuple[str, str, str] | None:
+    """The mount holding `path` (the longest mount point it lies under)."""
+    best: tuple[str, str, str] | None = None
+    for entry in table:
+        point = entry[0]
+        under = path == point or path.startswith(point.rstrip("/") + "/")
+        if under and (best is None or len(point) > len(best[0])):
+            best = entry
+    return best
+
+
+def disks(block: Any, mountinfo: str | None = None) -> dict[str, DiskInfo]:
+    """Device and node-name -> the image behind it, from a `query-block` answer."""
+    if mountinfo is None:
+        try:
+            with open(MOUNTINFO, encoding="utf-8") as f:
+                mountinfo = f.read()
+        except OSError:
+            mountinfo = ""
+    table = mounts(mountinfo)
+    found: dict[str, DiskInfo] = {}
+    for device in block if isinstance(block, list) else ():
+        inserted = device.get("inserted") if isinstance(device, Mapping) else None
+        if not isinstance(inserted, Mapping):
+            continue
+        image = inserted.get("image")
+        filename = _file_of(image) or inserted.get("file")
+        if not isinstance(filename, str) or not filename.startswith("/"):
+            continue
+        real = os.path.realpath(filename)
+        mount = mount_of(real, table)
+        info = DiskInfo(
+            image=filename,
+            storage=mount[0] if mount else "",
+            storage_source=mount[1] if mount else "",
+            storage_fs=mount[2] if mount else "",
+        )
+        for key in (device.get("device"), inserted.get("node-name")):
+            if isinstance(key, str) and key:
+                found[key] = info
+    return found
+
+
+def _file_of(image: Any) -> str | None:
+    """The file at the bottom of an image chain (blkdebug, raw over file, ...)."""
+    while isinstance(image, Mapping):
+        backing = image.get("backing-image")
+        name = image.get("filename")
+        if isinstance(name, str) and name.startswith("/") and not isinstance(backing, Mapping):
+            return name
+        if isinstance(name, str) and ":" in name and name.rsplit(":", 1)[-1].startswith("/"):
+            return name.rsplit(":", 1)[-1]  # blkdebug:CONF:/path/disk.img
+        image = backing
+    return None
