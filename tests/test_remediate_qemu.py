@@ -7,6 +7,11 @@ back) or on every try (it stays broken), as qemu-facts.md describes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -137,3 +142,83 @@ def am_labels_of(record: dict[str, object]) -> dict[str, str]:
     assert isinstance(details, dict)
     alert = Alert(str(record["alert"]), "critical", str(record["vm"]), "", "", 0.0, details)
     return am_labels(alert, "hv")
+
+
+async def ata_write_sector(vm: LabVM, lba: int) -> None:
+    """ATA WRITE SECTORS of one sector at `lba`, as a guest does it (qemu-facts.md)."""
+    await vm.port_out(0x1F6, 0xE0 | ((lba >> 24) & 0x0F))
+    await vm.port_out(0x1F2, 1)
+    for port, shift in ((0x1F3, 0), (0x1F4, 8), (0x1F5, 16)):
+        await vm.port_out(port, (lba >> shift) & 0xFF)
+    await vm.port_out(0x1F7, 0x30)
+    for _ in range(128):
+        await vm.port_out(0x1F0, 0x5A5A5A5A, "w")
+
+
+@contextlib.asynccontextmanager
+async def small_tmpfs(where: Path, size: str) -> AsyncIterator[Path]:
+    """A tmpfs of `size` mounted at `where` for the block's duration."""
+    await asyncio.to_thread(where.mkdir)
+    mount = await asyncio.create_subprocess_exec("mount", "-t", "tmpfs", "-o", f"size={size}",
+                                                 "tmpfs", str(where))  # fmt: skip
+    assert await mount.wait() == 0, "mounting a tmpfs needs root"
+    try:
+        yield where
+    finally:
+        umount = await asyncio.create_subprocess_exec("umount", "-l", str(where))
+        await umount.wait()
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes every free byte of `directory`'s file system."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            try:
+                os.write(fd, b"\0" * 4096)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                return filler
+    finally:
+        os.close(fd)
+
+
+async def test_a_filling_disk_is_warned_of_then_resumed_when_space_is_freed(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """An image on a small tmpfs: a write past 50 % of it raises vm_disk_filling (and the
+    threshold is armed again further on); the file system fills, the VM pauses on ENOSPC;
+    once space is freed qmpwatch resumes it and the pause's alert resolves."""
+    async with small_tmpfs(tmp_path / "store", "1m") as store:
+        disk = BlkdebugSpec(errno=5, sector=8191, image_size=4 << 20, rerror="stop",
+                            werror="stop")  # fmt: skip
+        spec = LabSpec("fill01", blkdebug=disk)
+        async with LabVM.start(spec, sock_dir, disk_image=store / "disk.img") as vm:
+            cfg = config(tmp_path, vm, write_threshold_percent=50.0)
+            async with DaemonProcess.start(cfg) as daemon:
+                armed = await daemon.wait_for("vm_command_sent", vm="fill01")
+                await ata_write_sector(vm, 5000)  # 2.4 MiB into the 4 MiB image: past 50 %
+                filling = await daemon.wait_for("alert", vm="fill01", alert="vm_disk_filling")
+                rearmed = await daemon.wait_for("vm_command_sent", vm="fill01", count=2)
+                filler = fill(store)
+                await ata_write_sector(vm, 7000)  # a page the full tmpfs cannot give
+                paused = await daemon.wait_for("alert", vm="fill01", alert="vm_stopped_io_error")
+                freed_at = time.time()
+                filler.unlink()
+                resolved = await daemon.wait_for(
+                    "alert_resolved", vm="fill01", alert="vm_stopped_io_error", timeout=30
+                )
+                running_after_s = time.time() - freed_at
+                assert await vm.query_status() == "running"
+    assert (armed["command"], armed["outcome"]) == ("block-set-write-threshold", "done")
+    assert armed["arguments"]["write-threshold"] == 2 << 20
+    assert rearmed["arguments"]["write-threshold"] == 3 << 20  # half-way to full: 75 %
+    assert filling["severity"] == "warning"
+    assert filling["details"]["image"] == str(store / "disk.img")
+    assert filling["details"]["storage"] == str(store)
+    assert filling["details"]["storage_fs"] == "tmpfs"
+    assert paused["details"]["nospace"] is True
+    assert resolved["reason"].startswith("resumed by qmpwatch after")
+    print(f"space freed -> VM running and resolved: {running_after_s:.2f} s")

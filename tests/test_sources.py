@@ -95,16 +95,22 @@ def test_a_disk_image_is_placed_on_its_mount() -> None:
     """query-block's image files land on the longest mount point that holds them."""
     block = [
         {"device": "drive0", "inserted": {"node-name": "n0", "file": "/var/lib/images/a.qcow2",
-                                          "image": {"filename": "/var/lib/images/a.qcow2"}}},
+                                          "image": {"filename": "/var/lib/images/a.qcow2",
+                                                    "virtual-size": 1 << 30}}},
         {"device": "", "inserted": {"node-name": "n1", "file": "blkdebug:/c.conf:/mnt/my disk/b",
                                     "image": {"filename": "blkdebug:/c.conf:/mnt/my disk/b"}}},
         {"device": "cd0", "locked": False},
     ]  # fmt: skip
     found = disks(block, MOUNTINFO)
-    assert (
-        found["drive0"]
-        == found["n0"]
-        == DiskInfo("/var/lib/images/a.qcow2", "/var/lib/images", "nas:/export/vm", "nfs4")
+    assert found["drive0"] == found["n0"]
+    assert found["n0"].fields() == {
+        "image": "/var/lib/images/a.qcow2",
+        "storage": "/var/lib/images",
+        "storage_source": "nas:/export/vm",
+        "storage_fs": "nfs4",
+    }
+    assert (found["n0"].node_name, found["n0"].size) == ("n0", 1 << 30)
+    assert found["n1"] == DiskInfo(
+        "/mnt/my disk/b", "n1", storage="/mnt/my disk", storage_source="/dev/sdb1", storage_fs="xfs"
     )
-    assert found["n1"] == DiskInfo("/mnt/my disk/b", "/mnt/my disk", "/dev/sdb1", "xfs")
     assert "cd0" not in found

@@ -31,6 +31,7 @@ KINDS = (
     "block_job_error",
     "migration_failed",
     "vm_resume_given_up",
+    "vm_disk_filling",
 )
 
 # Alerts about a VM that is not running; they resolve when it runs again.
@@ -46,7 +47,12 @@ STOPPED_KINDS = frozenset(
 )
 
 # Alerts that stay firing until their condition ends (the others are one-shot).
-RESOLVABLE_KINDS = STOPPED_KINDS | {"vm_crashed", "vm_crash_loop", "vm_gone_while_unmonitored"}
+RESOLVABLE_KINDS = STOPPED_KINDS | {
+    "vm_crashed",
+    "vm_crash_loop",
+    "vm_gone_while_unmonitored",
+    "vm_disk_filling",
+}
 
 # Alerts of the incidents a crash loop is made of; while a VM's vm_crash_loop fires they are
 # raised as `info`, so a loop pages once.

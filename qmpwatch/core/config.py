@@ -94,6 +94,7 @@ class RemediateConfig:
     resume_backoff_initial_s: float = 10.0
     resume_backoff_max_s: float = 300.0
     resume_give_up_after_s: float = 3600.0
+    write_threshold_percent: float = 0.0  # 0: off; e.g. 90 arms QEMU's write threshold there
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,7 +418,17 @@ def _parse_remediate(r: _Reader, base: RemediateConfig) -> RemediateConfig:
         resume_give_up_after_s=r.get(
             "resume_give_up_after_s", r.number(), base.resume_give_up_after_s
         ),
+        write_threshold_percent=r.get(
+            "write_threshold_percent",
+            r.number(minimum=0.0, positive=False),
+            base.write_threshold_percent,
+        ),
     )
+    if not 0 <= cfg.write_threshold_percent < 100:
+        r.bad(
+            "write_threshold_percent",
+            f"must be 0 (off) or a percentage below 100, got {cfg.write_threshold_percent:g}",
+        )
     if cfg.resume_backoff_max_s < cfg.resume_backoff_initial_s:
         r.bad(
             "resume_backoff_max_s",

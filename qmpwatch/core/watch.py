@@ -52,6 +52,9 @@ class DiskInfo:
     """Where one disk's image lives: the file and the mount (file system) holding it."""
 
     image: str
+    node_name: str = ""
+    size: int = 0  # the image's virtual size, bytes (0: unknown)
+    read_only: bool = False
     storage: str = ""  # the mount point
     storage_source: str = ""  # what is mounted there (a device, host:/export, ...)
     storage_fs: str = ""  # its file system type
@@ -143,6 +146,7 @@ class VmWatch:
         self.transient_due: float | None = None
         self.resumer = Resumer(remediate if remediate is not None else RemediateConfig())
         self.disks: dict[str, DiskInfo] = {}  # device or node-name -> image (query-block)
+        self.thresholds: dict[str, float] = {}  # node-name -> write threshold armed, percent
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -377,6 +381,35 @@ class VmWatch:
                 lambda a: a.kind == "vm_stuck_transient",
                 f"the VM left the transient state (now {status or 'unknown'})",
             )
+
+    def on_disks(self, disks: dict[str, DiskInfo], now: float) -> None:
+        """A session learned where the VM's disks live (`query-block`): a filling alert of a
+        disk replaced or shrunk resolves; with `write_threshold_percent`, QEMU's write
+        threshold is armed on every writable image of known size."""
+        self.disks = disks
+        by_node = {info.node_name: info for info in disks.values() if info.node_name}
+        for alert in [a for a in self.firing.values() if a.kind == "vm_disk_filling"]:
+            info = by_node.get(str(alert.details.get("node-name")))
+            if info is None or info.image != alert.details.get("image"):
+                reason = "its image was replaced"
+            elif info.size < int(alert.details.get("size", 0)):
+                reason = "its image shrank"
+            else:
+                continue
+            self._resolve(now, alert.__eq__, reason)
+        percent = self.resumer.config.write_threshold_percent
+        self.thresholds.clear()
+        if percent:
+            for node, info in by_node.items():
+                if not info.read_only and info.size > 0:
+                    self._arm_threshold(node, info, percent)
+
+    def _arm_threshold(self, node: str, info: DiskInfo, percent: float) -> None:
+        self.thresholds[node] = percent
+        threshold = int(info.size * percent / 100)
+        self.out.command(
+            "block-set-write-threshold", {"node-name": node, "write-threshold": threshold}
+        )
 
     def _disk_fields(self, event: BlockIoError) -> dict[str, str]:
         """The failing disk's image and storage, when `query-block` told them."""
@@ -848,6 +881,36 @@ def on_block_job_error(watch: VmWatch, event: Event, now: float) -> None:
     )
 
 
+def on_write_threshold(watch: VmWatch, event: Event, now: float) -> None:
+    """BLOCK_WRITE_THRESHOLD: a guest wrote past the threshold qmpwatch armed on an image (it
+    is filling up): one warning per disk, and the threshold armed again half-way to full."""
+    data = event.data
+    node = _text(data, "node-name")
+    info = next((i for i in watch.disks.values() if i.node_name == node), None)
+    percent = watch.thresholds.pop(node, None)
+    disk = info.image if info is not None else node or "a disk"
+    shown = f" ({percent:g} % of its {info.size / 2**30:.3g} GiB)" if percent and info else ""
+    details: dict[str, Any] = {
+        k: data[k] for k in ("node-name", "write-threshold", "amount-exceeded") if k in data
+    }
+    if percent is not None:
+        details["percent"] = percent
+    if info is not None:
+        details.update(info.fields())
+        details["size"] = info.size
+    watch._raise(
+        now,
+        "vm_disk_filling",
+        "warning",
+        f"VM {watch.vm}: its disk {disk} is filling up: written past the threshold{shown}",
+        cause=f"filling:{node}",
+        details=details,
+        qemu_time=event.qemu_time,
+    )
+    if percent is not None and info is not None and 100 - percent > 0.2:
+        watch._arm_threshold(node, info, percent + (100 - percent) / 2)
+
+
 def on_migration(watch: VmWatch, event: Event, now: float) -> None:
     """MIGRATION with status `failed`: the VM stays where it was (and may be paused)."""
     if event.data.get("status") != "failed":
@@ -876,6 +939,7 @@ HANDLERS: dict[str, tuple[Handler, ...]] = {
     "MEMORY_FAILURE": (on_memory_failure,),
     "BLOCK_JOB_ERROR": (on_block_job_error,),
     "MIGRATION": (on_migration,),
+    "BLOCK_WRITE_THRESHOLD": (on_write_threshold,),
 }
 
 

@@ -253,7 +253,7 @@ class VmSession:
             block = await link.execute("query-block", {})
         except (CommandFailed, LinkClosed, TimeoutError):
             return  # a restricted monitor, a link that ends: alerts go without it
-        self.watch.disks = disks(block)
+        self.watch.on_disks(disks(block), time.time())
 
     def _set_state(self, state: RunState) -> None:
         was_connected = self.connected

@@ -59,8 +59,13 @@ def disks(block: Any, mountinfo: str | None = None) -> dict[str, DiskInfo]:
             continue
         real = os.path.realpath(filename)
         mount = mount_of(real, table)
+        size = image.get("virtual-size") if isinstance(image, Mapping) else None
+        node = inserted.get("node-name")
         info = DiskInfo(
             image=filename,
+            node_name=node if isinstance(node, str) else "",
+            size=size if isinstance(size, int) else 0,
+            read_only=inserted.get("ro") is True,
             storage=mount[0] if mount else "",
             storage_source=mount[1] if mount else "",
             storage_fs=mount[2] if mount else "",
