@@ -222,3 +222,27 @@ async def test_a_filling_disk_is_warned_of_then_resumed_when_space_is_freed(
     assert paused["details"]["nospace"] is True
     assert resolved["reason"].startswith("resumed by qmpwatch after")
     print(f"space freed -> VM running and resolved: {running_after_s:.2f} s")
+
+
+async def test_low_free_space_where_images_live_is_warned_of(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """storage_free_percent: the file system of the VM's image gets full -> a warning with
+    its storage; space freed -> resolved."""
+    async with small_tmpfs(tmp_path / "store", "1m") as store:
+        disk = BlkdebugSpec(errno=5, sector=2047, image_size=1 << 20)
+        async with LabVM.start(LabSpec("low01", blkdebug=disk), sock_dir,
+                               disk_image=store / "disk.img") as vm:  # fmt: skip
+            cfg = config(tmp_path, vm, storage_free_percent=50.0, storage_check_interval_s=0.2)
+            async with DaemonProcess.start(cfg) as daemon:
+                await daemon.wait_for("vm_connected", vm="low01")
+                filler = fill(store)
+                low = await daemon.wait_for("alert", vm="low01", alert="storage_space_low")
+                filler.unlink()
+                back = await daemon.wait_for("alert_resolved", vm="low01")
+    assert low["severity"] == "warning"
+    assert low["details"]["storage"] == str(store)
+    assert low["details"]["images"] == [str(store / "disk.img")]
+    assert low["details"]["free_percent"] < 50
+    assert back["alert"] == "storage_space_low"
+    assert "free again" in back["reason"]

@@ -32,6 +32,7 @@ KINDS = (
     "migration_failed",
     "vm_resume_given_up",
     "vm_disk_filling",
+    "storage_space_low",
 )
 
 # Alerts about a VM that is not running; they resolve when it runs again.
@@ -52,6 +53,7 @@ RESOLVABLE_KINDS = STOPPED_KINDS | {
     "vm_crash_loop",
     "vm_gone_while_unmonitored",
     "vm_disk_filling",
+    "storage_space_low",
 }
 
 # Alerts of the incidents a crash loop is made of; while a VM's vm_crash_loop fires they are

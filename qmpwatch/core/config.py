@@ -95,6 +95,8 @@ class RemediateConfig:
     resume_backoff_max_s: float = 300.0
     resume_give_up_after_s: float = 3600.0
     write_threshold_percent: float = 0.0  # 0: off; e.g. 90 arms QEMU's write threshold there
+    storage_free_percent: float = 0.0  # 0: off; e.g. 10 warns below 10 % free where images are
+    storage_check_interval_s: float = 30.0  # how often that free space is looked at
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,7 +425,19 @@ def _parse_remediate(r: _Reader, base: RemediateConfig) -> RemediateConfig:
             r.number(minimum=0.0, positive=False),
             base.write_threshold_percent,
         ),
+        storage_free_percent=r.get(
+            "storage_free_percent",
+            r.number(minimum=0.0, positive=False),
+            base.storage_free_percent,
+        ),
+        storage_check_interval_s=r.get(
+            "storage_check_interval_s", r.number(), base.storage_check_interval_s
+        ),
     )
+    for key in ("storage_free_percent",):
+        value = getattr(cfg, key)
+        if not 0 <= value < 100:
+            r.bad(key, f"must be 0 (off) or a percentage below 100, got {value:g}")
     if not 0 <= cfg.write_threshold_percent < 100:
         r.bad(
             "write_threshold_percent",

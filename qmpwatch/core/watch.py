@@ -404,6 +404,50 @@ class VmWatch:
                 if not info.read_only and info.size > 0:
                     self._arm_threshold(node, info, percent)
 
+    def storages(self) -> dict[str, list[DiskInfo]]:
+        """Mount point -> the writable images of this VM on it."""
+        found: dict[str, list[DiskInfo]] = {}
+        seen: set[str] = set()
+        for info in self.disks.values():
+            if info.storage and not info.read_only and info.image not in seen:
+                seen.add(info.image)
+                found.setdefault(info.storage, []).append(info)
+        return found
+
+    def on_storage_free(self, free: Mapping[str, float], now: float) -> None:
+        """The free space (percent) of the file systems holding the VM's writable images:
+        below `storage_free_percent` a warning per file system, resolved above it again."""
+        limit = self.resumer.config.storage_free_percent
+        storages = self.storages()
+        for mount, percent in free.items():
+            images = storages.get(mount, [])
+            if not images:
+                continue
+            cause = f"storage:{mount}"
+            if percent >= limit:
+                self._resolve(
+                    now,
+                    lambda a, c=cause: a.kind == "storage_space_low" and a.cause == c,  # type: ignore[misc]
+                    f"{percent:.1f} % free again",
+                )
+                continue
+            first = images[0]
+            self._raise(
+                now,
+                "storage_space_low",
+                "warning",
+                f"VM {self.vm}: the file system of its disk {first.image} has {percent:.1f} % "
+                f"free (warns below {limit:g} %): QEMU pauses the VM when it is full",
+                cause=cause,
+                details={
+                    "storage": mount,
+                    "storage_source": first.storage_source,
+                    "storage_fs": first.storage_fs,
+                    "free_percent": round(percent, 2),
+                    "images": [i.image for i in images],
+                },
+            )
+
     def _arm_threshold(self, node: str, info: DiskInfo, percent: float) -> None:
         self.thresholds[node] = percent
         threshold = int(info.size * percent / 100)

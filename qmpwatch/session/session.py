@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from qmpwatch.session.storage import disks
 # Failures that mean no QEMU is behind the VM's socket (it went away while nobody watched),
 # as opposed to a QEMU that is there but cannot be reached.
 ABSENT_REASONS = frozenset({"missing", "refused", "not_reconnected"})
+STATVFS_TIMEOUT_S = 5.0
 COMMANDS_MAX = 16  # commands of the core waiting to be sent (a few: one resume at a time)
 
 
@@ -194,6 +196,7 @@ class VmSession:
                     workers = [
                         tg.create_task(self._status_worker(link)),
                         tg.create_task(self._command_worker(link)),
+                        tg.create_task(self._storage_worker()),
                     ]
                     cause, error = await link.wait_closed()
                     for worker in workers:
@@ -350,6 +353,24 @@ class VmSession:
             self.note("vm_command_sent", "warning" if error else "info", **fields)
             self.watch.on_command_result(name, error, time.time())
             self._arm_deadline()
+
+    async def _storage_worker(self) -> None:
+        """With `storage_free_percent`, look at the free space where the writable images
+        live every `storage_check_interval_s` (statvfs off the loop: NFS can hang)."""
+        while True:
+            config = self.watch.resumer.config
+            if config.storage_free_percent > 0:
+                free: dict[str, float] = {}
+                for mount in self.watch.storages():
+                    try:
+                        async with asyncio.timeout(STATVFS_TIMEOUT_S):
+                            st = await asyncio.to_thread(os.statvfs, mount)
+                    except (OSError, TimeoutError):
+                        continue  # unreachable now: said by the disk's own errors, if any
+                    if st.f_blocks:
+                        free[mount] = 100.0 * st.f_bavail / st.f_blocks
+                self.watch.on_storage_free(free, time.time())
+            await asyncio.sleep(config.storage_check_interval_s)
 
     def _arm_deadline(self) -> None:
         deadline = self.watch.next_deadline()
