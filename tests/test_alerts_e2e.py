@@ -54,7 +54,10 @@ async def test_io_error_pause_reaches_alertmanager_and_webhook(
                 "vm": "web01",
                 "severity": "critical",
                 "host": "hv-test",
+                "storage": labels["storage"],  # the mount of the disk image: checked below
             }
+            assert vm.disk_image is not None
+            assert str(vm.disk_image).startswith(labels["storage"])
             assert "read error on drive0" in found[0]["annotations"]["summary"]
 
             firing = await hook.wait_for(

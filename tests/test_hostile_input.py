@@ -401,8 +401,9 @@ BAD_GREETINGS: list[tuple[bytes | None, str, str]] = [
     (b'["QMP"]\r\n', "bad_greeting", "not a JSON object"),
     (b'{"hello": "world"}\r\n', "bad_greeting", "Did not understand Greeting"),
     (b'{"QMP": "yes"}\r\n', "bad_greeting", "Did not understand Greeting"),
-    (b'{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}}\r\n', "bad_greeting",
-     "Did not understand Greeting"),
+    # QEMU 10 can send an event ahead of its greeting: the client takes it and waits on
+    (b'{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}}\r\n', "no_greeting",
+     "no QMP greeting within 1 s"),
     (b"x" * (READ_LIMIT + 10), "bad_greeting", "line longer than"),
     (None, "no_greeting", "no QMP greeting within 1 s"),
 ]  # fmt: skip

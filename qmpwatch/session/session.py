@@ -209,9 +209,12 @@ class VmSession:
                 if unresponsive and cause == "error":
                     cause = "closed"  # qmpwatch hung up; QEMU did not go away
         except asyncio.CancelledError:
+            ended: tuple[EndCause, str] = ("closed", "qmpwatch is stopping")
             with contextlib.suppress(Exception):
-                await link.close()
-            self._ended("closed", "qmpwatch is stopping")
+                closed = await link.close()
+                if closed[0] == "eof":
+                    ended = closed  # QEMU had gone already (its socket's removal stopped us)
+            self._ended(*ended)
             raise
         self._ended(cause, error)
 
