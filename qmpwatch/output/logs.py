@@ -23,7 +23,8 @@ import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from qmpwatch.core.events import Event, iso_utc
+from qmpwatch.core.events import Event
+from qmpwatch.core.times import iso_from_epoch, iso_utc
 from qmpwatch.output import console
 
 LogFormat = Literal["json", "console"]
@@ -36,15 +37,6 @@ def qmp_event_fields(event: Event) -> dict[str, Any]:
         "qemu_time": iso_utc(event.seconds, event.microseconds),  # event.qemu_time
         "data": event.data,
     }
-
-
-def iso_from_epoch(now: float) -> str:
-    """Epoch seconds -> ISO 8601 UTC with microseconds."""
-    seconds = int(now)
-    micro = round((now - seconds) * 1_000_000)
-    if micro >= 1_000_000:
-        seconds, micro = seconds + 1, micro - 1_000_000
-    return iso_utc(seconds, micro)  # caches the whole-second part
 
 
 class LineWriter:
@@ -252,10 +244,6 @@ class RecordLogger:
         """`iso_from_epoch(now)`; records written in one go share `now`, so the last is kept."""
         if now == self._last_now:
             return self._last_stamp
-        seconds = int(now)
-        micro = round((now - seconds) * 1_000_000)
-        if micro >= 1_000_000:
-            seconds, micro = seconds + 1, micro - 1_000_000
-        stamp = self._last_stamp = iso_utc(seconds, micro)
+        stamp = self._last_stamp = iso_from_epoch(now)
         self._last_now = now
         return stamp

@@ -40,7 +40,7 @@ from qmpwatch.alerts.sinks.http import HttpSink
 from qmpwatch.alerts.sinks.payload import encode
 from qmpwatch.core.alert import Alert
 from qmpwatch.core.config import AlertmanagerConfig
-from qmpwatch.output.logs import iso_from_epoch
+from qmpwatch.core.times import iso_from_epoch
 
 API_PATH = "/api/v2/alerts"
 TTL_INTERVALS = 4  # a firing alert's endsAt is this many resend intervals ahead

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from qmpwatch.alerts.outbox import Entry
-from qmpwatch.output.logs import iso_from_epoch
+from qmpwatch.core.times import iso_from_epoch
 
 VERSION = 1
 
