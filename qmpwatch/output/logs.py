@@ -12,7 +12,6 @@ retry loop against a missing socket does not flood the log.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -23,6 +22,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from qmpwatch.aio.turns import EndOfTurn
 from qmpwatch.core.events import Event
 from qmpwatch.core.times import iso_from_epoch, iso_utc
 from qmpwatch.output import console
@@ -50,7 +50,8 @@ class LineWriter:
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
         self._buffer = bytearray()
-        self._scheduled = False
+        self._end_of_turn = EndOfTurn(self.flush)
+        self._flush_due = False  # spares the per-line call to `EndOfTurn.schedule`
         # Run before each batch is written: the daemon commits its state journals there, so
         # that a line on disk implies the state changes of the turn that logged it.
         self.before_write: list[Callable[[], object]] = []
@@ -59,22 +60,19 @@ class LineWriter:
         self.write_line(line if isinstance(line, bytes) else line.encode() + b"\n")
 
     def write_line(self, line: bytes) -> None:
-        """Queue one rendered line (with its newline); it is written at the end of this turn."""
+        """Queue one rendered line (with its newline); it is written at the end of this turn
+        (at once outside a running loop)."""
         self._buffer += line
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_soon(self.flush)
+        if not self._flush_due:
+            self._flush_due = True
+            self._end_of_turn.schedule()
 
     debug = info = warning = warn = error = critical = exception = log = msg
 
     def flush(self) -> None:
-        self._scheduled = False
+        """Write what is queued now (runs by itself right after the turn that queued it)."""
+        self._flush_due = False
+        self._end_of_turn.cancel()
         if not self._buffer:
             return
         for hook in self.before_write:
