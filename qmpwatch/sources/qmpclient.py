@@ -58,6 +58,27 @@ _SHALLOW = 2 * MAX_DEPTH  # a line this short cannot nest deeper than MAX_DEPTH
 _ID_PREFIX = "__qmp#"  # qemu.qmp's execute ids: __qmp#00000, __qmp#00001, ...
 _LATE = "late reply"  # _unroutable(): a reply to one of our commands that gave up waiting
 
+# Every private name of qemu.qmp that qmpwatch relies on, as (class, name): the methods
+# WatchClient (and the lab's control client) override or extend through super(), the
+# attributes WatchClient reads, and the slots `_message` fills. The pin in pyproject.toml
+# holds them; tests/test_qemu_qmp_privates.py fails, naming each one, if the installed
+# qemu.qmp lacks any (check them all before moving the pin).
+QEMU_QMP_PRIVATES: tuple[tuple[str, str], ...] = (
+    ("QMPClient", "_cb_inbound"),  # overridden: no pretty DEBUG dump per message (lab too)
+    ("QMPClient", "_cb_outbound"),  # overridden: the same, for messages sent
+    ("QMPClient", "_establish_session"),  # extended: a new session resets the line splitter
+    ("QMPClient", "_get_greeting"),  # extended: greeted yet (garbage before it is fatal)
+    ("QMPClient", "_negotiate"),  # extended: negotiated yet (an id-less reply is routable)
+    ("QMPClient", "_do_recv"),  # replaced: the whole message path
+    ("QMPClient", "_reader"),  # read by `_fill`: the session's StreamReader
+    ("QMPClient", "_pending"),  # read: the ids of the commands waiting for a reply
+    ("QMPClient", "_execute_id"),  # read: the next execute id, to tell late replies
+    ("QMPClient", "_get_exec_id"),  # its ids are `_ID_PREFIX` + a number (late replies)
+    ("QMPClient", "_event_dispatch"),  # overridden by the lab's control client
+    ("Message", "_data"),  # set by `_message`: no serialised form yet
+    ("Message", "_obj"),  # set by `_message`: the object already parsed
+)
+
 EventCallback = Callable[[dict[str, Any], float], None]  # (event, received at: epoch s)
 ErrorCallback = Callable[[DecodeError], None]
 
