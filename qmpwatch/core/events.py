@@ -1,13 +1,8 @@
 """The decoder: a raw QMP message (text, bytes or a parsed object) -> a typed, frozen event.
 
-Pure: imports neither asyncio nor qemu.qmp. Raw dicts from QMP do not travel past this module
-except as `Event.data`, the event's data object exactly as received (logged as-is).
-
-Every event of the QMP events document has a class whose documented fields are checked for
-type; fields the document does not list (real QEMU adds `qom-path`, `node-name`, `reason`,
-`nospace`, `websocket`, ...) are kept in `data` and never rejected, and an enum value the
-document does not list (a newer WATCHDOG action, say) is kept as the string it is. Anything
-else is a `DecodeError` that carries the raw text.
+Pure. Every event of the QMP events document has a class whose documented fields are checked;
+anything QEMU adds is kept, and what breaks the document is a `DecodeError` with the raw text
+(docs/architecture.md, "The decoder").
 """
 
 from __future__ import annotations

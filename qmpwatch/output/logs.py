@@ -1,13 +1,9 @@
 """Structured logs: structlog configured for JSON lines (or a console format for people).
 
-Every record has `timestamp` (ISO 8601, UTC, microseconds), `level` and `event`, then the
-record's own keys, rendered with orjson. Lines are collected in memory and written in one
-`write()` per event-loop turn (`LineWriter.flush_soon`), so a burst of events costs one
-syscall, and no line waits longer than the rest of the current loop iteration; `flush()` runs
-on shutdown. Outside a running loop (`replay`, `check-config`) every line is written at once.
-
-The stdlib loggers of qemu.qmp are routed here too, lowered to warnings-and-above, so that a
-retry loop against a missing socket does not flood the log.
+Every record has `timestamp`, `level` and `event`, then its own keys. `LineWriter` writes the
+lines of one event-loop turn in one `write()` (at once outside a running loop), `RecordLogger`
+is the per-event path, and qemu.qmp's stdlib loggers are routed here, quiet below CRITICAL.
+docs/architecture.md ("JSON lines") says why.
 """
 
 from __future__ import annotations
