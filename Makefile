@@ -1,6 +1,7 @@
 # qmpwatch: two commands do all set-up on a fresh Debian machine.
 #   make run    set up, then show the daemon at work on a throwaway real QEMU (qmpwatch demo)
-#   make test   set up, then lint, type-check and run the whole suite (real QEMU, Alertmanager);
+#   make test   set up, then lint (with the layers' import contracts), type-check and run the
+#               whole suite (real QEMU, Alertmanager);
 #               every real-QEMU test runs on the system's QEMU and on QEMU 10.0 (.cache/)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -33,6 +34,7 @@ test: system-deps-test $(BIN)/.installed lint typecheck pytest
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy

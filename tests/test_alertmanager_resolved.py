@@ -14,8 +14,8 @@ from qmpwatch.alerts.dispatch import RESOLVED_KEPT_MAX, RESOLVED_RETENTION_S, Al
 from qmpwatch.alerts.links import Links
 from qmpwatch.alerts.sinks.alertmanager import refresh_body
 from qmpwatch.core.config import AlertConfig, AlertmanagerConfig
+from qmpwatch.core.times import iso_from_epoch
 from qmpwatch.lab import LabSpec, LabVM
-from qmpwatch.output.logs import iso_from_epoch
 from tests.alert_fixtures import Receiver, make_alert, receiving, running
 from tests.alertmanager import Alertmanager, notifying, running_alertmanager
 from tests.daemon_harness import DaemonProcess, lab_config

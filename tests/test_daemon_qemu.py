@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from qmpwatch.core.events import iso_utc
+from qmpwatch.core.times import iso_utc
 from qmpwatch.lab import (
     BlkdebugSpec,
     LabEvent,

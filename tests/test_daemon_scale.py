@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qmpwatch.core.events import iso_utc
+from qmpwatch.core.times import iso_utc
 from qmpwatch.lab import LabEvent, LabSpec, LabVM
 from tests.daemon_harness import DaemonProcess, write_config
 from tests.vm_scripts import basic_events

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from qmpwatch.core.events import Event, decode
+from qmpwatch.core.times import iso_from_epoch
 from qmpwatch.output import logs
-from qmpwatch.output.logs import RecordLogger, iso_from_epoch, qmp_event_fields
+from qmpwatch.output.logs import RecordLogger, qmp_event_fields
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | st.text(),

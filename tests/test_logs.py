@@ -19,9 +19,10 @@ from structlog.testing import capture_logs
 
 from qmpwatch.core.config import FollowupConfig
 from qmpwatch.core.events import Event, decode
+from qmpwatch.core.times import iso_from_epoch
 from qmpwatch.core.watch import VmWatch
 from qmpwatch.output import logs
-from qmpwatch.output.logs import LineWriter, RecordLogger, iso_from_epoch
+from qmpwatch.output.logs import LineWriter, RecordLogger
 
 ISO_UTC_MICRO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 

@@ -50,7 +50,7 @@ def block_io_error(action: str = "stop", device: str = "drive0") -> Event:
 
 
 # ---------------------------------------------------------------------------------------------
-# The table of tracker.py's docstring, rule by rule
+# The table of the follow-up rules (docs/architecture.md), rule by rule
 
 OPENING = [
     pytest.param(block_io_error("stop"), False, "STOP", 1.5, "BLOCK_IO_ERROR", id="bioerr-stop"),

@@ -1,8 +1,8 @@
 """`EndOfTurn`: run a callback once, right after the current event-loop turn.
 
-For writers that batch what one turn produces (the alert outbox and the state store commit a
-turn's writes in one SQLite transaction). Outside a running event loop (tests, tools) the
-callback runs at once, so nothing waits for a turn that never ends.
+For writers that batch what one turn produces: the alert outbox and the state store (one SQLite
+transaction) and the log (`LineWriter`, one `write()`). Outside a running event loop (tests,
+tools) the callback runs at once, so nothing waits for a turn that never ends.
 """
 
 from __future__ import annotations

@@ -1,32 +1,10 @@
 """The alert dispatcher: alerts in, synchronously and at once; deliveries out, per sink.
 
-`fire` and `resolve` only queue the notification in the outbox (`qmpwatch.alerts.outbox`: memory at
-once, SQLite at the end of the loop turn, before any delivery reads it) and wake the delivery
-loops, so the event intake never waits on a receiver. `run` owns one delivery loop per sink
-(a TaskGroup). A loop takes the sink's next due entry, makes one attempt bounded by the
-sink's `timeout_s`, and on failure backs off: the entry is retried after `retry_initial_s`
-doubling up to `retry_max_s` per failed attempt (times a random factor in [0.5, 1]), and the
-whole sink pauses as long after consecutive failures, so a dead receiver gets one attempt per
-backoff interval, not one per queued alert. Entries never expire; the outbox bound (and its
-drop rule) limits what is kept.
-
-Resolved alerts are remembered for RESOLVED_RETENTION_S (15 minutes, Prometheus' resolved
-retention) and re-posted as resolved with every Alertmanager refresh in that time, as
-Prometheus does: an Alertmanager that somehow missed the resolution still learns it
-(`recently_resolved`).
-
-A sink whose every attempt (delivery or re-post) has failed since some time is in `failing`
-(by sink name, since when and the latest error) until an attempt works: `qmpwatch.service.health`
-reports it as degraded once that has lasted too long.
-
-`aclose(deadline_s)` makes every loop try what is due once more, stops each sink at its
-first failure and cuts attempts still running at the deadline; what is left stays in the
-outbox for the next start.
-
-Log records (all with `vm`, `alert` (kind), `status`, `fingerprint`, `sink` and `target`):
-`alert_delivered` (`attempt`, `latency_ms` since the alert's time), `alert_delivery_failed`
-(`attempt`, `error`, `retry_in_s`), and per sink `alert_refresh_failed` (Alertmanager
-re-post; `alerts`, `error`, `retry_in_s`). The outbox adds `alert_dropped`.
+`fire` and `resolve` queue the notification in the outbox and wake the delivery loops, so the
+event intake never waits on a receiver. `run` owns one delivery loop per sink: one attempt at
+a time, bounded by the sink's `timeout_s`, with a backoff per entry and per sink; resolved
+alerts are re-posted to Alertmanager for `RESOLVED_RETENTION_S`; `failing` tells the health
+check which sinks fail. docs/architecture.md ("The dispatcher") has the rules and the records.
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """Links that go out with alerts: where the daemon is (`generatorURL`) and each kind's runbook.
 
-Alertmanager shows an alert's `generatorURL` as its source and its `runbook_url` annotation
-as the link to follow. Both start from the daemon's *external URL*, the address people reach
-its HTTP endpoint at: `alert.external_url`, else `http://<alert.host or hostname>:<port of
-daemon.metrics_listen>`, which is how Prometheus defaults its own `--web.external-url`.
-
-    generatorURL   <external URL>/healthz            (none without an HTTP endpoint)
-    runbook_url    alert.runbook_url with {kind} replaced, else
-                   <external URL>/runbooks/<kind>    (served by the daemon, see below)
-
-The runbooks are the Markdown files of `docs/runbooks/` (`<kind>.md`, one per alert kind),
-installed with the package as `qmpwatch/runbooks/` and served by the HTTP endpoint at
-`/runbooks/<kind>`, so the default links work wherever `/metrics` can be reached.
+Both start from the daemon's external URL (`alert.external_url`, else its HTTP endpoint's
+address); the runbooks are `docs/runbooks/<kind>.md`, installed as `qmpwatch/runbooks/` and
+served at `/runbooks/<kind>`. docs/architecture.md ("Links") has the rules.
 """
 
 from __future__ import annotations

@@ -1,65 +1,11 @@
 """The alert outbox: a bounded, durable queue of alert notifications owed to each sink.
 
-An *entry* is one notification (an alert firing, or its resolution) with its idempotency key.
-It is owed to every sink that was configured when it was added and leaves the outbox once each
-of them has it. SQLite in WAL mode, under `state_dir` (`outbox.sqlite3`, with `outbox.lock`
-held while a daemon uses it), so a restart, even after SIGKILL, resumes where delivery stopped.
-Memory is authoritative while the daemon runs; the database is the journal for the next run.
-
-Writes are batched. `add`, `delivered` and `failed` change memory at once and queue their SQL;
-the first write of an event-loop turn schedules `flush` with `loop.call_soon`, which commits
-the whole queue in order in one transaction (BEGIN IMMEDIATE ... COMMIT) right after the turn,
-the way `qmpwatch.output.logs.LineWriter` writes that turn's log lines. An alert storm
-therefore costs
-one transaction per turn, not one per alert. Outside a running event loop (tests, tools) every
-write is committed at once. `flush()` commits the queue now: `next_for` and `active` (the reads
-that hand entries and alerts to a sink) and `close` call it first, so no sink ever gets an
-entry whose INSERT is not committed. (The dispatcher calls `next_for` again right after a
-delivery, in the same turn, so a delivery is committed as delivered before its
-`alert_delivered` line can be written.)
-
-What a crash loses: `synchronous=NORMAL` in WAL mode, so a commit survives the process being
-killed, and a power cut may lose the last commits. A SIGKILL loses the writes queued since the
-last commit: at most those of the loop turn in progress (with those of any callback that ran
-after it but before the commit callback), the turn whose log lines are not written yet either,
-since `LineWriter` too writes a turn's lines from a callback run right after the turn. The two
-callbacks run in the order they were scheduled (usually the log lines first: a turn logs its
-event before it raises an alert), so a kill that lands between them can find the lines written
-and the commit not; so the daemon commits every journal (`qmpwatch.service.statestore.flush_all`)
-before each batch of log lines (`LineWriter.before_write`). What such a loss means after the
-restart: an entry added in
-that turn had not been handed to any sink (a delivery flushes first), so it is missing, never
-delivered twice; a delivery or a failed attempt not yet recorded is retried with the same
-idempotency key (at least once, as always); a drop not yet recorded is redone by the same rule
-when the outbox is opened; the active set is as it was before that turn.
-
-Across the two databases of a daemon: `qmpwatch.service.statestore` commits the queued writes of
-every outbox of the process (`flush_all`) before it commits run statuses, so a VM's status is
-never in the journal before the alerts raised before it (which would make a restart after a
-kill in between consider the stop already alerted).
-
-A failed commit rolls the batch back and is logged once (`alert_outbox_write_failed`, with the
-names of its writes in `op` and their number in `writes`); its entries are still delivered from
-memory, only not durably. `problem` says so until a commit works again
-(`alert_outbox_recovered`). Without a usable `state_dir` the dispatcher runs the outbox in memory
-only (`Outbox(None, ...)`).
-
-Order: a sink gets the entries of one alert (fingerprint) in the order they were added, so a
-resolution never overtakes its firing; alerts with different fingerprints do not wait on
-each other.
-
-Bound (`alert.outbox_max_entries`): adding to a full outbox drops one entry, the oldest of
-the first non-empty class, counting the new entry as the newest:
-
-1. resolved notifications and `info` alerts,
-2. firing `warning` alerts,
-3. firing `critical` alerts: never dropped; the outbox grows past its bound instead and says
-   so (`alert_outbox_over_capacity`).
-
-Every dropped entry is logged as `alert_dropped`.
-
-The outbox also remembers the *active* alerts (fired, resolvable, not yet resolved), which
-the Alertmanager sink re-posts so they do not expire.
+SQLite in WAL mode under `state_dir` (memory only without one), so a restart, even after
+SIGKILL, resumes where delivery stopped; memory is authoritative while the daemon runs. Writes
+are committed once per event-loop turn (`EndOfTurn`) and before any read that hands entries to
+a sink. A full outbox drops by class (resolved and `info` first, never a firing `critical`).
+docs/architecture.md ("The outbox", "One turn, three journals") has the rules and what a crash
+loses.
 """
 
 from __future__ import annotations
@@ -177,7 +123,7 @@ def alert_from_json(raw: str | bytes) -> Alert:
 
 
 class Outbox:
-    """The durable, bounded outbox of one daemon; see the module docstring for the rules."""
+    """The durable, bounded outbox of one daemon; docs/architecture.md has the rules."""
 
     def __init__(self, state_dir: Path | None, *, sinks: Iterable[str], max_entries: int) -> None:
         """Open (or create) the outbox under `state_dir`; None: in memory only, not durable.

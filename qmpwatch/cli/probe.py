@@ -1,25 +1,9 @@
 """`qmpwatch check-config --probe`: does the world match a valid configuration?
 
-A configuration can parse and still point at sockets that do not exist or that this user may
-not open, a state directory it cannot write, receivers nobody answers at. `probe(config)`
-checks, with the permissions of the user it runs as (run it as the service's user):
-
-- each `[[vm]]` socket, and each socket `[[discover]]` finds now: it exists, is a unix
-  socket, and accepts a connection. The connection is closed at once, without waiting for
-  the greeting, and each socket is tried once: a QMP monitor serves one client and its listen
-  queue is short (a backlog of 1), so a connection that lingered, or a burst of them, would
-  keep the daemon out. A connection closed at once still waits in that queue until QEMU
-  accepts it (at once when the monitor is free; when the daemon holds it, once the daemon
-  leaves), which is why the probe never retries.
-- `daemon.state_dir`: a temporary file can be created and removed in it, and the state and
-  outbox files already there can be opened for writing; if it does not exist yet, a directory
-  can be created (and is removed) where the daemon would create it.
-- each webhook and Alertmanager: its host answers a TCP connect within the sink's
-  `timeout_s` (at most PROBE_TIMEOUT_S); closed at once.
-- each exec command: an executable file.
-
-Each problem is one line naming what it is about, as the configuration's problems do:
-`vm[2] web02: socket: /run/qemu/web02.qmp: permission denied ...`. Only the CLI prints them.
+`probe(config)` checks, with the permissions of the user it runs as, that each socket accepts
+a connection (tried once, closed at once), that `daemon.state_dir` is writable, that each
+sink's host answers and each exec command is executable. Each problem is one line naming what
+it is about. docs/architecture.md ("check-config --probe") says why it probes as it does.
 """
 
 from __future__ import annotations

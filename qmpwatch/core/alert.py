@@ -10,9 +10,12 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Severity = Literal["critical", "warning", "info"]
+SEVERITIES: tuple[Severity, ...] = get_args(Severity)  # most severe first
+# `alert.client_stop_severity`: the severity of a pause by a monitor client, or no alert.
+ClientStopSeverity = Severity | Literal["none"]
 
 KINDS = (
     "vm_stopped_io_error",

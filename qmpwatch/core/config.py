@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from qmpwatch.core.alert import SEVERITIES, ClientStopSeverity
 from qmpwatch.core.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/qmpwatch/config.toml")
@@ -150,12 +151,9 @@ class ExecConfig:
     env: Mapping[str, Secret] = field(default_factory=dict)
 
 
-Severity = Literal["critical", "warning", "info"]
-
-
 @dataclass(frozen=True, slots=True)
 class AlertConfig:
-    client_stop_severity: Severity | Literal["none"] = "warning"
+    client_stop_severity: ClientStopSeverity = "warning"
     host: str = ""  # the `host` of payloads and Alertmanager labels; empty: the hostname
     outbox_max_entries: int = 10000  # undelivered alerts kept; see qmpwatch.alerts.outbox
     retry_initial_s: float = 1.0  # delivery backoff: first retry ...
@@ -549,7 +547,7 @@ def _secret_table(r: _Reader, name: str, problems: list[str]) -> dict[str, Secre
 def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
     d = AlertConfig()
     severity = r.get(
-        "client_stop_severity", r.string(choices=("critical", "warning", "info", "none")), "warning"
+        "client_stop_severity", r.string(choices=(*SEVERITIES, "none")), d.client_stop_severity
     )
     host = r.get("host", r.string(), d.host)
     outbox_max = r.get("outbox_max_entries", r.integer(minimum=1), d.outbox_max_entries)
@@ -607,7 +605,7 @@ def _parse_alert(r: _Reader, problems: list[str]) -> AlertConfig:
         execs.append(ExecConfig(command, timeout, env))
     r.finish()
     return AlertConfig(
-        client_stop_severity=severity,  # type: ignore[arg-type]
+        client_stop_severity=severity,
         host=host,
         outbox_max_entries=outbox_max,
         retry_initial_s=retry_initial,

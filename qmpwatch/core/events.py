@@ -1,25 +1,20 @@
 """The decoder: a raw QMP message (text, bytes or a parsed object) -> a typed, frozen event.
 
-Pure: imports neither asyncio nor qemu.qmp. Raw dicts from QMP do not travel past this module
-except as `Event.data`, the event's data object exactly as received (logged as-is).
-
-Every event of the QMP events document has a class whose documented fields are checked for
-type; fields the document does not list (real QEMU adds `qom-path`, `node-name`, `reason`,
-`nospace`, `websocket`, ...) are kept in `data` and never rejected, and an enum value the
-document does not list (a newer WATCHDOG action, say) is kept as the string it is. Anything
-else is a `DecodeError` that carries the raw text.
+Pure. Every event of the QMP events document has a class whose documented fields are checked;
+anything QEMU adds is kept, and what breaks the document is a `DecodeError` with the raw text
+(docs/architecture.md, "The decoder").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
-from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
 import orjson
 
 from qmpwatch.core.errors import DecodeError
+from qmpwatch.core.times import iso_utc
 
 MAX_TIMESTAMP_S = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second ISO 8601 can show
 # Deepest nesting of a message that is decoded: orjson writes at most 254 levels, and a log
@@ -220,26 +215,6 @@ class Control:
 
 
 Message = Event | Control
-
-
-# Whole-second part of recent timestamps: datetime + strftime cost more than the rest of an
-# event's handling, and a storm's events share their seconds. Cleared when full.
-_SECOND_STAMPS: dict[int, str] = {}
-_SECOND_STAMPS_MAX = 256
-_DIGITS3 = tuple(f"{n:03d}" for n in range(1000))  # the microseconds, three digits at a time
-
-
-def iso_utc(seconds: int, microseconds: int) -> str:
-    """Epoch timestamp -> ISO 8601 UTC with microseconds, e.g. 2010-02-01T17:10:30.450486Z."""
-    stamp = _SECOND_STAMPS.get(seconds)
-    if stamp is None:
-        stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        if len(_SECOND_STAMPS) >= _SECOND_STAMPS_MAX:
-            _SECOND_STAMPS.clear()
-        _SECOND_STAMPS[seconds] = stamp
-    if 0 <= microseconds < 1_000_000:  # two table look-ups beat formatting with "06d"
-        return f"{stamp}.{_DIGITS3[microseconds // 1000]}{_DIGITS3[microseconds % 1000]}Z"
-    return f"{stamp}.{microseconds:06d}Z"
 
 
 # ---------------------------------------------------------------------------------------------

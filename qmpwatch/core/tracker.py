@@ -1,28 +1,9 @@
 """The follow-up rules of the QMP events document and the tracker that checks them.
 
-Pure: time is passed in (`now`, epoch seconds). A cause event opens an expectation; the
-follow-up closes it as satisfied (with its latency), or its deadline passes and it is missed,
-or the session ends first and it is missed for that reason. Every expectation ends exactly
-once. One follow-up satisfies every open expectation waiting for it (several drives can fail
-before the VM stops, and one STOP answers them all).
-
-    cause                                   follow-up   deadline key
-    BLOCK_IO_ERROR, action stop             STOP        stop_after_block_io_error_s
-    SHUTDOWN under -no-shutdown             STOP        stop_after_shutdown_s
-    WATCHDOG, action reset                  RESET (*)   reset_after_watchdog_s
-    WATCHDOG, action pause                  STOP        stop_after_watchdog_s
-    WATCHDOG, action shutdown               SHUTDOWN    shutdown_after_watchdog_s
-    WATCHDOG, action poweroff               QEMU_EXIT   exit_after_watchdog_s
-    GUEST_PANICKED, action pause            STOP        stop_after_guest_panicked_s
-
-(*) under -no-reboot a watchdog reset becomes SHUTDOWN with reason `guest-reset`, which
-satisfies it too.
-
-A SHUTDOWN whose cause makes QEMU exit even under -no-shutdown (QEMU's runstate.c sets the
-shutdown action to poweroff for them: the `quit` command `host-qmp-quit`, a signal
-`host-signal`, a closed SDL/cocoa window `host-ui`) opens no STOP expectation; nor does a
-SHUTDOWN, or a BLOCK_IO_ERROR of a request drained after the stop, while the VM is already
-stopped: QEMU sends no second STOP.
+Pure: time is passed in (`now`, epoch seconds). A cause event opens an expectation that its
+follow-up satisfies, or that is missed at its deadline or when the session ends; every
+expectation ends exactly once. docs/architecture.md ("The follow-up rules and the tracker")
+has the table of rules and the SHUTDOWNs that open none.
 """
 
 from __future__ import annotations

@@ -2,13 +2,8 @@
 
 `VmWatch` is fed decoded events, run statuses and session changes, with the clock passed in
 (`now`, epoch seconds). It writes log records, raises and resolves alerts and asks for
-`query-status` through a `WatchOutput`, and does no I/O itself. The daemon drives it from a
-QMP session; `qmpwatch replay` drives it from a captured stream with QEMU's timestamps as the
-clock; both therefore log exactly the same records for the same input.
-
-Per event: the `qmp_event` record is written first (`WatchOutput.qmp_event`; its fields are
-`logs.qmp_event_fields`), then every handler that the dispatch table `HANDLERS` lists for the
-event's name runs in order. Adding behaviour for an event is one entry there.
+`query-status` through a `WatchOutput`, and does no I/O itself. Per event, every handler the
+table `HANDLERS` lists for its name runs in order (docs/architecture.md, "The watch").
 """
 
 from __future__ import annotations

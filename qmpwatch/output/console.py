@@ -2,11 +2,9 @@
 
     15:09:35.606 vm1       STOP
     15:09:35.608 vm1       ALERT warning vm_stopped_unexpected: VM vm1 paused by a client
-    15:09:35.608 vm1       resolved vm_stopped_unexpected
     15:09:36.101 web01     followup satisfied: BLOCK_IO_ERROR -> STOP in 0.29 ms
 
-Colour (ANSI) only when the output is a terminal. The JSON format stays the contract; this
-one is for eyes and may change.
+Colour only on a terminal. The JSON format stays the contract; this one may change.
 """
 
 from __future__ import annotations

@@ -1,18 +1,13 @@
 """Structured logs: structlog configured for JSON lines (or a console format for people).
 
-Every record has `timestamp` (ISO 8601, UTC, microseconds), `level` and `event`, then the
-record's own keys, rendered with orjson. Lines are collected in memory and written in one
-`write()` per event-loop turn (`LineWriter.flush_soon`), so a burst of events costs one
-syscall, and no line waits longer than the rest of the current loop iteration; `flush()` runs
-on shutdown. Outside a running loop (`replay`, `check-config`) every line is written at once.
-
-The stdlib loggers of qemu.qmp are routed here too, lowered to warnings-and-above, so that a
-retry loop against a missing socket does not flood the log.
+Every record has `timestamp`, `level` and `event`, then its own keys. `LineWriter` writes the
+lines of one event-loop turn in one `write()` (at once outside a running loop), `RecordLogger`
+is the per-event path, and qemu.qmp's stdlib loggers are routed here, quiet below CRITICAL.
+docs/architecture.md ("JSON lines") says why.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -23,7 +18,9 @@ import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from qmpwatch.core.events import Event, iso_utc
+from qmpwatch.aio.turns import EndOfTurn
+from qmpwatch.core.events import Event
+from qmpwatch.core.times import iso_from_epoch, iso_utc
 from qmpwatch.output import console
 
 LogFormat = Literal["json", "console"]
@@ -38,15 +35,6 @@ def qmp_event_fields(event: Event) -> dict[str, Any]:
     }
 
 
-def iso_from_epoch(now: float) -> str:
-    """Epoch seconds -> ISO 8601 UTC with microseconds."""
-    seconds = int(now)
-    micro = round((now - seconds) * 1_000_000)
-    if micro >= 1_000_000:
-        seconds, micro = seconds + 1, micro - 1_000_000
-    return iso_utc(seconds, micro)  # caches the whole-second part
-
-
 class LineWriter:
     """A structlog "logger" that collects rendered lines and writes them in batches.
 
@@ -58,7 +46,8 @@ class LineWriter:
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
         self._buffer = bytearray()
-        self._scheduled = False
+        self._end_of_turn = EndOfTurn(self.flush)
+        self._flush_due = False  # spares the per-line call to `EndOfTurn.schedule`
         # Run before each batch is written: the daemon commits its state journals there, so
         # that a line on disk implies the state changes of the turn that logged it.
         self.before_write: list[Callable[[], object]] = []
@@ -67,22 +56,19 @@ class LineWriter:
         self.write_line(line if isinstance(line, bytes) else line.encode() + b"\n")
 
     def write_line(self, line: bytes) -> None:
-        """Queue one rendered line (with its newline); it is written at the end of this turn."""
+        """Queue one rendered line (with its newline); it is written at the end of this turn
+        (at once outside a running loop)."""
         self._buffer += line
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_soon(self.flush)
+        if not self._flush_due:
+            self._flush_due = True
+            self._end_of_turn.schedule()
 
     debug = info = warning = warn = error = critical = exception = log = msg
 
     def flush(self) -> None:
-        self._scheduled = False
+        """Write what is queued now (runs by itself right after the turn that queued it)."""
+        self._flush_due = False
+        self._end_of_turn.cancel()
         if not self._buffer:
             return
         for hook in self.before_write:
@@ -252,10 +238,6 @@ class RecordLogger:
         """`iso_from_epoch(now)`; records written in one go share `now`, so the last is kept."""
         if now == self._last_now:
             return self._last_stamp
-        seconds = int(now)
-        micro = round((now - seconds) * 1_000_000)
-        if micro >= 1_000_000:
-            seconds, micro = seconds + 1, micro - 1_000_000
-        stamp = self._last_stamp = iso_utc(seconds, micro)
+        stamp = self._last_stamp = iso_from_epoch(now)
         self._last_now = now
         return stamp

@@ -1,22 +1,9 @@
 """Whether qmpwatch's alerts still get through: the `degraded` state of `/healthz`.
 
-The daemon can be up, watching every VM, and still fail its one promise, that an alert
-reaches a receiver and survives a restart on the way. `degraded_reasons` says why it does
-not, one reason per kind of trouble, each with a sentence for people:
-
-    state_store_unavailable   the state store cannot write (the `state_store_unavailable`
-                              record): a restart would not know which stops it already alerted
-    alert_outbox_unavailable  the alert outbox is in memory only, or its last commit failed
-                              (`alert_outbox_unavailable`, `alert_outbox_write_failed`): a
-                              restart would lose the undelivered notifications
-    sink_failing              a sink has failed every attempt for longer than
-                              `alert.degraded_after_sink_failing_s`
-
-`/healthz` then answers 200 with `"status": "degraded"` and these reasons (a restart fixes
-none of them, so a liveness probe must not restart the daemon for it), and
-`qmpwatch_degraded{reason}` is 1 for each reason that holds and 0 for the others.
-
-Pure apart from reading the state it is given; time is passed in.
+`degraded_reasons` names each kind of trouble that breaks the promise that an alert reaches a
+receiver and survives a restart (`state_store_unavailable`, `alert_outbox_unavailable`,
+`sink_failing`), with a sentence for people; `qmpwatch_degraded{reason}` exports them. Pure
+apart from reading the state it is given; time is passed in. docs/architecture.md ("Health").
 """
 
 from __future__ import annotations

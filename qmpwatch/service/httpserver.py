@@ -1,18 +1,8 @@
-"""The HTTP endpoint on `daemon.metrics_listen`: `/metrics` for Prometheus and `/healthz`.
+"""The HTTP endpoint on `daemon.metrics_listen`: `/metrics`, `/healthz` and `/runbooks/<kind>`.
 
-aiohttp serves both from the daemon's event loop, so a scrape costs no thread and `/healthz`
-is only answered while the loop turns. `/metrics` renders the `Metrics` registry in the format
-the scraper asks for (Prometheus text by default, OpenMetrics on request). `/healthz` answers
-200 with a small JSON object when the daemon's `health()` callback says it is healthy (its
-`status` "ok", or "degraded" with the reasons), and 503 with the same object otherwise.
-`/runbooks/<kind>` serves the runbook of an alert kind (`qmpwatch.alerts.links`), as plain text, for
-the `runbook_url` links of alerts. Requests are not logged: a scrape every 15 s is not news.
-
-Use it as an async context manager, or run `serve()` as a task of the daemon's TaskGroup:
-
-    async with HttpServer(cfg.daemon.metrics_listen, metrics, health):
-        ...
-    tg.create_task(HttpServer(listen, metrics, health).serve())
+aiohttp, on the daemon's event loop; requests are not logged. Use it as an async context
+manager, or run `serve()` as a task of the daemon's TaskGroup. docs/architecture.md ("The HTTP
+endpoint") says what each path answers.
 """
 
 from __future__ import annotations

@@ -1,35 +1,9 @@
 """Prometheus metrics: counters derived from the core's log records, plus a few setters.
 
-`Metrics.observe_record` takes every record a `WatchOutput` writes (same `kind` and `fields`),
-so the numbers and the log can never disagree; the daemon adds what records do not carry
-(failed attempts to attach, alert deliveries, the outbox depth, the status after
-`query-status`).
-Everything lives in the instance's own `CollectorRegistry`, never the process-global one, so
-tests and a reload get a fresh set. Not thread-safe beyond prometheus-client's own locks: it is
-called from the event loop only.
-
-    qmpwatch_events_total{vm,event}                 QMP events by name       (observe_event)
-    qmpwatch_event_lag_seconds                      QEMU timestamp -> processed, histogram
-    qmpwatch_decode_errors_total{vm}                undecodable messages     (qmp_decode_error)
-    qmpwatch_followups_total{vm,rule,outcome}       outcome: satisfied | missed (deadline
-                                                    passed) | disconnected (session ended first)
-    qmpwatch_alerts_total{vm,alert,severity}        alerts raised            (alert)
-    qmpwatch_alerts_resolved_total{vm,alert}        alerts resolved          (alert_resolved)
-    qmpwatch_vm_connected{vm}                       1 while a session is up  (vm_connected, ...)
-    qmpwatch_vm_running{vm}                         1 while the run status is "running"
-    qmpwatch_vm_status{vm,status}                   1, one series per VM: its current status
-    qmpwatch_disconnects_total{vm,cause}            sessions ended           (vm_disconnected)
-    qmpwatch_connect_failures_total{vm,reason}      attempts that failed     (connect_failed())
-    qmpwatch_reconnects_total{vm,reason}            reconnect attempts       (connect_failed(),
-                                                    reconnect())
-    qmpwatch_alert_deliveries_total{alert,sink,result}                       (alert_delivery())
-    qmpwatch_outbox_depth                           alerts waiting for a sink
-    qmpwatch_info{version}                          1
-    process_*, python_*                             the daemon process itself
-
-Events are the exception: they are counted from the event itself (`EventMeter`, one per VM,
-via `observe_event`), because that path runs for every event; it takes the lag from QEMU's
-numeric timestamp and touches no prometheus-client object.
+`Metrics.observe_record` takes every record a `WatchOutput` writes, so the numbers and the log
+cannot disagree; events are counted by a per-VM `EventMeter` that touches no prometheus-client
+object. Each instance has its own registry; event loop only. docs/architecture.md ("Metrics")
+lists the series.
 """
 
 from __future__ import annotations
@@ -183,7 +157,7 @@ class _ProcessCollector(ProcessCollector):
 
 
 class Metrics:
-    """qmpwatch's metrics in a registry of their own; see the module docstring for the list."""
+    """qmpwatch's metrics in a registry of their own; docs/architecture.md lists them."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)

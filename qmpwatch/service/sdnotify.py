@@ -1,15 +1,8 @@
 """sd_notify: tell systemd that qmpwatch is ready, what it is doing, and that its loop lives.
 
-The protocol is one datagram per message, `KEY=VALUE` lines, sent to the AF_UNIX socket named
-by `$NOTIFY_SOCKET` (a path, or `@name` for an abstract socket). Outside systemd the variable is
-unset and every function here does nothing and returns False, so the daemon calls them
-unconditionally. A failed send is logged (`sd_notify_failed`) and returned as False, never
-raised: systemd's bookkeeping must not take the daemon down.
-
-The watchdog: with `WatchdogSec=` systemd sets `$WATCHDOG_USEC` (and `$WATCHDOG_PID`) and
-restarts the service when `WATCHDOG=1` stops arriving. `keep_alive()` sends it from the event
-loop at half the interval, so a loop that is blocked or spinning stops the pings and gets the
-daemon restarted.
+Outside systemd (no `$NOTIFY_SOCKET`) every function does nothing and returns False; a failed
+send is logged and returned as False, never raised. `keep_alive()` sends the watchdog ping
+from the event loop at half `WatchdogSec=`. docs/architecture.md ("systemd").
 """
 
 from __future__ import annotations

@@ -1,31 +1,9 @@
 """The last known run status of every VM, in SQLite under `state_dir`, across restarts.
 
-A VM found paused when the daemon (re)starts is only "unexplained" if its status differs from
-what qmpwatch last saw; this file is that memory. Writes happen only when a status changes.
-If the state directory is unusable the store keeps working in memory and says why, once: a
-watcher that cannot persist is still far better than one that stops. A write that fails later
-(a full disk) is logged once as `state_store_unavailable`; the statuses not written are
-written with the next write that works, which logs `state_store_recovered`.
-
-Writes are batched: `set_status` changes memory (authoritative while the daemon runs) at once
-and marks the VM unsaved; the first change of an event-loop turn schedules `flush` with
-`loop.call_soon`, which writes the latest status of every unsaved VM (one row per VM, however
-often it changed in the turn) in one transaction right after the turn, like the log lines of
-`qmpwatch.output.logs.LineWriter`. Outside a running event loop (tests, tools) every change is
-written at once; `close()` flushes. WAL mode with `synchronous=NORMAL`: a commit survives the
-process being killed (a power cut may lose the last ones). A SIGKILL loses the changes made
-since the last commit: at most those of the loop turn in progress (with those of any callback
-that ran after it but before the commit callback), the turn whose log lines are not written
-yet either. Both are written by callbacks run right after the turn, in the order they were
-scheduled (usually the log lines first: a turn logs its event before it changes a status), so
-a kill that lands between the two could find the lines written and the statuses not; so the
-daemon runs `flush_all`, which commits every journal now, before its log writer writes a
-batch (`LineWriter.before_write`): a line on disk implies the state changes of its turn. The
-reverse cannot happen either: before committing,
-`flush` commits the alert outbox's queued writes (`qmpwatch.alerts.outbox.flush_all`), so a
-status is
-never on disk before the alerts raised before it: a restart after a kill never takes a stop as
-already seen when its alert was lost.
+A VM found paused at start-up is only "unexplained" if its status differs from what qmpwatch
+last saw; this is that memory. Memory is authoritative; changes are committed once per
+event-loop turn (`EndOfTurn`), after the alert outboxes. An unusable directory leaves the store
+in memory, said once. docs/architecture.md ("The state store", "One turn, three journals").
 """
 
 from __future__ import annotations

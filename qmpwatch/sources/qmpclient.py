@@ -1,31 +1,10 @@
 """`WatchClient`: qemu.qmp's `QMPClient`, made fit for a daemon that runs for months.
 
-qemu.qmp stays the protocol layer (greeting, capabilities negotiation, command execution and
-reply routing, the session state machine); this subclass replaces the parts of the message
-path that a long-running watcher cannot live with (see shared/qemu-qmp-notes.md):
-
-- `_cb_inbound`/`_cb_outbound` return the message untouched: the stock ones build a pretty
-  `json.dumps(indent=2)` for a DEBUG line on every message, two thirds of its per-event cost.
-- `_do_recv` parses with orjson and hands every *event* straight to `on_event` (a plain
-  callback, run in the reader task, which must not raise or await), with the time it was
-  received: the clock is read once per read from the socket and after every yield to the loop,
-  not per message, so the events of one batch share it. Events never enter qemu.qmp's
-  listener queues, so nothing accumulates in `EventListener._history`.
-- A line that is not JSON, not an object, or too long goes to `on_decode_error` and the
-  session reads on; the stock client would end the session (and meet the same line again).
-  So does a message that is neither an event nor a reply qemu.qmp can route: no `return` or
-  `error` key, an id that is not a string (qemu.qmp's reader dies on an unhashable one), an
-  id no command waits for, an error without an id (qemu.qmp ends the session on that). A late
-  reply to one of our own commands that timed out is dropped quietly.
-- An event nested deeper than the log renderer can write (`events.MAX_DEPTH`) is a decode
-  error too, not a lost record.
-- After `YIELD_EVERY` messages in a row the reader yields to the event loop, so one VM's
-  burst cannot starve the others.
-- Lines are split here from chunks of up to `READ_CHUNK` bytes: a `StreamReader.readline()`
-  per message cost more than parsing the message. The rules are StreamReader's: a line is
-  over-long when more than `READ_LIMIT` bytes come before its newline.
-
-Only replies, errors and the greeting are wrapped in qemu.qmp `Message` objects.
+qemu.qmp stays the protocol layer; this subclass replaces the message path: events go straight
+to a callback (never to listener queues), bad input is a decode error and the session reads
+on, a burst yields to other VMs, lines are split from large chunks. `QEMU_QMP_PRIVATES` lists
+the qemu.qmp privates it relies on (see shared/qemu-qmp-notes.md, and docs/architecture.md,
+"The QMP client").
 """
 
 from __future__ import annotations
@@ -57,6 +36,27 @@ _DROPPED = b""  # in the line queue: an over-long line was dropped here (a line 
 _SHALLOW = 2 * MAX_DEPTH  # a line this short cannot nest deeper than MAX_DEPTH
 _ID_PREFIX = "__qmp#"  # qemu.qmp's execute ids: __qmp#00000, __qmp#00001, ...
 _LATE = "late reply"  # _unroutable(): a reply to one of our commands that gave up waiting
+
+# Every private name of qemu.qmp that qmpwatch relies on, as (class, name): the methods
+# WatchClient (and the lab's control client) override or extend through super(), the
+# attributes WatchClient reads, and the slots `_message` fills. The pin in pyproject.toml
+# holds them; tests/test_qemu_qmp_privates.py fails, naming each one, if the installed
+# qemu.qmp lacks any (check them all before moving the pin).
+QEMU_QMP_PRIVATES: tuple[tuple[str, str], ...] = (
+    ("QMPClient", "_cb_inbound"),  # overridden: no pretty DEBUG dump per message (lab too)
+    ("QMPClient", "_cb_outbound"),  # overridden: the same, for messages sent
+    ("QMPClient", "_establish_session"),  # extended: a new session resets the line splitter
+    ("QMPClient", "_get_greeting"),  # extended: greeted yet (garbage before it is fatal)
+    ("QMPClient", "_negotiate"),  # extended: negotiated yet (an id-less reply is routable)
+    ("QMPClient", "_do_recv"),  # replaced: the whole message path
+    ("QMPClient", "_reader"),  # read by `_fill`: the session's StreamReader
+    ("QMPClient", "_pending"),  # read: the ids of the commands waiting for a reply
+    ("QMPClient", "_execute_id"),  # read: the next execute id, to tell late replies
+    ("QMPClient", "_get_exec_id"),  # its ids are `_ID_PREFIX` + a number (late replies)
+    ("QMPClient", "_event_dispatch"),  # overridden by the lab's control client
+    ("Message", "_data"),  # set by `_message`: no serialised form yet
+    ("Message", "_obj"),  # set by `_message`: the object already parsed
+)
 
 EventCallback = Callable[[dict[str, Any], float], None]  # (event, received at: epoch s)
 ErrorCallback = Callable[[DecodeError], None]

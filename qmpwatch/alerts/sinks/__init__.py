@@ -1,10 +1,8 @@
 """Alert sinks: where the dispatcher delivers outbox entries (webhook, Alertmanager, exec).
 
-A sink is one configured receiver. The dispatcher (`qmpwatch.alerts.dispatch`) runs one delivery
-loop per sink, wraps every `deliver` in the per-attempt timeout (`timeout_s`), retries with
-backoff, and logs. A sink only tries once: it returns when the receiver has the entry (HTTP
-2xx, exit status 0) and raises `DeliveryError` otherwise, with a message that is safe to
-log (never a secret, never a full URL: its path and query may be credentials too).
+A sink is one configured receiver, and makes one attempt per `deliver`: it returns when the
+receiver has the entry and raises `DeliveryError` (safe to log) otherwise; the dispatcher
+does the timeouts, retries and logs (docs/architecture.md, "Sinks").
 
     QmpwatchError
      └── DeliveryError   one attempt failed; `str()` is the loggable reason

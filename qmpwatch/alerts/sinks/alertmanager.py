@@ -1,30 +1,8 @@
 """The Alertmanager sink: alerts through Alertmanager's API v2 (`POST /api/v2/alerts`).
 
-Each alert becomes
-
-    {"labels": {"alertname": <kind>, "vm": ..., "severity": ..., "host": ...},
-     "annotations": {"summary": ..., "description": ..., "cause": ..., "fingerprint": ...,
-                     "runbook_url": <the kind's runbook>},
-     "startsAt": <raised>, "endsAt": <see below>, "generatorURL": <this daemon>}
-
-(`runbook_url` and `generatorURL` come from `qmpwatch.alerts.links`; absent when there is none.)
-
-Alertmanager identifies an alert by its labels. While an alert fires, qmpwatch posts it again
-every `resend_interval_s` (and at startup) with `endsAt` = now + 4 intervals, as Prometheus
-does: the alert stays active while qmpwatch confirms it, and expires by itself only if
-qmpwatch stops doing so (its host died). A resolution posts `endsAt` = the time it ended,
-unless another active alert of that VM has the same labels, which is then posted instead so
-that the shared Alertmanager alert keeps firing. One-shot alerts (a watchdog that fired, a
-missed follow-up) are never resolved by qmpwatch: they expire after the 4 intervals.
-
-Like Prometheus, qmpwatch keeps re-posting a resolved alert, with its `endsAt` = the time it
-ended, for 15 minutes after the resolution (the dispatcher's `recently_resolved`), with each
-refresh: an Alertmanager that missed the resolution, or heard a later re-post of the firing
-alert, still ends up with it resolved. As in Prometheus, that memory does not survive a
-restart (the resolution itself does, in the outbox, until every sink has it).
-
-Several `[[alert.alertmanager]]` entries are several sinks: each member of an Alertmanager
-cluster gets every alert, which is how its high availability works.
+Each alert becomes one Alertmanager alert (labels `alertname`, `vm`, `severity`, `host`),
+re-posted while it fires so it does not expire, and posted with its `endsAt` when resolved,
+as Prometheus does. docs/architecture.md ("Sinks") has the format and the rules.
 """
 
 from __future__ import annotations
@@ -40,7 +18,7 @@ from qmpwatch.alerts.sinks.http import HttpSink
 from qmpwatch.alerts.sinks.payload import encode
 from qmpwatch.core.alert import Alert
 from qmpwatch.core.config import AlertmanagerConfig
-from qmpwatch.output.logs import iso_from_epoch
+from qmpwatch.core.times import iso_from_epoch
 
 API_PATH = "/api/v2/alerts"
 TTL_INTERVALS = 4  # a firing alert's endsAt is this many resend intervals ahead

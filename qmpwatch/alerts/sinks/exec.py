@@ -1,17 +1,8 @@
 """The exec sink: run a command (an argv list, never a shell) for each notification.
 
-The version-1 payload (`qmpwatch.alerts.sinks.payload`) comes on standard input, followed by a
-newline, and the essentials in the environment:
-
-    QMPWATCH_PAYLOAD_VERSION=1   QMPWATCH_IDEMPOTENCY_KEY   QMPWATCH_STATUS (firing|resolved)
-    QMPWATCH_KIND   QMPWATCH_SEVERITY   QMPWATCH_VM   QMPWATCH_HOST   QMPWATCH_FINGERPRINT
-    QMPWATCH_SUMMARY
-
-plus the daemon's own environment, minus every variable a configured `env:` secret names
-(the webhook token is not the pager script's business), plus the sink's `env` table.
-Delivered = exit status 0. The command runs in a new session; when the attempt's timeout
-expires (or the daemon stops), its whole process group is killed with SIGKILL. Its standard
-output is discarded; the end of its standard error goes into the failure's log record.
+The version-1 payload on standard input, the essentials as `QMPWATCH_*` variables, secrets of
+the other sinks kept out of its environment; delivered = exit status 0; its process group is
+killed when the attempt times out. docs/architecture.md ("Sinks") has the details.
 """
 
 from __future__ import annotations

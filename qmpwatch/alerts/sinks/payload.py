@@ -1,27 +1,7 @@
 """The versioned alert payload (version 1) of the webhook and exec sinks.
 
-One JSON object per notification; the webhook POSTs it, the exec sink writes it to the
-command's standard input. Receivers should deduplicate on `idempotency_key`: a notification
-is delivered at least once, and again only if qmpwatch could not learn that it arrived
-(the attempt timed out, or the daemon died between the answer and recording it).
-
-    {
-      "version": 1,                      # bumped only for incompatible changes
-      "idempotency_key": "9f2c…",        # 32 hex chars, unique per notification
-      "status": "firing",                # or "resolved"
-      "fingerprint": "3b1e5c0a9d7f2e41", # the alert's identity (VM + kind + cause)
-      "kind": "vm_stopped_io_error",
-      "severity": "critical",            # "critical" | "warning" | "info"
-      "vm": "web01",
-      "host": "hv03",
-      "summary": "VM web01 paused: write error on drive0 (No space left on device)",
-      "cause": "BLOCK_IO_ERROR:drive0",
-      "details": {"device": "drive0", "operation": "write", ...},
-      "startsAt": "2024-05-01T12:00:00.123456Z",
-      "endsAt": null                     # resolved: when it ended
-    }
-
-Keys may be added within version 1; receivers must ignore keys they do not know.
+One JSON object per notification, with an `idempotency_key` receivers deduplicate on; keys may
+be added within version 1. docs/architecture.md ("Sinks") shows the object.
 """
 
 from __future__ import annotations
@@ -31,7 +11,7 @@ from typing import Any
 import orjson
 
 from qmpwatch.alerts.outbox import Entry
-from qmpwatch.output.logs import iso_from_epoch
+from qmpwatch.core.times import iso_from_epoch
 
 VERSION = 1
 
