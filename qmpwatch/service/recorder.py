@@ -8,7 +8,8 @@ from typing import Any, Protocol
 
 from qmpwatch.core.alert import Alert
 from qmpwatch.core.events import Event
-from qmpwatch.output.logs import RecordLogger, iso_from_epoch, qmp_event_fields
+from qmpwatch.core.times import iso_from_epoch
+from qmpwatch.output.logs import RecordLogger, qmp_event_fields
 from qmpwatch.service.metrics import Metrics
 from qmpwatch.service.statestore import StateStore
 from qmpwatch.service.status import RecordTap

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from qmpwatch import __version__
-from qmpwatch.output.logs import iso_from_epoch
+from qmpwatch.core.times import iso_from_epoch
 from qmpwatch.session.session import VmSession
 
 STATUS_VERSION = 1
