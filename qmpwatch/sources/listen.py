@@ -1,14 +1,10 @@
 """The `listen` source: QEMU dials in to a socket qmpwatch listens on (the qmeventd style).
 
-QEMU runs with `-chardev socket,id=qmpwatch,path=SOCKET,reconnect=1 -mon
-chardev=qmpwatch,mode=control` (`reconnect-ms=1000` from QEMU 9.2 on) and connects by itself,
-again after every restart of qmpwatch. Each connection is identified before anything else:
-`SO_PEERCRED` gives the peer's PID, a pidfd pins that process (so a reused PID cannot be taken
-for it), and `/proc/PID/cmdline` must be a QEMU's; the VM's name is its `-name`, else its
-`-uuid`, else `pid-PID`. Then the link is negotiated and handed to the VM's session. A peer
-that is not QEMU, sends no greeting, or claims a name a live connection (or another source)
-holds, is logged and dropped without touching the others. A VM that ends cleanly leaves; one
-that was watched before a restart and does not dial in again within `grace_s` is gone.
+Each connection is identified before anything else (SO_PEERCRED, a pidfd pinning the process,
+its /proc/PID/cmdline must be a QEMU's; the name is `-name`, else `-uuid`, else `pid-PID`),
+then negotiated and handed to the VM's session. Refused peers and name conflicts are logged
+once and dropped; a VM that ends cleanly leaves; one watched before a restart that does not
+dial in within `grace_s` is gone. See docs/architecture.md, "The listen source".
 """
 
 from __future__ import annotations
