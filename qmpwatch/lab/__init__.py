@@ -45,7 +45,6 @@ import ctypes
 import functools
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -53,11 +52,12 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Final, Literal, Self
+from typing import Any, BinaryIO, Final, Self
 
 from qemu.qmp import ExecInterruptedError, ExecuteError
 from qemu.qmp.protocol import Runstate, StateError
 
+from qmpwatch.lab import devices
 from qmpwatch.lab.build import QEMU_BINARY as QEMU_BINARY
 from qmpwatch.lab.build import QEMU_DATA_DIR_ENV as QEMU_DATA_DIR_ENV
 from qmpwatch.lab.build import QEMU_ENV as QEMU_ENV
@@ -71,6 +71,7 @@ from qmpwatch.lab.build import (
 )
 from qmpwatch.lab.build import QEMU_MODULE_DIR_ENV as QEMU_MODULE_DIR_ENV
 from qmpwatch.lab.control import DEFAULT_EVENT_HISTORY, EventRecorder, LabEvent, _ControlClient
+from qmpwatch.lab.devices import PortWidth
 from qmpwatch.lab.errors import LabClosed, LabError, LabTimeout, QemuStartError
 from qmpwatch.lab.plan import FIRMWARE_SIZE, halt_firmware, is_new_socket, prepare
 from qmpwatch.lab.plan import dial_in_args as dial_in_args
@@ -105,46 +106,10 @@ _log = logging.getLogger(__name__)
 
 _STDERR_TAIL: Final = 4096
 
-PortWidth = Literal["b", "h", "w"]
-_PORT_WIDTH_BITS: Final[Mapping[str, int]] = {"b": 8, "h": 16, "w": 32}
-_HMP_PORT_VALUE: Final = re.compile(r"=\s*0x([0-9a-fA-F]+)")
-
-# Guest-side constants (PC machine; the same on QEMU 7.2 and 10.0).
-_KBD_CMD_PORT: Final = 0x64
-_KBD_CMD_RESET: Final = 0xFE
-_PCI_CONFIG_ADDRESS: Final = 0xCF8
-_PCI_CONFIG_DATA: Final = 0xCFC
-_PIIX4_PM_DEVFN: Final = (1, 3)  # PCI 00:01.3
-_PIIX4_PMBA: Final = 0x40  # power-management I/O base register
-_PIIX4_PMREGMISC: Final = 0x80  # bit 0 enables the PM I/O space
-_PM_IO_BASE: Final = 0x600
-_PM1_CNT: Final = _PM_IO_BASE + 4
-_PM1_CNT_SOFT_OFF: Final = 0x2000  # SLP_EN with SLP_TYP 0
-_IB700_TIMEOUT_PORT: Final = 0x443
-_ATA_PORT: Final = 0x1F0
-_ATA_CMD_READ_SECTORS: Final = 0x20
-_CMOS_INDEX: Final = 0x70
-_CMOS_DATA: Final = 0x71
-_CMOS_YEAR: Final = 0x09
-_CMOS_REG_B: Final = 0x0B
-_CMOS_REG_B_BINARY: Final = 0x04
-
 
 # --------------------------------------------------------------------------------------
 # Host helpers
 # --------------------------------------------------------------------------------------
-
-
-def _pci_config_address(bus: int, device: int, function: int, register: int) -> int:
-    return 0x8000_0000 | bus << 16 | device << 11 | function << 8 | (register & 0xFC)
-
-
-def _to_bcd(value: int) -> int:
-    return (value // 10) << 4 | value % 10
-
-
-def _from_bcd(value: int) -> int:
-    return (value >> 4) * 10 + (value & 0x0F)
 
 
 @functools.cache
@@ -487,94 +452,42 @@ class LabVM(EventRecorder):
 
     async def port_out(self, port: int, value: int, width: PortWidth = "b") -> None:
         """Write ``value`` to I/O ``port`` as a byte (``b``), 16-bit (``h``) or 32-bit (``w``)."""
-        bits = _PORT_WIDTH_BITS.get(width)
-        if bits is None:
-            raise ValueError(f"width must be 'b', 'h' or 'w', not {width!r}")
-        if not 0 <= port <= 0xFFFF:
-            raise ValueError(f"I/O port out of range: {port:#x}")
-        if not 0 <= value < 1 << bits:
-            raise ValueError(f"value {value:#x} does not fit in {bits} bits")
-        out = await self.hmp(f"o /{width} {port:#x} {value:#x}")
-        if out.strip():
-            raise LabError(f"o /{width} {port:#x} {value:#x}: {out.strip()}")
+        await devices.port_out(self.hmp, port, value, width)
 
     async def port_in(self, port: int, width: PortWidth = "b") -> int:
         """Read I/O ``port`` (``b``, ``h`` or ``w`` as in `port_out`)."""
-        if width not in _PORT_WIDTH_BITS:
-            raise ValueError(f"width must be 'b', 'h' or 'w', not {width!r}")
-        if not 0 <= port <= 0xFFFF:
-            raise ValueError(f"I/O port out of range: {port:#x}")
-        out = await self.hmp(f"i /{width} {port:#x}")
-        match = _HMP_PORT_VALUE.search(out)
-        if match is None:
-            raise LabError(f"i /{width} {port:#x}: unexpected answer {out.strip()!r}")
-        return int(match.group(1), 16)
+        return await devices.port_in(self.hmp, port, width)
 
     async def guest_reset(self) -> None:
         """Reset as a guest does, through the keyboard controller: RESET ``guest-reset``."""
-        await self.port_out(_KBD_CMD_PORT, _KBD_CMD_RESET)
+        await devices.guest_reset(self.hmp)
 
     async def guest_poweroff(self) -> None:
         """ACPI soft-off as a guest does: SHUTDOWN ``guest-shutdown``.
 
-        Enables the PIIX4 power-management I/O block (PCI 00:01.3) at 0x600, then sets
-        SLP_EN in PM1_CNT. With ``-no-shutdown`` QEMU then stops (STOP, status
-        ``shutdown``); without it QEMU exits.
+        With ``-no-shutdown`` QEMU then stops (STOP, status ``shutdown``); without it QEMU
+        exits.
         """
-        dev, fn = _PIIX4_PM_DEVFN
-        await self.port_out(_PCI_CONFIG_ADDRESS, _pci_config_address(0, dev, fn, _PIIX4_PMBA), "w")
-        await self.port_out(_PCI_CONFIG_DATA, _PM_IO_BASE | 1, "w")
-        await self.port_out(
-            _PCI_CONFIG_ADDRESS, _pci_config_address(0, dev, fn, _PIIX4_PMREGMISC), "w"
-        )
-        await self.port_out(_PCI_CONFIG_DATA, 0x01, "b")
-        try:
-            await self.port_out(_PM1_CNT, _PM1_CNT_SOFT_OFF, "h")
-        except LabClosed:
-            if self.spec.no_shutdown:
-                raise
-            # Without -no-shutdown QEMU may exit before answering; that is the point.
+        await devices.guest_poweroff(self.hmp, self.spec)
 
     async def arm_watchdog(self, seconds: int = 2) -> None:
         """Start the ib700 watchdog; it fires after ``seconds`` (even, 0..30) of VM time.
 
-        Needs ``LabSpec.watchdog_action``. The ib700 takes a 4-bit index into a table of
-        30, 28, ..., 2, 0 seconds; the default writes 14 to port 0x443.
+        Needs ``LabSpec.watchdog_action``.
         """
-        if seconds % 2 or not 0 <= seconds <= 30:
-            raise ValueError(f"the ib700 supports even timeouts of 0..30 s, not {seconds}")
-        if self.spec.watchdog_action is None:
-            raise LabError(f"{self.spec.name}: no watchdog (LabSpec.watchdog_action is None)")
-        await self.port_out(_IB700_TIMEOUT_PORT, (30 - seconds) // 2)
+        await devices.arm_watchdog(self.hmp, self.spec, seconds)
 
     async def ata_read_sector(self, lba: int) -> None:
         """Issue ATA READ SECTORS for one sector at ``lba`` on the primary IDE master."""
-        if not 0 <= lba < 1 << 28:
-            raise ValueError(f"LBA28 out of range: {lba}")
-        base = _ATA_PORT
-        await self.port_out(base + 6, 0xE0 | (lba >> 24) & 0x0F)  # drive 0, LBA mode
-        await self.port_out(base + 2, 1)  # sector count
-        await self.port_out(base + 3, lba & 0xFF)
-        await self.port_out(base + 4, (lba >> 8) & 0xFF)
-        await self.port_out(base + 5, (lba >> 16) & 0xFF)
-        await self.port_out(base + 7, _ATA_CMD_READ_SECTORS)
+        await devices.ata_read_sector(self.hmp, lba)
 
     async def ata_status(self) -> int:
         """The primary IDE status register (BSY 0x80, DRDY 0x40, DRQ 0x08, ERR 0x01)."""
-        return await self.port_in(_ATA_PORT + 7)
+        return await devices.ata_status(self.hmp)
 
     async def rtc_change(self, year: int | None = None) -> None:
         """Write the CMOS year register (two digits; default: next year): RTC_CHANGE."""
-        await self.port_out(_CMOS_INDEX, _CMOS_REG_B)
-        binary = bool(await self.port_in(_CMOS_DATA) & _CMOS_REG_B_BINARY)
-        if year is None:
-            await self.port_out(_CMOS_INDEX, _CMOS_YEAR)
-            raw = await self.port_in(_CMOS_DATA)
-            year = ((raw if binary else _from_bcd(raw)) + 1) % 100
-        if not 0 <= year <= 99:
-            raise ValueError(f"year must have two digits, not {year}")
-        await self.port_out(_CMOS_INDEX, _CMOS_YEAR)
-        await self.port_out(_CMOS_DATA, year if binary else _to_bcd(year))
+        await devices.rtc_change(self.hmp, year)
 
     # ----- the process ------------------------------------------------------------------------
 
