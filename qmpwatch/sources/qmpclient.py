@@ -54,6 +54,7 @@ QEMU_QMP_PRIVATES: tuple[tuple[str, str], ...] = (
     ("QMPClient", "_execute_id"),  # read: the next execute id, to tell late replies
     ("QMPClient", "_get_exec_id"),  # its ids are `_ID_PREFIX` + a number (late replies)
     ("QMPClient", "_event_dispatch"),  # overridden by the lab's control client
+    ("QMPClient", "_recv"),  # extended by the lab's control client: events before a greeting
     ("Message", "_data"),  # set by `_message`: no serialised form yet
     ("Message", "_obj"),  # set by `_message`: the object already parsed
 )
