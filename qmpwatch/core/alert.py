@@ -149,7 +149,9 @@ class StopClass:
     what: str
 
 
-def classify_status(status: str | None, client_stop_severity: str) -> StopClass | None:
+def classify_status(
+    status: str | None, client_stop_severity: ClientStopSeverity
+) -> StopClass | None:
     """The alert for a VM stopped in `status` (None: unknown), or None when no alert is due."""
     if status in QUIET_STATUSES:
         return None
@@ -162,7 +164,7 @@ def classify_status(status: str | None, client_stop_severity: str) -> StopClass 
     if status == "paused":
         if client_stop_severity == "none":
             return None
-        severity: Severity = client_stop_severity  # type: ignore[assignment]
+        severity: Severity = client_stop_severity
         return StopClass("vm_stopped_unexpected", severity, "paused by a monitor client (stop)")
     shown = "an unknown state" if status is None else f"state {status}"
     return StopClass("vm_stopped_unexpected", "critical", f"stopped unexpectedly ({shown})")

@@ -19,6 +19,7 @@ from qmpwatch.core.alert import (
     STOPPED_KINDS,
     TRANSIENT_STATUSES,
     Alert,
+    ClientStopSeverity,
     Severity,
     classify_status,
     describe_status,
@@ -104,7 +105,7 @@ class VmWatch:
         lifecycle: LifecycleConfig | None = None,
         remediate: RemediateConfig | None = None,
         no_shutdown: bool = False,
-        client_stop_severity: str = "warning",
+        client_stop_severity: ClientStopSeverity = "warning",
         last_status: str | None = None,
         handlers: Mapping[str, tuple[Handler, ...]] | None = None,
     ) -> None:
@@ -206,7 +207,10 @@ class VmWatch:
             self._resume_failed(now, "not_running", "QEMU accepted cont, and the VM is stopped")
 
     def reconfigure(
-        self, followup: FollowupConfig, lifecycle: LifecycleConfig, client_stop_severity: str
+        self,
+        followup: FollowupConfig,
+        lifecycle: LifecycleConfig,
+        client_stop_severity: ClientStopSeverity,
     ) -> None:
         """New deadlines, thresholds and severity (a reload), for what happens from now on:
         open expectations keep the deadline they were opened with."""

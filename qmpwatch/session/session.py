@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from qmpwatch.core.alert import Alert
+from qmpwatch.core.alert import Alert, ClientStopSeverity
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig, NoShutdown, RemediateConfig
 from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import Control, Event, decode_object
@@ -102,7 +102,7 @@ class VmSession:
         *,
         followup: FollowupConfig,
         lifecycle: LifecycleConfig,
-        client_stop_severity: str,
+        client_stop_severity: ClientStopSeverity,
         no_shutdown: NoShutdown = "auto",
         firing: Sequence[Alert] = (),
         remediate: RemediateConfig | None = None,
@@ -155,7 +155,10 @@ class VmSession:
             self._arm_deadline()
 
     def reconfigure(
-        self, followup: FollowupConfig, lifecycle: LifecycleConfig, client_stop_severity: str
+        self,
+        followup: FollowupConfig,
+        lifecycle: LifecycleConfig,
+        client_stop_severity: ClientStopSeverity,
     ) -> None:
         """A reload's deadlines, thresholds and severity, for what happens from now on."""
         self.watch.reconfigure(followup, lifecycle, client_stop_severity)
