@@ -51,7 +51,8 @@ STATUS_WORDS: dict[int, dict[int | None, str | None]] = {
     },
     BLOCKED: {None: "running"},  # 0 unknown: blocked on a resource, not stopped
     PAUSED: {
-        None: "paused",  # 0 unknown
+        None: "paused",  # a reason newer than this table
+        0: "paused",  # unknown
         1: "paused",  # user: virsh suspend, or a monitor client's stop
         2: "finish-migrate",  # migration: paused for an offline migration
         3: "finish-migrate",  # save: being saved to a file (a migration to a file)
