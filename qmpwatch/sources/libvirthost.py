@@ -29,7 +29,7 @@ import libvirt_qemu
 import libvirtaio
 import structlog
 
-from qmpwatch.core.backoff import Backoff
+from qmpwatch.core.backoff import Backoff, FailureLog
 from qmpwatch.core.config import ConnectConfig, LibvirtConfig
 from qmpwatch.session.link import LinkInfo
 from qmpwatch.session.session import VmSession
@@ -180,32 +180,29 @@ class LibvirtConnection:
     async def _connect_forever(self) -> None:
         bind_events_to_loop()
         backoff = Backoff(self.connect.backoff_initial_s, self.connect.backoff_max_s)
-        last_reason, last_logged, attempts = "", 0.0, 0
+        failures = FailureLog(FAILURE_LOG_INTERVAL_S)
+        connections = 0
         while True:
             try:
                 conn, callback_ids = self._open()
             except LibvirtRefused as err:
-                attempts += 1
                 delay = backoff.next()
-                now = time.monotonic()
-                if err.reason != last_reason or now - last_logged >= FAILURE_LOG_INTERVAL_S:
+                if failures.failed(err.reason, time.monotonic()):
                     level = "error" if err.reason in ("read_only", "permission") else "warning"
                     getattr(self.log, level)(
                         "libvirt_connect_failed",
                         reason=err.reason,
                         error=err.detail,
-                        attempts=attempts,
+                        attempts=failures.attempts,
                         retry_in_s=round(delay, 3),
                     )
-                    last_reason, last_logged = err.reason, now
                 await asyncio.sleep(delay)
                 continue
+            failures.succeeded()
             started = time.monotonic()
-            reconnect = attempts > 0 or last_reason == "lost"
-            attempts, last_reason = 0, ""
-            why = await self._watch(conn, callback_ids, reconnect)
+            connections += 1
+            why = await self._watch(conn, callback_ids, reconnect=connections > 1)
             self.log.warning("libvirt_disconnected", error=why)
-            last_reason = "lost"
             if time.monotonic() - started >= HEALTHY_CONNECTION_S:
                 backoff.reset()
             await asyncio.sleep(backoff.next())
@@ -228,7 +225,7 @@ class LibvirtConnection:
             raise
         return conn, (qmp_id, int(life_id))
 
-    async def _watch(self, conn: Any, callback_ids: tuple[int, int], reconnect: bool) -> str:
+    async def _watch(self, conn: Any, callback_ids: tuple[int, int], *, reconnect: bool) -> str:
         """Watch the domains of `conn` until it is lost; why it was."""
         self._conn = conn
         self._lost = asyncio.get_running_loop().create_future()
