@@ -244,3 +244,27 @@ async def test_without_libvirt_python_one_record_says_what_to_install(tmp_path: 
     assert "qmpwatch[libvirt]" in record["help"]
     assert len(daemon.find("libvirt_unavailable")) == 1
     assert daemon.proc.returncode == 0
+
+
+async def test_what_changed_while_qmpwatch_was_down_is_reported(
+    tmp_path: Path, libvirt_lab: LibvirtLab
+) -> None:
+    """qmpwatch stops; one domain is paused, another destroyed; qmpwatch starts again: the
+    pause is reported on resync, the destroyed domain (running when last seen) is gone."""
+    run = token()
+    paused = await LabDomain(libvirt_lab, DomainSpec(f"{run}paused")).create()
+    ended = await LabDomain(libvirt_lab, DomainSpec(f"{run}ended")).create()
+    async with watching(tmp_path, [f"{run}*"]) as daemon:
+        await daemon.wait_for("vm_connected", vm=paused.name)
+        await daemon.wait_for("vm_connected", vm=ended.name)
+    await virsh("suspend", paused.name)
+    await virsh("destroy", ended.name)
+    async with watching(tmp_path, [f"{run}*"]) as daemon:
+        changed = await daemon.wait_for(
+            "alert", vm=paused.name, alert="vm_state_changed_while_unmonitored"
+        )
+        gone = await daemon.wait_for("alert", vm=ended.name, alert="vm_gone_while_unmonitored")
+    assert changed["details"]["previous_status"] == "running"
+    assert gone["details"]["last_status"] == "running"
+    assert "not defined" in gone["details"]["error"]
+    assert_healthy(daemon)

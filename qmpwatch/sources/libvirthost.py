@@ -230,7 +230,10 @@ class LibvirtConnection:
         self._conn = conn
         self._lost = asyncio.get_running_loop().create_future()
         try:
-            found = self._resync()
+            try:
+                found = self._resync()
+            except libvirt.libvirtError as err:  # the connection broke at once
+                return f"listing the domains failed: {libvirt_words(err)}"
             self.log.info(
                 "libvirt_connected",
                 domains=sorted(found),
@@ -240,12 +243,13 @@ class LibvirtConnection:
             self._listed(self, found)
             return await self._lost
         finally:
-            why = self._lost.result() if self._lost.done() else "qmpwatch is stopping"
+            why = self._lost.result() if self._lost.done() else None
+            error = f"lost the connection to libvirtd ({why})" if why else "qmpwatch is stopping"
             self._conn, self._lost = None, None
             for domain in self.domains.values():
                 if domain.link is not None and domain.task is not None:
                     domain.unseen = True
-                    domain.link.end("closed", f"lost the connection to libvirtd ({why})")
+                    domain.link.end("closed", error)
                 elif domain.link is not None:
                     domain.link = None  # seen starting, never up
             _drop(conn, callback_ids)
