@@ -34,6 +34,16 @@ def token() -> str:
     return f"{LAB_PREFIX}{secrets.token_hex(3)}-"
 
 
+async def create(lab: LibvirtLab, *names: str) -> list[LabDomain]:
+    """Plain transient domains, started."""
+    return [await LabDomain(lab, DomainSpec(name)).create() for name in names]
+
+
+async def all_connected(daemon: DaemonProcess, *domains: LabDomain) -> None:
+    for dom in domains:
+        await daemon.wait_for("vm_connected", vm=dom.name)
+
+
 def alerts(daemon: DaemonProcess, vm: str) -> list[str]:
     return [r["alert"] for r in daemon.find("alert", vm=vm)]
 
@@ -126,11 +136,9 @@ async def test_a_killed_qemu_is_a_crash_and_a_destroy_is_not(
     """kill -9 of a domain's QEMU: vm_crashed. virsh destroy of another: a clean end, no
     alert; both transient domains are gone, so the destroyed one leaves."""
     run = token()
-    killed = await LabDomain(libvirt_lab, DomainSpec(f"{run}killed")).create()
-    destroyed = await LabDomain(libvirt_lab, DomainSpec(f"{run}destroyed")).create()
+    killed, destroyed = await create(libvirt_lab, f"{run}killed", f"{run}destroyed")
     async with watching(tmp_path, [f"{run}*"]) as daemon:
-        await daemon.wait_for("vm_connected", vm=killed.name)
-        await daemon.wait_for("vm_connected", vm=destroyed.name)
+        await all_connected(daemon, killed, destroyed)
         os.kill(killed.pid(), signal.SIGKILL)
         crash = await daemon.wait_for("alert", vm=killed.name, alert="vm_crashed")
         await virsh("destroy", destroyed.name)
@@ -252,11 +260,9 @@ async def test_what_changed_while_qmpwatch_was_down_is_reported(
     """qmpwatch stops; one domain is paused, another destroyed; qmpwatch starts again: the
     pause is reported on resync, the destroyed domain (running when last seen) is gone."""
     run = token()
-    paused = await LabDomain(libvirt_lab, DomainSpec(f"{run}paused")).create()
-    ended = await LabDomain(libvirt_lab, DomainSpec(f"{run}ended")).create()
+    paused, ended = await create(libvirt_lab, f"{run}paused", f"{run}ended")
     async with watching(tmp_path, [f"{run}*"]) as daemon:
-        await daemon.wait_for("vm_connected", vm=paused.name)
-        await daemon.wait_for("vm_connected", vm=ended.name)
+        await all_connected(daemon, paused, ended)
     await virsh("suspend", paused.name)
     await virsh("destroy", ended.name)
     async with watching(tmp_path, [f"{run}*"]) as daemon:
