@@ -132,6 +132,9 @@ class LibvirtLab:
         self._start_virtlogd()
         self.start_libvirtd()
         self._destroy_all()  # left by an earlier run
+        # libvirt probes QEMU's capabilities on first use (seconds; more on a loaded machine):
+        # now, so that no test's deadline pays for it.
+        virsh_sync("domcapabilities", "--emulatorbin", EMULATOR, "--virttype", "qemu")
 
     def _prepare(self) -> None:
         try:
