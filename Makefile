@@ -8,7 +8,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 QEMU10 := .cache/qemu-10.0
 
-.PHONY: run test lint typecheck pytest bench soak clean system-deps-test system-deps-run
+.PHONY: run test lint typecheck pytest bench soak clean system-deps-test system-deps-run \
+        system-deps-bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ system-deps-test:
 
 system-deps-run:
 	scripts/ensure-system-deps run
+
+system-deps-bench:
+	scripts/ensure-system-deps bench
 
 # QEMU 10.0 from bookworm-backports beside the system's, extracted in the checkout (no install)
 $(QEMU10)/complete:
@@ -42,10 +46,11 @@ typecheck: $(BIN)/.installed
 pytest: $(BIN)/.installed $(QEMU10)/complete
 	$(BIN)/python -m pytest -q
 
-bench: system-deps-run $(BIN)/.installed
+bench: system-deps-bench $(BIN)/.installed
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.alert_latency
 	$(BIN)/python -m bench.logbatch
+	$(BIN)/python -m bench.libvirt
 
 # 20 real VMs, every scenario, 10 minutes: event counts, crashes, RSS and fds (not in CI)
 soak: system-deps-run $(BIN)/.installed

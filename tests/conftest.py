@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from qmpwatch.lab import QEMU_DATA_DIR_ENV, QEMU_ENV, QEMU_MODULE_DIR_ENV, LabError, QemuBuild
+from qmpwatch.lab.libvirt import LibvirtLab
 
 # Property tests check what inputs do, not how fast they are made: on a loaded 2-core CI
 # machine drawing one input can take seconds, so neither the generation health check nor the
@@ -103,3 +104,15 @@ def sock_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def libvirt_lab() -> Iterator[LibvirtLab]:
+    """A real libvirtd and virtlogd for the tests marked ``libvirt`` (started once, stopped
+    at the end of the run, whatever happens; daemons an earlier run left are taken over)."""
+    workdir = Path(tempfile.mkdtemp(prefix="qwlv-", dir="/tmp"))
+    try:
+        with LibvirtLab.running(workdir) as lab:
+            yield lab
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Capped exponential backoff with jitter, for reconnects and alert deliveries."""
+"""Capped exponential backoff with jitter, for reconnects and alert deliveries; and when to log
+failures that repeat."""
 
 from __future__ import annotations
 
@@ -29,3 +30,25 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+class FailureLog:
+    """When to log a failure that repeats: when its reason changes, else at most once per
+    `interval_s`; `attempts` counts the failures since the last success."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.interval_s = interval_s
+        self.reason = ""
+        self.logged_at = 0.0
+        self.attempts = 0
+
+    def failed(self, reason: str, now: float) -> bool:
+        """One more failure at `now` (monotonic): whether to log it."""
+        self.attempts += 1
+        if reason != self.reason or now - self.logged_at >= self.interval_s:
+            self.reason, self.logged_at = reason, now
+            return True
+        return False
+
+    def succeeded(self) -> None:
+        self.reason, self.attempts = "", 0

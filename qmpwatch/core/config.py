@@ -127,6 +127,14 @@ class ListenConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LibvirtConfig:
+    """A libvirt connection whose domains qmpwatch watches (`[[libvirt]]`)."""
+
+    uri: str = "qemu:///system"
+    domains: tuple[str, ...] = ("*",)  # globs of domain names (fnmatch, case-sensitive)
+
+
+@dataclass(frozen=True, slots=True)
 class WebhookConfig:
     url: str
     headers: Mapping[str, Secret] = field(default_factory=dict)
@@ -193,6 +201,7 @@ class Config:
     vms: tuple[VmConfig, ...] = ()
     discover: tuple[DiscoverConfig, ...] = ()
     listen: tuple[ListenConfig, ...] = ()
+    libvirt: tuple[LibvirtConfig, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,6 +529,36 @@ def _parse_listen(
     return tuple(out)
 
 
+def _parse_libvirt(readers: list[_Reader], problems: list[str]) -> tuple[LibvirtConfig, ...]:
+    out: list[LibvirtConfig] = []
+    seen: dict[str, str] = {}
+    d = LibvirtConfig()
+    for r in readers:
+        uri = r.get("uri", r.string(nonempty=True), d.uri)
+        if "://" not in uri:
+            r.bad("uri", f'expected a libvirt URI such as "qemu:///system", got {_show(uri)}')
+        elif uri in seen:
+            r.bad("uri", f"{_show(uri)} is already watched by {seen[uri]}")
+        seen.setdefault(uri, r.path)
+
+        def globs(key: str, value: Any) -> tuple[str, ...] | None:
+            if (
+                not isinstance(value, list)
+                or not value
+                or not all(isinstance(v, str) and v for v in value)
+            ):
+                problems.append(
+                    f"{key}: expected a non-empty array of domain name globs, got {_show(value)}"
+                )
+                return None
+            return tuple(value)
+
+        domains: tuple[str, ...] = r.get("domains", globs, d.domains)
+        r.finish()
+        out.append(LibvirtConfig(uri, domains))
+    return tuple(out)
+
+
 def _url(r: _Reader) -> str:
     url = r.get("url", r.string(nonempty=True), "")
     if "url" not in r.table:
@@ -636,6 +675,7 @@ def parse_config(table: Mapping[str, Any]) -> Config:
         vms=_parse_vms(root.array_of_tables("vm"), problems, remediate),
         discover=_parse_discover(root.array_of_tables("discover"), problems, remediate),
         listen=_parse_listen(root.array_of_tables("listen"), problems, remediate),
+        libvirt=_parse_libvirt(root.array_of_tables("libvirt"), problems),
     )
     root.finish()
     if problems:

@@ -316,13 +316,14 @@ class VmWatch:
         self._resolve(now, lambda a: True, reason)
 
     def on_disconnected(self, now: float, cause: str, error: str = "") -> None:
-        """The session ended: `cause` is "eof", "error" or "closed" (qmpwatch closed it)."""
+        """The session ended: `cause` is "eof", "error", "closed" (qmpwatch closed it) or
+        "exited" (QEMU's manager says it ended on purpose: a clean end, SHUTDOWN or not)."""
         self.tick(now)  # a deadline already over is missed, even if no tick() came in time
         exited = self.tracker.satisfy(QEMU_EXIT, now) if cause != "closed" else []
         self._ended(exited)
         # qmpwatch closing the session says nothing about QEMU, even after a SHUTDOWN (QEMU
         # under -no-shutdown is still there, stopped): only an ending QEMU can exit cleanly.
-        clean = cause != "closed" and (self.saw_shutdown or bool(exited))
+        clean = cause == "exited" or (cause != "closed" and (self.saw_shutdown or bool(exited)))
         logged_cause = "shutdown" if clean else cause
         level = "info" if clean or cause == "closed" else "warning"
         self.out.record("vm_disconnected", level, now, {"cause": logged_cause, "error": error})

@@ -13,7 +13,10 @@ from typing import Any, Literal, Protocol
 
 from qmpwatch.core.errors import DecodeError
 
-EndCause = Literal["eof", "error", "closed"]  # QEMU went away / the link broke / we hung up
+# QEMU went away / the link broke / qmpwatch hung up (or lost the way to QEMU) / QEMU ended on
+# purpose, as its manager says (libvirt: a guest shutdown, a destroy): a clean end whatever
+# events came before.
+EndCause = Literal["eof", "error", "closed", "exited"]
 
 
 @dataclass(frozen=True, slots=True)

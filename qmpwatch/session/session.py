@@ -150,9 +150,14 @@ class VmSession:
             return
         self._absence_checked = True
         if reason in ABSENT_REASONS:
-            self.watch.on_absent(time.time(), reason, detail)
-            self._store_status()
-            self._arm_deadline()
+            self.absent(reason, detail)
+
+    def absent(self, reason: str, detail: str) -> None:
+        """QEMU is gone and qmpwatch did not see it end (it was not watching then): a VM
+        last seen alive went away while unmonitored."""
+        self.watch.on_absent(time.time(), reason, detail)
+        self._store_status()
+        self._arm_deadline()
 
     def reconfigure(
         self,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from qmpwatch.core.backoff import Backoff
+from qmpwatch.core.backoff import Backoff, FailureLog
 from qmpwatch.core.config import Config, ConnectConfig, NoShutdown, RemediateConfig
 from qmpwatch.core.errors import ConnectFailed
 from qmpwatch.session.session import VmSession
@@ -70,31 +70,26 @@ class Dialer:
             await asyncio.wait([self.after])  # one link at a time per session
             self.after = None
         backoff = Backoff(self.connect.backoff_initial_s, self.connect.backoff_max_s)
-        last_reason = ""
-        last_logged = 0.0
-        attempts = 0
+        failures = FailureLog(FAILURE_LOG_INTERVAL_S)
         while True:
             try:
                 link = await self.attach()
             except ConnectFailed as err:
-                attempts += 1
                 self.session.unreachable(err.reason, err.detail)
                 delay = backoff.next()
-                now = time.monotonic()
-                if err.reason != last_reason or now - last_logged >= FAILURE_LOG_INTERVAL_S:
+                if failures.failed(err.reason, time.monotonic()):
                     self.session.note(
                         "vm_connect_failed",
                         "warning",
                         socket=self.target.socket,
                         reason=err.reason,
                         error=err.detail,
-                        attempts=attempts,
+                        attempts=failures.attempts,
                         retry_in_s=round(delay, 3),
                     )
-                    last_reason, last_logged = err.reason, now
                 await asyncio.sleep(delay)
                 continue
-            attempts, last_reason = 0, ""
+            failures.succeeded()
             started = time.monotonic()
             await self.session.watch_link(link)
             if time.monotonic() - started >= HEALTHY_SESSION_S:

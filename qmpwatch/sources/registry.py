@@ -17,6 +17,7 @@ SOURCES: dict[str, str] = {
     "vms": "qmpwatch.sources.dial:DialSource",
     "discover": "qmpwatch.sources.discover:DiscoverSource",
     "listen": "qmpwatch.sources.listen:ListenSource",
+    "libvirt": "qmpwatch.sources.libvirt:LibvirtSource",
 }
 
 
