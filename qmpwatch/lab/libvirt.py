@@ -34,8 +34,8 @@ from qmpwatch.lab import BlkdebugSpec, LabError, halt_firmware
 URI = "qemu:///system"
 LAB_PREFIX = "qwlab-"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-QEMU_CONF_MARK = "# written by qmpwatch's libvirt lab (qmpwatch/lab/libvirt.py)"
-QEMU_CONF_TEXT = f"""{QEMU_CONF_MARK}
+QEMU_CONF_MARK = "# written by qmpwatch's libvirt lab"  # (it was once in qmpwatch/lab_libvirt.py)
+QEMU_CONF_TEXT = f"""{QEMU_CONF_MARK} (qmpwatch/lab/libvirt.py)
 user = "root"
 group = "root"
 dynamic_ownership = 0
