@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from qmpwatch.core.config import Config, LibvirtConfig
+from qmpwatch.core.config import Config, LibvirtConfig, RemediateConfig
 from qmpwatch.session.session import VmSession
 from qmpwatch.sources.base import SessionHost
+
+# Acting on a domain means QMP through libvirt, which taints it: [remediate] does not apply.
+NO_ACTIONS = RemediateConfig()
 
 if TYPE_CHECKING:
     from qmpwatch.sources.libvirthost import LibvirtConnection
@@ -117,7 +120,7 @@ class LibvirtSource:
         for name in self.host.known(self.kind):
             if not any(fnmatch.fnmatchcase(name, g) for e in entries for g in e.domains):
                 continue
-            session = self.host.open(name, self.kind, no_shutdown=True)
+            session = self.host.open(name, self.kind, no_shutdown=True, remediate=NO_ACTIONS)
             if session is not None:
                 self._expected[name] = session
 

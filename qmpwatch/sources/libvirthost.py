@@ -30,7 +30,7 @@ import libvirtaio
 import structlog
 
 from qmpwatch.core.backoff import Backoff, FailureLog
-from qmpwatch.core.config import ConnectConfig, LibvirtConfig
+from qmpwatch.core.config import ConnectConfig, LibvirtConfig, RemediateConfig
 from qmpwatch.session.link import LinkInfo
 from qmpwatch.session.session import VmSession
 from qmpwatch.sources.base import SessionHost
@@ -304,7 +304,9 @@ class LibvirtConnection:
             return domain
         if not self._claim(name, self):
             return None
-        session = self.host.open(name, self.kind, no_shutdown=True)
+        session = self.host.open(
+            name, self.kind, no_shutdown=True, remediate=RemediateConfig()
+        )  # no QMP via libvirt: it taints
         if session is None:
             if name not in self._conflicts:
                 self._conflicts.add(name)
