@@ -69,6 +69,11 @@ def _what(kind: str, f: Mapping[str, Any]) -> tuple[str, str]:
     return (f"{kind} {rest}" if rest else kind), "dim"
 
 
+def text(kind: str, fields: Mapping[str, Any]) -> str:
+    """The words of a record's console line: what follows the clock and the VM."""
+    return _what(kind, fields)[0]
+
+
 def renderer(colours: bool) -> Callable[[WrappedLogger, str, EventDict], str]:
     """A structlog processor rendering one console line."""
 

@@ -279,14 +279,29 @@ def run_daemon(config_path: Path, *, log_format: str | None = None) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 2
     fmt = log_format or config.daemon.log_format
-    try:
-        stream = _open_log(config.daemon.log_file)
-    except OSError as err:
-        print(
-            f"daemon.log_file: cannot open {config.daemon.log_file}: {err.strerror}",
-            file=sys.stderr,
-        )
-        return 2
+    stream: IO[bytes]
+    if config.daemon.log_target == "journal":
+        from qmpwatch.output import journal
+
+        fmt = "json"  # each entry has the record's JSON and its console line
+        try:
+            stream = journal.open_stream()
+        except OSError as err:
+            print(
+                f"daemon.log_target: cannot reach journald at {journal.SOCKET}: "
+                f"{err.strerror or err}",
+                file=sys.stderr,
+            )
+            return 2
+    else:
+        try:
+            stream = _open_log(config.daemon.log_file)
+        except OSError as err:
+            print(
+                f"daemon.log_file: cannot open {config.daemon.log_file}: {err.strerror}",
+                file=sys.stderr,
+            )
+            return 2
     writer = logs.configure("console" if fmt == "console" else "json", stream)
     with contextlib.suppress(KeyboardInterrupt):
         return _run_loop(Daemon(config, config_path, writer))
