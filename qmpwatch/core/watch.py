@@ -26,6 +26,7 @@ from qmpwatch.core.alert import (
     Severity,
     classify_status,
     resolved_because,
+    resolved_summary,
 )
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig
 from qmpwatch.core.errors import DecodeError
@@ -409,6 +410,7 @@ class VmWatch:
                         "fingerprint": fingerprint,
                         "summary": alert.summary,
                         "reason": reason,
+                        "resolved_summary": resolved_summary(alert.summary, reason),
                     },
                 )
                 self.out.resolve_alert(resolved_because(alert, reason), now)

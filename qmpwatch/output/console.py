@@ -2,7 +2,7 @@
 
     15:09:35.606 vm1       STOP
     15:09:35.608 vm1       ALERT warning vm_stopped_unexpected: VM vm1 paused by a client
-    15:09:35.608 vm1       resolved vm_stopped_unexpected
+    15:09:35.608 vm1       resolved vm_stopped_unexpected: the VM resumed (RESUME)
     15:09:36.101 web01     followup satisfied: BLOCK_IO_ERROR -> STOP in 0.29 ms
 
 Colour (ANSI) only when the output is a terminal. The JSON format stays the contract; this
@@ -42,7 +42,7 @@ def _what(kind: str, f: Mapping[str, Any]) -> tuple[str, str]:
             f.get("severity")
         )
     if kind == "alert_resolved":
-        return f"resolved {f.get('alert')}", "ok"
+        return f"resolved {f.get('alert')}: {f.get('reason')}", "ok"
     if kind == "followup_satisfied":
         cause, expected = f.get("cause"), f.get("expected")
         text = f"followup satisfied: {cause} -> {expected} in {f.get('latency_ms')} ms"

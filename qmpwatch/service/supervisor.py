@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from qmpwatch.core.alert import Alert, resolved_because
+from qmpwatch.core.alert import Alert, resolved_because, resolved_summary
 from qmpwatch.core.config import Config, NoShutdown
 from qmpwatch.service.recorder import DaemonRecorder, Services
 from qmpwatch.session.session import VmSession
@@ -111,6 +111,7 @@ class Supervisor:
                     fingerprint=alert.fingerprint,
                     summary=alert.summary,
                     reason=reason,
+                    resolved_summary=resolved_summary(alert.summary, reason),
                 )
                 if alerts is not None:
                     alerts.resolve(resolved_because(alert, reason), now)

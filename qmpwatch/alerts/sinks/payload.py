@@ -18,7 +18,8 @@ is delivered at least once, and again only if qmpwatch could not learn that it a
       "cause": "BLOCK_IO_ERROR:drive0",
       "details": {"device": "drive0", "operation": "write", ...},
       "startsAt": "2024-05-01T12:00:00.123456Z",
-      "endsAt": null                     # resolved: when it ended
+      "endsAt": null,                    # resolved: when it ended
+      "resolved_summary": null           # resolved: "Resolved: <summary>; ended: <why>"
     }
 
 Keys may be added within version 1; receivers must ignore keys they do not know.
@@ -31,6 +32,7 @@ from typing import Any
 import orjson
 
 from qmpwatch.alerts.outbox import Entry
+from qmpwatch.core.alert import resolved_summary
 from qmpwatch.output.logs import iso_from_epoch
 
 VERSION = 1
@@ -53,6 +55,11 @@ def payload_v1(entry: Entry, host: str) -> dict[str, Any]:
         "details": dict(alert.details),
         "startsAt": iso_from_epoch(alert.raised_at),
         "endsAt": iso_from_epoch(entry.at) if entry.status == "resolved" else None,
+        "resolved_summary": (
+            resolved_summary(alert.summary, str(alert.details.get("resolution", "")))
+            if entry.status == "resolved"
+            else None
+        ),
     }
 
 
