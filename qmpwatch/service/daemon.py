@@ -105,13 +105,6 @@ class Daemon:
             restored=restored,
             changed=status_changed.set,
         )
-        self.log.info(
-            "daemon_started",
-            version=__version__,
-            config=str(self.config_path or ""),
-            vms=len(self.config.vms),
-            discover=[d.glob for d in self.config.discover],
-        )
         try:
             async with contextlib.AsyncExitStack() as stack:
                 listen = self.config.daemon.metrics_listen
@@ -127,6 +120,13 @@ class Daemon:
                     supervisor = Supervisor(self.config, services, tg)
                     self._supervisor = supervisor
                     supervisor.apply()  # opens the sessions; their tasks run from the next await
+                    self.log.info(
+                        "daemon_started",
+                        version=__version__,
+                        config=str(self.config_path or ""),
+                        vms=len(supervisor.sessions),  # what /healthz counts: every source's
+                        discover=[d.glob for d in self.config.discover],
+                    )
                     check_fd_limit(len(supervisor.sessions), self.log)
                     supervisor.resolve_orphans()
                     sdnotify.ready(sdnotify.status_line(*supervisor.counts()))

@@ -73,6 +73,7 @@ class Supervisor:
         )
         self.services.store.set_source(name, source)
         self.sessions[name] = _Held(session, source)
+        self._changed()
         return session
 
     def close(self, name: str, reason: str) -> None:
@@ -82,6 +83,12 @@ class Supervisor:
         held.session.retire(reason)
         if self.services.metrics is not None:
             self.services.metrics.forget_vm(name)
+        self._changed()
+
+    def _changed(self) -> None:
+        """The counts of the status line changed (a VM came or went)."""
+        if self.services.changed is not None:
+            self.services.changed()
 
     def holder(self, name: str) -> str | None:
         held = self.sessions.get(name)
