@@ -15,7 +15,7 @@ unless / is the overlay.
 
 What it needs (`requirements()` names whatever is missing, and the tests fail with that, never
 skip): root, util-linux's unshare, nsenter, setpriv and mountpoint, /lib/systemd/systemd,
-overlayfs, and cgroups as v1 `name=systemd` + `unified` (hybrid) or v2.
+and cgroups as v1 `name=systemd` + `unified` (hybrid) or v2.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def wait_until(
         time.sleep(interval)
 
 
-def _mounts() -> list[tuple[str, str]]:
+def mounts() -> list[tuple[str, str]]:
     """(mount point, file system type) of this process's mount namespace, in order."""
     found = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
@@ -84,15 +84,15 @@ def _mounts() -> list[tuple[str, str]]:
 
 def cgroup_hierarchies() -> list[Path]:
     """The hierarchies systemd places itself by: v1 name=systemd and unified, or the v2 root."""
-    types = dict(_mounts())
+    types = dict(mounts())
     if types.get(str(CGROUP_ROOT)) == "cgroup2":
         return [CGROUP_ROOT]
     return [CGROUP_ROOT / "systemd", CGROUP_ROOT / "unified"]
 
 
-def _all_hierarchies() -> list[Path]:
+def all_hierarchies() -> list[Path]:
     """Every mounted cgroup hierarchy, where systemd may have made cgroups."""
-    return [Path(m) for m, t in _mounts() if t in ("cgroup", "cgroup2")]
+    return [Path(m) for m, t in mounts() if t in ("cgroup", "cgroup2")]
 
 
 def requirements() -> list[str]:
@@ -105,8 +105,6 @@ def requirements() -> list[str]:
             missing.append(f"{program} (Debian package util-linux)")
     if not SYSTEMD.exists():
         missing.append(f"{SYSTEMD} (Debian package systemd)")
-    if "overlay" not in Path("/proc/filesystems").read_text():
-        missing.append("overlayfs in the kernel (modprobe overlay)")
     for hierarchy in cgroup_hierarchies():
         if not (hierarchy / "cgroup.procs").exists():
             missing.append(f"the cgroup hierarchy {hierarchy}")
@@ -125,7 +123,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _procs(tree: Path) -> list[int]:
+def processes_in(tree: Path) -> list[int]:
     """The processes in a cgroup subtree."""
     pids: list[int] = []
     for directory, _, files in os.walk(tree):
@@ -137,10 +135,10 @@ def _procs(tree: Path) -> list[int]:
 
 
 def _empty(tree: Path) -> bool:
-    return not _procs(tree)
+    return not processes_in(tree)
 
 
-def _remove_tree(tree: Path) -> None:
+def remove_tree(tree: Path) -> None:
     """rmdir a cgroup subtree, deepest first (cgroup directories hold only virtual files)."""
     for directory, _, _ in sorted(os.walk(tree), key=lambda w: -len(Path(w[0]).parts)):
         with contextlib.suppress(FileNotFoundError):
@@ -149,13 +147,13 @@ def _remove_tree(tree: Path) -> None:
 
 def remove_stale() -> None:
     """Remove the cgroup subtrees of earlier runs whose process is gone (a killed test run)."""
-    for hierarchy in _all_hierarchies():
+    for hierarchy in all_hierarchies():
         with contextlib.suppress(OSError):
             for tree in hierarchy.glob(f"{PREFIX}*"):
                 owner = tree.name[len(PREFIX) :].split("-")[0]
-                if owner.isdigit() and not _alive(int(owner)) and not _procs(tree):
+                if owner.isdigit() and not _alive(int(owner)) and not processes_in(tree):
                     with contextlib.suppress(OSError):
-                        _remove_tree(tree)
+                        remove_tree(tree)
 
 
 class SystemdNamespace:
@@ -262,17 +260,17 @@ class SystemdNamespace:
                 )
             except AssertionError:
                 problems.append(f"processes left in the namespace: {self._processes_inside()}")
-        for hierarchy in _all_hierarchies():
+        for hierarchy in all_hierarchies():
             tree = hierarchy / self.name
             if not tree.exists():
                 continue
             try:
                 wait_until(f"{tree} to empty", functools.partial(_empty, tree), TEARDOWN_TIMEOUT_S)
-                _remove_tree(tree)
+                remove_tree(tree)
             except (AssertionError, OSError) as err:
                 problems.append(f"cgroup {tree} left: {err}")
         work = str(self.work)
-        mounted = [m for m, _ in _mounts() if m == work or m.startswith(work + "/")]
+        mounted = [m for m, _ in mounts() if m == work or m.startswith(work + "/")]
         if mounted:
             problems.append(f"mounts left on the host: {mounted}")
         else:

@@ -23,7 +23,7 @@ from tests.systemd_harness import (
 def host_state() -> tuple[list[str], list[str], str]:
     """What a run must not change: /sys/fs/cgroup's entries, this namespace's mount points,
     and the options of the /sys/fs/cgroup file system (systemd remounts its own read-only)."""
-    mounts = systemd_harness._mounts()
+    mounts = systemd_harness.mounts()
     options = next(
         line.split(" - ")[1]
         for line in Path("/proc/self/mountinfo").read_text().splitlines()
@@ -33,7 +33,7 @@ def host_state() -> tuple[list[str], list[str], str]:
 
 
 def trees(name: str) -> list[Path]:
-    return [h / name for h in systemd_harness._all_hierarchies() if (h / name).exists()]
+    return [h / name for h in systemd_harness.all_hierarchies() if (h / name).exists()]
 
 
 def test_what_is_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,6 +90,6 @@ def test_close_reports_what_it_could_not_remove(
                 ns.close()
         finally:
             sleeper.kill()
-    wait_until("the cgroup to empty", lambda: not systemd_harness._procs(tree), 30.0)
-    systemd_harness._remove_tree(tree)
+    wait_until("the cgroup to empty", lambda: not systemd_harness.processes_in(tree), 30.0)
+    systemd_harness.remove_tree(tree)
     assert not trees(ns.name)
