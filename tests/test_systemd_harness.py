@@ -20,16 +20,17 @@ from tests.systemd_harness import (
 )
 
 
-def host_state() -> tuple[list[str], list[str], str]:
-    """What a run must not change: /sys/fs/cgroup's entries, this namespace's mount points,
-    and the options of the /sys/fs/cgroup file system (systemd remounts its own read-only)."""
-    mounts = systemd_harness.mounts()
+def host_state(work: Path) -> tuple[list[str], list[str], str]:
+    """What a run must not change: /sys/fs/cgroup's entries, the mount points under it and
+    under the work directory (not the whole table: other test runs share this machine), and
+    the options of the /sys/fs/cgroup file system (systemd remounts its own read-only)."""
+    ours = [m for m, _ in systemd_harness.mounts() if m.startswith((str(CGROUP_ROOT), str(work)))]
     options = next(
         line.split(" - ")[1]
         for line in Path("/proc/self/mountinfo").read_text().splitlines()
         if line.split()[4] == str(CGROUP_ROOT)
     )
-    return sorted(os.listdir(CGROUP_ROOT)), sorted(m for m, _ in mounts), options
+    return sorted(os.listdir(CGROUP_ROOT)), sorted(ours), options
 
 
 def trees(name: str) -> list[Path]:
@@ -48,20 +49,20 @@ def test_what_is_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_boot_that_fails_says_why_and_leaves_nothing(tmp_path: Path) -> None:
     """A namespace that dies before systemd (here: a bind outside /mnt, refused) is a
     SystemdUnavailable carrying its output; close() removes its cgroups and mounts."""
-    before = host_state()
+    before = host_state(tmp_path)
     ns = SystemdNamespace(tmp_path / "ns", {tmp_path: "/etc/elsewhere"})
     with pytest.raises(SystemdUnavailable, match="bind destinations go under /mnt"):
         ns.boot()
     ns.close()
     assert not trees(ns.name)
-    assert host_state() == before
+    assert host_state(tmp_path) == before
     assert not (tmp_path / "ns").exists()
 
 
 def test_a_booted_systemd_is_torn_down_completely(tmp_path: Path) -> None:
     """systemd runs on the overlay as PID 1 and runs a service; after close() no process,
     cgroup or mount of it is left, and the host's /sys/fs/cgroup is as it was (writable)."""
-    before = host_state()
+    before = host_state(tmp_path)
     with booted(tmp_path / "ns", {}) as ns:
         assert ns.run("stat", "-f", "-c", "%T", "/").stdout.strip() == "overlayfs"
         assert ns.run("cat", "/proc/1/comm").stdout.strip() == "systemd"
@@ -70,7 +71,7 @@ def test_a_booted_systemd_is_torn_down_completely(tmp_path: Path) -> None:
         assert trees(ns.name)  # its private subtree, while it runs
         name = ns.name
     assert not trees(name)
-    assert host_state() == before
+    assert host_state(tmp_path) == before
     assert not (tmp_path / "ns").exists()
 
 
