@@ -188,8 +188,7 @@ class SystemdNamespace:
                 raise SystemdUnavailable(f"cannot make the cgroup {tree}: {err}") from err
             self._trees.append(tree)
         self.work.mkdir(parents=True, exist_ok=True)
-        log = open(self.work / "boot.log", "wb")  # noqa: SIM115 (closed below)
-        with log:
+        with open(self.work / "boot.log", "wb") as log:  # the namespace keeps its own copy
             self._proc = subprocess.Popen(
                 [
                     str(SCRIPT),
