@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, settings
 
 from qmpwatch.lab import QEMU_DATA_DIR_ENV, QEMU_ENV, QEMU_MODULE_DIR_ENV, LabError, QemuBuild
 from qmpwatch.lab.libvirt import LibvirtLab
+from tests import systemd_harness
 
 # Property tests check what inputs do, not how fast they are made: on a loaded 2-core CI
 # machine drawing one input can take seconds, so neither the generation health check nor the
@@ -116,3 +117,14 @@ def libvirt_lab() -> Iterator[LibvirtLab]:
             yield lab
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The real-systemd tests install qmpwatch from wheels built on this host (their namespace
+    has no network): start that build now, so that it overlaps the tests before them."""
+    if any(item.nodeid.startswith("tests/test_systemd_service.py") for item in session.items):
+        systemd_harness.start_wheels(ROOT)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    systemd_harness.stop_wheels()

@@ -360,7 +360,7 @@ TOML_VALUE = st.recursive(
     max_leaves=8,
 )
 SECTION_KEYS: dict[str, list[str]] = {
-    "daemon": ["log_format", "log_file", "state_dir", "metrics_listen"],
+    "daemon": ["log_format", "log_file", "log_target", "state_dir", "metrics_listen"],
     "connect": ["timeout_s", "backoff_initial_s", "backoff_max_s"],
     "followup": list(FollowupConfig.__slots__),
     "vm": ["name", "socket", "no_shutdown"],

@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from qmpwatch.alerts.dispatch import AlertDispatcher, idempotency_key
 from qmpwatch.alerts.outbox import DB_NAME
 from qmpwatch.alerts.sinks.webhook import SIGNATURE_HEADER
+from qmpwatch.core.alert import resolved_because
 from qmpwatch.core.backoff import Backoff
 from qmpwatch.core.config import AlertConfig, WebhookConfig, parse_config
 from tests.alert_fixtures import (
@@ -74,7 +75,7 @@ async def test_delivers_signed_versioned_payload(
     async with running(dispatcher):
         dispatcher.fire(alert)
         await receiver.wait_for(lambda r: len(r.delivered) == 1)
-        dispatcher.resolve(alert, 1714564805.5)
+        dispatcher.resolve(resolved_because(alert, "the VM resumed (RESUME)"), 1714564805.5)
         await receiver.wait_for(lambda r: len(r.delivered) == 2)
         await wait_until(lambda: dispatcher.depth() == 0, what="outbox empty")
 
@@ -99,10 +100,16 @@ async def test_delivers_signed_versioned_payload(
         "details": {"device": "drive0", "operation": "write"},
         "startsAt": "2024-05-01T12:00:00.123456Z",
         "endsAt": None,
+        "resolved_summary": None,
     }
     body = resolved.json()
     assert body["status"] == "resolved"
     assert body["endsAt"] == "2024-05-01T12:00:05.500000Z"
+    assert body["summary"] == alert.summary  # as it fired: keys keep their meaning
+    assert body["resolved_summary"] == (
+        f"Resolved: {alert.summary}; ended: the VM resumed (RESUME)"
+    )
+    assert body["details"]["resolution"] == "the VM resumed (RESUME)"
     assert body["fingerprint"] == alert.fingerprint
     assert body["idempotency_key"] != firing.json()["idempotency_key"]
 

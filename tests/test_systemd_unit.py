@@ -13,6 +13,7 @@ import pytest
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "qmpwatch.service"
 MAX_EXPOSURE = 2.0
+INSTALLED = "/opt/qmpwatch/venv/bin/qmpwatch"  # where `make install` puts it (scripts/install)
 TIMEOUT_S = 60.0
 
 
@@ -66,13 +67,13 @@ def test_security_exposure_is_low() -> None:
 
 def test_verify_is_clean(tmp_path: Path) -> None:
     """`systemd-analyze verify` has nothing to say about the unit (installed binary path
-    swapped for this environment's qmpwatch script, since /usr/bin/qmpwatch is not here)."""
+    swapped for this environment's qmpwatch script: `make install` is never run on this host)."""
     script = entry_point()
     assert script.exists(), f"{script} missing: install the package (pip install -e .)"
     text = UNIT.read_text()
-    assert "ExecStart=/usr/bin/qmpwatch " in text
+    assert f"ExecStart={INSTALLED} " in text
     copy = tmp_path / UNIT.name
-    copy.write_text(text.replace("ExecStart=/usr/bin/qmpwatch ", f"ExecStart={script} "))
+    copy.write_text(text.replace(f"ExecStart={INSTALLED} ", f"ExecStart={script} "))
     result = run("verify", "--man=no", str(copy))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout + result.stderr == ""
@@ -82,7 +83,7 @@ def test_exec_start_is_a_valid_command_line() -> None:
     """The arguments of ExecStart= are ones `qmpwatch run` accepts."""
     (exec_start,) = settings()["Service.ExecStart"]
     binary, *args = exec_start.split()
-    assert binary == "/usr/bin/qmpwatch"
+    assert binary == INSTALLED
     assert args == ["run", "-c", "/etc/qmpwatch/config.toml"]
     probe = subprocess.run(
         [sys.executable, "-m", "qmpwatch", *args, "--help"],
@@ -122,3 +123,23 @@ def test_hardening_asked_for() -> None:
     }.items():
         assert s[f"Service.{key}"] == [value], key
     assert "@system-service" in s["Service.SystemCallFilter"]
+
+
+def test_install_paths_agree_in_unit_readme_and_make_install() -> None:
+    """The venv ExecStart= runs, the unit's and the drop-in's paths: the same in the unit, its
+    comments, scripts/install (make install) and the README (they were three different paths)."""
+    root = UNIT.parent.parent
+    script = (root / "scripts" / "install").read_text()
+    readme = (root / "README.md").read_text()
+    unit = UNIT.read_text()
+    venv = INSTALLED.removesuffix("/bin/qmpwatch")
+    assert f"VENV={venv}\n" in script
+    assert "UNIT_DIR=/usr/local/lib/systemd/system\n" in script
+    assert f"the venv {venv} that ExecStart=" in unit
+    dropin = "/etc/systemd/system/qmpwatch.service.d/override.conf"
+    assert dropin in unit
+    for text in (readme, unit):
+        assert "/usr/local/lib/systemd/system" in text
+    assert f"`{INSTALLED}`" in readme
+    assert "\nmake install " in readme
+    assert "/opt/qmpwatch/bin/" not in readme + unit  # the old, wrong venv path

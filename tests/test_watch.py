@@ -385,6 +385,10 @@ def test_resume_resolves_the_io_error_alert() -> None:
     (resolved,) = out.of("alert_resolved")
     assert resolved.fields["alert"] == "vm_stopped_io_error"
     assert resolved.fields["fingerprint"] == raised.fingerprint
+    assert resolved.fields["summary"] == raised.summary
+    assert resolved.fields["resolved_summary"] == (
+        f"Resolved: {raised.summary}; ended: the VM resumed (RESUME)"
+    )
     assert resolved.now == T0 + 60
     assert out.resolved == [resolved_because(raised, "the VM resumed (RESUME)")]
     assert out.resolved[0].details["resolution"] == "the VM resumed (RESUME)"

@@ -26,8 +26,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Watch QEMU QMP monitors: log every event, check the follow-ups the QMP "
         "events document promises, and alert when a VM stops unexpectedly.",
     )
-    parser.add_argument("--version", action="version", version=f"qmpwatch {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--version", action="version", version=f"qmpwatch {__version__}", help="print the version"
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="what to do (each has --help)"
+    )
 
     def config_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -40,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon")
     config_arg(run)
-    run.add_argument("--log-format", choices=("json", "console"), help="override daemon.log_format")
+    run.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        help='override daemon.log_format (not with daemon.log_target = "journal")',
+    )
 
     check = sub.add_parser(
         "check-config",
@@ -77,7 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="take follow-up deadlines, [lifecycle] and [alert] settings from this file",
     )
-    rep.add_argument("--log-format", choices=("json", "console"), default="json")
+    rep.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default="json",
+        help="JSON lines (default) or one line per record for people",
+    )
 
     status = sub.add_parser(
         "status",
@@ -119,7 +132,12 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="start a throwaway real QEMU and walk it through the documented sequences",
     )
-    demo.add_argument("--log-format", choices=("json", "console"), default="json")
+    demo.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default="json",
+        help="the daemon's log on stdout: JSON lines (default) or one line per record",
+    )
     return parser
 
 

@@ -83,6 +83,14 @@ class Alert:
         object.__setattr__(self, "fingerprint", hashlib.sha256(key).hexdigest()[:16])
 
 
+def resolved_summary(summary: str, reason: str) -> str:
+    """The sentence of an alert's resolution: its summary, read as over, and why it ended.
+
+    "Resolved: VM web01 paused by a monitor client (stop); ended: the VM resumed (RESUME)"
+    """
+    return f"Resolved: {summary}; ended: {reason}" if reason else f"Resolved: {summary}"
+
+
 def resolved_because(alert: Alert, reason: str) -> Alert:
     """`alert` as its resolution is sent: the same alert, its details saying why it ended."""
     return dataclasses.replace(alert, details={**alert.details, "resolution": reason})

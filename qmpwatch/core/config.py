@@ -57,6 +57,7 @@ class DaemonConfig:
     log_file: str = ""
     state_dir: str = "/var/lib/qmpwatch"
     metrics_listen: str = "127.0.0.1:9752"
+    log_target: Literal["stdout", "journal"] = "stdout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,12 +361,16 @@ def resolve_secret(key: str, ref: str, problems: list[str]) -> Secret | None:
 def _parse_daemon(r: _Reader) -> DaemonConfig:
     d = DaemonConfig()
     log_format: str = r.get("log_format", r.string(choices=("json", "console")), "json")
+    log_target: str = r.get("log_target", r.string(choices=("stdout", "journal")), "stdout")
     cfg = DaemonConfig(
         log_format="console" if log_format == "console" else "json",
         log_file=r.get("log_file", r.string(), d.log_file),
         state_dir=r.get("state_dir", r.string(nonempty=True), d.state_dir),
         metrics_listen=r.get("metrics_listen", r.string(), d.metrics_listen),
+        log_target="journal" if log_target == "journal" else "stdout",
     )
+    if cfg.log_target == "journal" and cfg.log_file:
+        r.bad("log_target", 'is "journal": daemon.log_file must be empty (records go to journald)')
     if cfg.metrics_listen:
         host, sep, port = cfg.metrics_listen.rpartition(":")
         if (

@@ -24,6 +24,7 @@ from qmpwatch.core.alert import (
     classify_status,
     describe_status,
     resolved_because,
+    resolved_summary,
 )
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig, RemediateConfig
 from qmpwatch.core.errors import DecodeError
@@ -608,6 +609,7 @@ class VmWatch:
                         "fingerprint": fingerprint,
                         "summary": alert.summary,
                         "reason": reason,
+                        "resolved_summary": resolved_summary(alert.summary, reason),
                     },
                 )
                 self.out.resolve_alert(resolved_because(alert, reason), now)

@@ -2,6 +2,7 @@
 
     15:09:35.606 vm1       STOP
     15:09:35.608 vm1       ALERT warning vm_stopped_unexpected: VM vm1 paused by a client
+    15:09:35.608 vm1       resolved vm_stopped_unexpected: the VM resumed (RESUME)
     15:09:36.101 web01     followup satisfied: BLOCK_IO_ERROR -> STOP in 0.29 ms
 
 Colour only on a terminal. The JSON format stays the contract; this one may change.
@@ -40,7 +41,7 @@ def _what(kind: str, f: Mapping[str, Any]) -> tuple[str, str]:
             f.get("severity")
         )
     if kind == "alert_resolved":
-        return f"resolved {f.get('alert')}", "ok"
+        return f"resolved {f.get('alert')}: {f.get('reason')}", "ok"
     if kind == "followup_satisfied":
         cause, expected = f.get("cause"), f.get("expected")
         text = f"followup satisfied: {cause} -> {expected} in {f.get('latency_ms')} ms"
@@ -65,6 +66,11 @@ def _what(kind: str, f: Mapping[str, Any]) -> tuple[str, str]:
         return f"undecodable message ({f.get('error')}): {f.get('raw')}", "error"
     rest = " ".join(f"{k}={_compact(v) if not isinstance(v, str) else v}" for k, v in f.items())
     return (f"{kind} {rest}" if rest else kind), "dim"
+
+
+def text(kind: str, fields: Mapping[str, Any]) -> str:
+    """The words of a record's console line: what follows the clock and the VM."""
+    return _what(kind, fields)[0]
 
 
 def renderer(colours: bool) -> Callable[[WrappedLogger, str, EventDict], str]:

@@ -110,13 +110,6 @@ class Daemon:
             changed=status_changed.set,
             tap=tap,
         )
-        self.log.info(
-            "daemon_started",
-            version=__version__,
-            config=str(self.config_path or ""),
-            vms=len(self.config.vms),
-            discover=[d.glob for d in self.config.discover],
-        )
         try:
             async with contextlib.AsyncExitStack() as stack:
                 listen = self.config.daemon.metrics_listen
@@ -138,6 +131,13 @@ class Daemon:
                     supervisor = Supervisor(self.config, services, tg)
                     self._supervisor = supervisor
                     supervisor.apply()  # opens the sessions; their tasks run from the next await
+                    self.log.info(
+                        "daemon_started",
+                        version=__version__,
+                        config=str(self.config_path or ""),
+                        vms=len(supervisor.sessions),  # what /healthz counts: every source's
+                        discover=[d.glob for d in self.config.discover],
+                    )
                     check_fd_limit(len(supervisor.sessions), self.log)
                     supervisor.resolve_orphans()
                     sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
@@ -325,14 +325,29 @@ def run_daemon(config_path: Path, *, log_format: str | None = None) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 2
     fmt = log_format or config.daemon.log_format
-    try:
-        stream = _open_log(config.daemon.log_file)
-    except OSError as err:
-        print(
-            f"daemon.log_file: cannot open {config.daemon.log_file}: {err.strerror}",
-            file=sys.stderr,
-        )
-        return 2
+    stream: IO[bytes]
+    if config.daemon.log_target == "journal":
+        from qmpwatch.output import journal
+
+        fmt = "json"  # each entry has the record's JSON and its console line
+        try:
+            stream = journal.open_stream()
+        except OSError as err:
+            print(
+                f"daemon.log_target: cannot reach journald at {journal.SOCKET}: "
+                f"{err.strerror or err}",
+                file=sys.stderr,
+            )
+            return 2
+    else:
+        try:
+            stream = _open_log(config.daemon.log_file)
+        except OSError as err:
+            print(
+                f"daemon.log_file: cannot open {config.daemon.log_file}: {err.strerror}",
+                file=sys.stderr,
+            )
+            return 2
     writer = logs.configure("console" if fmt == "console" else "json", stream)
     with contextlib.suppress(KeyboardInterrupt):
         return _run_loop(Daemon(config, config_path, writer))

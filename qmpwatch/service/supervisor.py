@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from qmpwatch.core.alert import Alert, resolved_because
+from qmpwatch.core.alert import Alert, resolved_because, resolved_summary
 from qmpwatch.core.config import Config, NoShutdown, RemediateConfig
 from qmpwatch.service.recorder import DaemonRecorder, Services
 from qmpwatch.session.session import VmSession
@@ -85,6 +85,7 @@ class Supervisor:
         )
         self.services.store.set_source(name, source)
         self.sessions[name] = _Held(session, source)
+        self._changed()
         return session
 
     def close(self, name: str, reason: str) -> None:
@@ -94,6 +95,12 @@ class Supervisor:
         held.session.retire(reason)
         if self.services.metrics is not None:
             self.services.metrics.forget_vm(name)
+        self._changed()
+
+    def _changed(self) -> None:
+        """The counts of the status line changed (a VM came or went)."""
+        if self.services.changed is not None:
+            self.services.changed()
 
     def holder(self, name: str) -> str | None:
         held = self.sessions.get(name)
@@ -123,6 +130,7 @@ class Supervisor:
                     fingerprint=alert.fingerprint,
                     summary=alert.summary,
                     reason=reason,
+                    resolved_summary=resolved_summary(alert.summary, reason),
                 )
                 if alerts is not None:
                     alerts.resolve(resolved_because(alert, reason), now)

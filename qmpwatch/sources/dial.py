@@ -28,6 +28,7 @@ from qmpwatch.session.session import VmSession
 from qmpwatch.sources.base import SessionHost
 from qmpwatch.sources.paths import inside
 from qmpwatch.sources.peer import QemuCommandLine, parse_cmdline, peer_pid, read_cmdline
+from qmpwatch.sources.permission import hint_for
 from qmpwatch.sources.qmp import QmpLink
 
 HEALTHY_SESSION_S = 5.0  # a session this long resets the backoff
@@ -86,6 +87,7 @@ class Dialer:
                         error=err.detail,
                         attempts=failures.attempts,
                         retry_in_s=round(delay, 3),
+                        **hint_for(err.reason, self.target.socket),
                     )
                 await asyncio.sleep(delay)
                 continue

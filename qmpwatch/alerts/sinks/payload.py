@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from qmpwatch.alerts.outbox import Entry
+from qmpwatch.core.alert import resolved_summary
 from qmpwatch.core.times import iso_from_epoch
 
 VERSION = 1
@@ -33,6 +34,11 @@ def payload_v1(entry: Entry, host: str) -> dict[str, Any]:
         "details": dict(alert.details),
         "startsAt": iso_from_epoch(alert.raised_at),
         "endsAt": iso_from_epoch(entry.at) if entry.status == "resolved" else None,
+        "resolved_summary": (
+            resolved_summary(alert.summary, str(alert.details.get("resolution", "")))
+            if entry.status == "resolved"
+            else None
+        ),
     }
 
 
