@@ -1,7 +1,7 @@
 """`python -m bench` (`make bench`): the four targets of issue 6, measured in one run.
 
     python -m bench            the full run (a few minutes): prints each figure and its target
-    python -m bench --quick    the short run CI uses (tests/test_bench_short.py), with noise
+    python -m bench --quick    the short run CI uses (tests/bench/test_bench_short.py), with noise
                                margins on the targets
     python -m bench --json     one JSON object instead of the report
 

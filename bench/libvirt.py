@@ -39,7 +39,7 @@ from pathlib import Path
 from bench.procstat import cpu_seconds
 from qmpwatch.lab import LabSpec, LabVM
 from qmpwatch.lab.libvirt import LAB_PREFIX, URI, DomainSpec, LabDomain, LibvirtLab
-from tests.daemon_harness import FAST_CONNECT, DaemonProcess, Record, write_config
+from tests.support.daemon_harness import FAST_CONNECT, DaemonProcess, Record, write_config
 
 MIXES = {
     "lifecycle": ("system_reset", "system_reset", "system_reset", "stop", "cont"),

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from qmpwatch.lab import BlkdebugSpec, LabSpec, LabVM
-from tests.daemon_harness import DaemonProcess, write_config
+from tests.support.daemon_harness import DaemonProcess, write_config
 
 
 def _proc_figures(pid: int) -> tuple[int, int]:

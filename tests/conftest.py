@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, settings
 
 from qmpwatch.lab import QEMU_DATA_DIR_ENV, QEMU_ENV, QEMU_MODULE_DIR_ENV, LabError, QemuBuild
 from qmpwatch.lab.libvirt import LibvirtLab
-from tests import systemd_harness
+from tests.support import systemd_harness
 
 # Property tests check what inputs do, not how fast they are made: on a loaded 2-core CI
 # machine drawing one input can take seconds, so neither the generation health check nor the
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 QEMU_10_CACHE = ROOT / ".cache" / "qemu-10.0"
 QEMU_10 = QemuBuild.from_root(QEMU_10_CACHE / "root", label="10.0")
 #: What $QMPWATCH_QEMU points at during a test not marked qemu (it fails, saying why).
-UNMARKED_QEMU = Path(__file__).resolve().parent / "unmarked-qemu"
+UNMARKED_QEMU = Path(__file__).resolve().parent / "support" / "unmarked-qemu"
 
 
 @functools.cache
@@ -122,7 +122,9 @@ def libvirt_lab() -> Iterator[LibvirtLab]:
 def pytest_collection_finish(session: pytest.Session) -> None:
     """The real-systemd tests install qmpwatch from wheels built on this host (their namespace
     has no network): start that build now, so that it overlaps the tests before them."""
-    if any(item.nodeid.startswith("tests/test_systemd_service.py") for item in session.items):
+    if any(
+        item.nodeid.startswith("tests/service/test_systemd_service.py") for item in session.items
+    ):
         systemd_harness.start_wheels(ROOT)
 
 

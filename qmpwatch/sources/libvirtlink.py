@@ -45,7 +45,7 @@ from qmpwatch.session.link import (
 EARLY_LIMIT = 256  # events kept for a domain before its link starts (more are dropped)
 
 # virDomainState and its reasons, as libvirt-python names them (VIR_DOMAIN_<STATE>_<REASON>);
-# tests/test_libvirt_states.py checks every number against the installed libvirt-python.
+# tests/sources/test_libvirt_states.py checks every number against the installed libvirt-python.
 NOSTATE, RUNNING, BLOCKED, PAUSED, SHUTDOWN, SHUTOFF, CRASHED, PMSUSPENDED = range(8)
 
 # (state, reason) -> the query-status word QEMU would answer; a reason missing here (a newer

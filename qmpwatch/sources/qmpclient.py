@@ -40,7 +40,7 @@ _LATE = "late reply"  # _unroutable(): a reply to one of our commands that gave 
 # Every private name of qemu.qmp that qmpwatch relies on, as (class, name): the methods
 # WatchClient (and the lab's control client) override or extend through super(), the
 # attributes WatchClient reads, and the slots `_message` fills. The pin in pyproject.toml
-# holds them; tests/test_qemu_qmp_privates.py fails, naming each one, if the installed
+# holds them; tests/sources/test_qemu_qmp_privates.py fails, naming each one, if the installed
 # qemu.qmp lacks any (check them all before moving the pin).
 QEMU_QMP_PRIVATES: tuple[tuple[str, str], ...] = (
     ("QMPClient", "_cb_inbound"),  # overridden: no pretty DEBUG dump per message (lab too)
