@@ -11,6 +11,7 @@ logbatch    CPU per log record by records per loop turn (why LineWriter copies l
 """
 
 import asyncio
+import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,3 +29,24 @@ def run_on(loop: str, coro: Coroutine[Any, Any, _T]) -> _T:
 
         return uvloop.run(coro)
     return asyncio.run(coro)
+
+
+def qemu_lookalike(directory: Path) -> Path:
+    """A link to this Python named `qemu-system-x86_64`, made in `directory`/bin.
+
+    The daemon takes a `[[listen]]` peer for QEMU by its program name. Started through the
+    link, Python's argv[0] (and so `/proc/PID/cmdline`) is the link's path. Python finds its
+    prefix from where the link is: beside a virtualenv's `pyvenv.cfg` it is that virtualenv,
+    so when this Python is one, `directory` becomes a copy of it made of links (its
+    `pyvenv.cfg`, and `lib` pointing at its packages).
+    """
+    bin_dir = directory / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    link = bin_dir / "qemu-system-x86_64"
+    if not link.exists():
+        link.symlink_to(sys.executable)
+    if sys.prefix != sys.base_prefix and not (directory / "pyvenv.cfg").exists():
+        venv = Path(sys.prefix)
+        (directory / "pyvenv.cfg").write_bytes((venv / "pyvenv.cfg").read_bytes())
+        (directory / "lib").symlink_to(venv / "lib")
+    return link
