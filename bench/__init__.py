@@ -2,9 +2,12 @@
 
 stream      the realistic event mix, as the bytes QEMU 7.2 writes (deterministic)
 fakeqmp     the fake QMP endpoints: one process serving many unix sockets
+dialin      a fake QEMU dialing in to a [[listen]] socket (a small process per VM)
 procstat    CPU and RSS of a process, from /proc
 consumers   floor / stock qemu.qmp / qmpwatch on the same stream (run as child processes)
 scale       1,000 VMs watched by one `qmpwatch run` process
+sources     1,000 sockets through [[discover]] (beside the old 2 s poll), 200 QEMUs dialing in
+polling     `qmpwatch run` with the 2 s glob rescan put back (for `sources`)
 fairness    a STOP on one VM while another floods: time to log line and alert handover
 memory      1,000,000 events through one session: RSS before and after
 logbatch    CPU per log record by records per loop turn (why LineWriter copies lines)
