@@ -17,6 +17,9 @@ Between segments it runs `gc.collect()` (outside the measurement) and stays conn
               segment ends when the POWERDOWN line has been written
     path      the same daemon with the metrics' observers made no-ops: the per-event path
               issue 6 names (decode, handlers, tracker, a JSON log line written to a file)
+    listen    the daemon as wired (as `qmpwatch`), its VM dialing in: SOCKET is a `[[listen]]`
+              socket the daemon makes, and the fake server connects to it (`bench.fakeqmp`'s
+              `dial`, as a process that looks like QEMU)
     client    WatchClient alone, events dropped (the protocol layer's share, for profiling)
 """
 
@@ -107,11 +110,15 @@ async def stock(socket: Path, workdir: Path, seg: Segments) -> None:
             break
 
 
-async def qmpwatch(socket: Path, workdir: Path, seg: Segments) -> None:
+async def qmpwatch(socket: Path, workdir: Path, seg: Segments, *, listen: bool = False) -> None:
     from bench.inproc import InProcessDaemon, config
 
     log_path = workdir / "qmpwatch.log"
-    daemon = InProcessDaemon(config({"bench": socket}, workdir / "state"), log_path)
+    if listen:
+        cfg = config({}, workdir / "state", listen=(socket,))
+    else:
+        cfg = config({"bench": socket}, workdir / "state")
+    daemon = InProcessDaemon(cfg, log_path)
     connected = asyncio.Event()
     done = asyncio.Event()
     daemon.log.watch(b'"event":"vm_connected"', lambda now, data: connected.set(), once=True)
@@ -162,6 +169,10 @@ async def path(socket: Path, workdir: Path, seg: Segments) -> None:
     await qmpwatch(socket, workdir, seg)
 
 
+async def listen(socket: Path, workdir: Path, seg: Segments) -> None:
+    await qmpwatch(socket, workdir, seg, listen=True)
+
+
 async def client(socket: Path, workdir: Path, seg: Segments) -> None:
     from qmpwatch.sources.qmpclient import WatchClient
 
@@ -190,6 +201,7 @@ MODES: dict[str, Callable[[Path, Path, Segments], Coroutine[Any, Any, None]]] = 
     "stock": stock,
     "qmpwatch": qmpwatch,
     "path": path,
+    "listen": listen,
     "client": client,
 }
 

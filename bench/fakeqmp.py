@@ -1,10 +1,15 @@
 """Fake QMP endpoints: one process, many unix sockets, enough QMP for a watcher.
 
-    python -m bench.fakeqmp DIR COUNT [--prefix vm] [--http]
+    python -m bench.fakeqmp DIR COUNT [--prefix vm] [--http] [-name NAME]
 
 serves `DIR/{prefix}{i:04d}.qmp` for i < COUNT. Each connection gets QEMU 7.2's greeting, and
 `qmp_capabilities`, `query-status` (`running`, or `paused` after a STOP this process sent) and
-`query-version` are answered; anything else gets a CommandNotFound error. Replies echo `id`.
+`query-version` are answered; anything else gets a CommandNotFound error. Replies echo `id`
+(`bench.dialin.reply`).
+
+It can also dial in to a `[[listen]]` socket (the `dial` request): the daemon then identifies
+this process as the peer, so `FakeQmp.start(..., qemu_name=NAME)` starts it through a link
+named like QEMU (`bench.dialin.qemu_lookalike`) with `-name NAME` on its command line.
 
 With `--http` it also answers HTTP requests on 127.0.0.1 (any request: 200, empty body), a
 receiver for the daemon's webhook sink; its port is in the start-up line (`http_port`).
@@ -17,6 +22,9 @@ The benchmark drives the process through JSON lines on stdin; answers (with the 
         the next `query-status` or `query-version` on NAME (the daemon's resync, a stock
         client's first command) starts a stream of N events (+ POWERDOWN)
     {"op": "connected", "count": N}              answer once N sessions are negotiated
+    {"op": "dial", "vm": NAME, "socket": PATH}
+        connect to PATH (again every 20 ms while that fails, for up to 60 s) and serve the
+        connection as VM NAME (made if new); answer once connected
     {"op": "stream", "vm": NAME, "count": N, "seed": S, "end": BOOL, "mix": MIX}
         stream now on NAME's newest session (`bench.stream`, + POWERDOWN with `end`);
         answer when written
@@ -46,13 +54,11 @@ from typing import Any
 
 import orjson
 
-from bench import ROOT, stream
+from bench import ROOT, qemu_lookalike, stream
+from bench.dialin import GREETING, reply
 
-GREETING = (
-    b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, '
-    b'"capabilities": ["oob"]}}\r\n'
-)
-VERSION = {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}
+DIAL_RETRY_S = 0.02
+DIAL_TIMEOUT_S = 60.0
 
 
 class Session:
@@ -147,36 +153,31 @@ class Server:
     def _command(self, session: Session, cmd: dict[str, Any]) -> None:
         name = cmd.get("execute")
         vm = session.vm
-        reply: dict[str, Any]
         if name == "qmp_capabilities":
-            reply = {"return": {}}
             self.negotiated += 1
             self.negotiated_changed.set()
-        elif name == "query-status":
-            reply = {
-                "return": {
-                    "status": vm.status,
-                    "singlestep": False,
-                    "running": vm.status == "running",
-                }
-            }
-        elif name == "query-version":
-            reply = {"return": VERSION}
-        else:
-            reply = {
-                "error": {
-                    "class": "CommandNotFound",
-                    "desc": f"The command {name} has not been found",
-                }
-            }
-        if "id" in cmd:
-            reply["id"] = cmd["id"]
-        session.write(orjson.dumps(reply) + b"\r\n")
+        session.write(orjson.dumps(reply(cmd, vm.status)) + b"\r\n")
         if name in ("query-status", "query-version") and vm.armed is not None:
             count, seed, mix = vm.armed
             vm.armed = None
             task = asyncio.create_task(session.stream(count, seed, True, mix))
             session.tasks.add(task)
+
+    async def dial(self, name: str, path: str) -> None:
+        """Connect to a listening socket and serve the connection as VM `name`."""
+        vm = self.vms.get(name)
+        if vm is None:
+            vm = self.vms[name] = Vm(name, Path(path))
+        async with asyncio.timeout(DIAL_TIMEOUT_S):
+            while True:
+                try:
+                    reader, writer = await asyncio.open_unix_connection(path)
+                    break
+                except OSError:
+                    await asyncio.sleep(DIAL_RETRY_S)
+        task = asyncio.create_task(self._serve(vm, reader, writer))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def send_event(self, vm: Vm, name: str) -> float:
         if name == "STOP":
@@ -210,6 +211,9 @@ class Server:
                 self.negotiated_changed.clear()
                 await self.negotiated_changed.wait()
             return {"negotiated": self.negotiated}
+        if op == "dial":
+            await self.dial(str(req["vm"]), str(req["socket"]))
+            return {}
         if op == "stream":
             session = self.vms[req["vm"]].session
             if session is None:
@@ -271,10 +275,18 @@ class FakeQmp:
 
     @classmethod
     async def start(
-        cls, directory: Path, count: int, prefix: str = "vm", *, http: bool = False
+        cls,
+        directory: Path,
+        count: int,
+        prefix: str = "vm",
+        *,
+        http: bool = False,
+        qemu_name: str = "",
     ) -> FakeQmp:
+        """`qemu_name`: started as a QEMU named so would be (to dial in to `[[listen]]`)."""
+        program = str(qemu_lookalike(directory / "qemu")) if qemu_name else sys.executable
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
+            program,
             "-m",
             "bench.fakeqmp",
             str(directory),
@@ -282,6 +294,7 @@ class FakeQmp:
             "--prefix",
             prefix,
             *(["--http"] if http else []),
+            *(["-name", qemu_name] if qemu_name else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             cwd=ROOT,
@@ -405,6 +418,7 @@ def main() -> None:
     parser.add_argument("count", type=int)
     parser.add_argument("--prefix", default="vm")
     parser.add_argument("--http", action="store_true")
+    parser.add_argument("-name", default="", help="read by the daemon from /proc/PID/cmdline")
     args = parser.parse_args()
     main_coro = _main(args.directory, args.count, args.prefix, args.http)
     try:

@@ -25,7 +25,14 @@ from typing import Any
 
 from qmpwatch.alerts.dispatch import AlertDispatcher
 from qmpwatch.core.alert import Alert
-from qmpwatch.core.config import AlertConfig, Config, DaemonConfig, VmConfig, WebhookConfig
+from qmpwatch.core.config import (
+    AlertConfig,
+    Config,
+    DaemonConfig,
+    ListenConfig,
+    VmConfig,
+    WebhookConfig,
+)
 from qmpwatch.output import logs
 from qmpwatch.service.daemon import Daemon
 
@@ -77,14 +84,21 @@ def timed_handover(on_fire: Callable[[float, Alert], None]) -> Iterator[None]:
 
 
 def config(
-    sockets: dict[str, Path], state_dir: Path, *, webhook: str = "", timeout_s: float = 5.0
+    sockets: dict[str, Path],
+    state_dir: Path,
+    *,
+    webhook: str = "",
+    timeout_s: float = 5.0,
+    listen: tuple[Path, ...] = (),
 ) -> Config:
-    """A daemon configuration watching `sockets` (name -> path), no HTTP endpoint."""
+    """A daemon configuration watching `sockets` (name -> path) and the VMs that dial in to
+    the `listen` sockets, no HTTP endpoint."""
     hooks = (WebhookConfig(url=webhook, timeout_s=timeout_s),) if webhook else ()
     return Config(
         daemon=DaemonConfig(state_dir=str(state_dir), metrics_listen=""),
         alert=AlertConfig(webhook=hooks),
         vms=tuple(VmConfig(name, str(path)) for name, path in sockets.items()),
+        listen=tuple(ListenConfig(str(path)) for path in listen),
     )
 
 

@@ -25,9 +25,11 @@ import socket
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import ROOT
 from bench.fakeqmp import FakeQmp
 from bench.procstat import MIB, cpu_seconds, peak_rss_bytes, rss_bytes
 
@@ -56,25 +58,33 @@ def _free_port() -> int:
         return port
 
 
-def _config(server: FakeQmp, vms: int, workdir: Path) -> Path:
+def config_file(workdir: Path, sections: list[str]) -> Path:
+    """`workdir`/cfg.toml: JSON log to `workdir`/qmpwatch.log, a state directory, /metrics on
+    a free port, then `sections` (TOML lines)."""
     lines = [
         "[daemon]",
         f"log_file = {json.dumps(str(workdir / 'qmpwatch.log'))}",
         f"state_dir = {json.dumps(str(workdir / 'state'))}",
         f'metrics_listen = "127.0.0.1:{_free_port()}"',
         "",
+        *sections,
     ]
+    path = workdir / "cfg.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _config(server: FakeQmp, vms: int, workdir: Path) -> Path:
+    sections = []
     for i in range(vms):
         name = server.name(i)
-        lines += [
+        sections += [
             "[[vm]]",
             f'name = "{name}"',
             f"socket = {json.dumps(str(server.socket(name)))}",
             "",
         ]
-    path = workdir / "cfg.toml"
-    path.write_text("\n".join(lines))
-    return path
+    return config_file(workdir, sections)
 
 
 class _LogTail:
@@ -89,6 +99,8 @@ class _LogTail:
         self.connected: set[str] = set()
         self.started_at: float | None = None
         self.last_event = ""
+        self.counts: Counter[str] = Counter()  # records by `event`
+        self.first_seen: dict[str, float] = {}  # `event` -> when its first record was read
 
     def poll(self) -> None:
         with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
@@ -99,6 +111,8 @@ class _LogTail:
             for line in lines:
                 record = json.loads(line)
                 self.last_event = record["event"]
+                self.counts[self.last_event] += 1
+                self.first_seen.setdefault(self.last_event, time.monotonic())
                 if record["event"] == "vm_connected":
                     self.connected.add(record["vm"])
                 elif record["event"] == "daemon_started" and self.started_at is None:
@@ -107,57 +121,110 @@ class _LogTail:
                         self.rss_at_start = rss_bytes(self.pid)
 
 
+class DaemonProcess:
+    """`python -m qmpwatch run -c CFG` as a child process, followed through its log and /proc.
+
+    `module`: another entry point taking the same arguments (`bench.polling`)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path, began: float) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.tail = _LogTail(log, proc.pid)
+        self.began = began  # time.monotonic() just before the process was started
+
+    @classmethod
+    async def start(cls, cfg: Path, workdir: Path, module: str = "qmpwatch") -> DaemonProcess:
+        began = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            "run",
+            "-c",
+            str(cfg),
+            cwd=ROOT if module.startswith("bench.") else workdir,
+        )
+        return cls(proc, workdir / "qmpwatch.log", began)
+
+    async def until_connected(self, count: int, timeout_s: float = 60.0) -> float:
+        """Wait until `count` VMs have logged `vm_connected` (or the time is up, or the process
+        ended); the time.monotonic() it was seen."""
+        deadline = self.began + timeout_s
+        while len(self.tail.connected) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.005 if self.tail.started_at is None else 0.02)
+            self.tail.poll()
+            if self.proc.returncode is not None:
+                break
+        return time.monotonic()
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    async def stop(self) -> int | None:
+        """SIGTERM, and its exit status (killed after 30 s)."""
+        try:
+            if self.proc.returncode is None:
+                os.kill(self.pid, signal.SIGTERM)
+            async with asyncio.timeout(30):
+                await self.proc.wait()
+        finally:
+            await self.kill()
+        self.tail.poll()
+        return self.proc.returncode
+
+    @property
+    def stopped_cleanly(self) -> bool:
+        return self.proc.returncode == 0 and self.tail.last_event == "daemon_stopped"
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def idle_cpu_pct(daemons: list[DaemonProcess], idle_s: float) -> tuple[float, list[float]]:
+    """CPU of each daemon over the same `idle_s` seconds, in % of one core; (seconds, pcts)."""
+    before = [d.cpu_seconds() for d in daemons]
+    t0 = time.monotonic()
+    await asyncio.sleep(idle_s)
+    after = [d.cpu_seconds() for d in daemons]
+    idle = time.monotonic() - t0
+    return idle, [(b - a) / idle * 100 for a, b in zip(before, after, strict=True)]
+
+
 async def run(vms: int, idle_s: float, connect_timeout_s: float = 60.0) -> Scale:
     with tempfile.TemporaryDirectory(prefix="qwb-", dir="/tmp") as tmp:
         workdir = Path(tmp)
         server = await FakeQmp.start(workdir, vms)
         try:
             cfg = _config(server, vms, workdir)
-            began = time.monotonic()
-            daemon = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "qmpwatch", "run", "-c", str(cfg), cwd=workdir
-            )
-            tail = _LogTail(workdir / "qmpwatch.log", daemon.pid)
+            daemon = await DaemonProcess.start(cfg, workdir)
             try:
-                deadline = began + connect_timeout_s
-                while len(tail.connected) < vms and time.monotonic() < deadline:
-                    await asyncio.sleep(0.005 if tail.started_at is None else 0.02)
-                    tail.poll()
-                    if daemon.returncode is not None:
-                        break
-                connected_at = time.monotonic()
-                connected = len(tail.connected)
+                connected_at = await daemon.until_connected(vms, connect_timeout_s)
+                connected = len(daemon.tail.connected)
                 await asyncio.sleep(0.5)  # let the last sessions' start-up work finish
                 rss = rss_bytes(daemon.pid)
-                cpu0 = cpu_seconds(daemon.pid)
-                t0 = time.monotonic()
-                await asyncio.sleep(idle_s)
-                cpu1 = cpu_seconds(daemon.pid)
-                idle = time.monotonic() - t0
+                idle, (idle_pct,) = await idle_cpu_pct([daemon], idle_s)
                 rss_idle = rss_bytes(daemon.pid)
                 peak = peak_rss_bytes(daemon.pid)
-                os.kill(daemon.pid, signal.SIGTERM)
-                async with asyncio.timeout(30):
-                    status = await daemon.wait()
+                status = await daemon.stop()
             finally:
-                if daemon.returncode is None:
-                    daemon.kill()
-                    await daemon.wait()
-            tail.poll()
+                await daemon.kill()
         finally:
             await server.close()
+    tail = daemon.tail
     return Scale(
         vms=vms,
         connected=connected,
-        connect_s=connected_at - began,
-        connect_after_start_s=connected_at - (tail.started_at or began),
+        connect_s=connected_at - daemon.began,
+        connect_after_start_s=connected_at - (tail.started_at or daemon.began),
         rss_mib=rss / MIB,
         rss_before_mib=tail.rss_at_start / MIB,
         rss_per_vm_kib=(rss - tail.rss_at_start) / max(1, connected) / 1024,
         rss_after_idle_mib=rss_idle / MIB,
         peak_rss_mib=peak / MIB,
         idle_s=idle,
-        idle_cpu_pct=(cpu1 - cpu0) / idle * 100,
+        idle_cpu_pct=idle_pct,
         exit_status=status,
-        stopped_cleanly=status == 0 and tail.last_event == "daemon_stopped",
+        stopped_cleanly=daemon.stopped_cleanly,
     )

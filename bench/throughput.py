@@ -10,6 +10,10 @@ guests on the host, frequency changes) moves the consumers of one round together
 
 With two or more CPUs the fake server runs on the last one and the consumers on the others,
 so the producer never competes with the measured process.
+
+`listen` is the daemon as wired (`qmpwatch`) with its VM dialing in to a `[[listen]]` socket:
+the fake server, started as a process that looks like QEMU, connects to the consumer's socket,
+and streams the same bytes through that connection.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import orjson
 from bench import ROOT
 from bench.fakeqmp import FakeQmp
 
-MODES = ("floor", "stock", "path", "qmpwatch")
+MODES = ("floor", "stock", "path", "qmpwatch", "listen")
 
 
 @dataclass
@@ -55,6 +59,10 @@ class Throughput:
     def stock_over(self, mode: str = "path") -> float:
         """stock / `mode`, median over rounds: at least 5 is the target."""
         return statistics.median(self.ratios("stock", mode))
+
+    def listen_over_dial(self) -> float:
+        """A session dialed in (`listen`) / a dialed one (`qmpwatch`), median over rounds."""
+        return statistics.median(self.ratios("listen", "qmpwatch"))
 
 
 def _pin(pid: int, cpus: set[int]) -> None:
@@ -91,19 +99,23 @@ async def run(
     consumer_cpus = set(cpus[:-1]) if len(cpus) >= 2 else set(cpus)
     with tempfile.TemporaryDirectory(prefix="qwb-", dir="/tmp") as tmp:
         directory = Path(tmp)
-        server = await FakeQmp.start(directory, len(modes))
+        server = await FakeQmp.start(
+            directory, len(modes), qemu_name="bench-listen" if "listen" in modes else ""
+        )
         _pin(server.proc.pid, server_cpus)
         consumers: list[_Consumer] = []
         try:
             for i, mode in enumerate(modes):
                 workdir = directory / mode
                 workdir.mkdir()
+                # `listen` makes its socket; the others connect to the server's
+                sock = workdir / "qmp.sock" if mode == "listen" else server.socket(server.name(i))
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
                     "bench.consumers",
                     mode,
-                    str(server.socket(server.name(i))),
+                    str(sock),
                     str(workdir),
                     str(rounds),
                     "--loop",
@@ -113,6 +125,8 @@ async def run(
                 )
                 _pin(proc.pid, consumer_cpus)
                 consumers.append(_Consumer(mode, proc))
+                if mode == "listen":
+                    await server.call("dial", vm=server.name(i), socket=str(sock))
             for r in range(rounds):
                 shift = r % len(consumers)
                 for i, consumer in [*enumerate(consumers)][shift:] + [*enumerate(consumers)][

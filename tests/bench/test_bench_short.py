@@ -1,7 +1,7 @@
-"""The benchmark's short run (`python -m bench --quick`): the four targets hold, with margins.
+"""The benchmark's short run (`python -m bench --quick`): the targets hold, with margins.
 
-One run of the benchmark in a child process (fake QMP endpoints in another), about fifteen
-seconds. Nothing here is timed against a clock of its own: CPU figures are ratios measured
+One run of the benchmark in a child process (fake QMP endpoints in others), about half a
+minute. Nothing here is timed against a clock of its own: CPU figures are ratios measured
 side by side in the same run, so a slow or busy machine moves all of them together; the
 margins (1.3x on each target) absorb the noise of a short run. The full run is `make bench`.
 """
@@ -53,6 +53,33 @@ def test_many_vms_connect_fast_in_little_memory_and_idle_quietly(quick: dict[str
     assert at_1000_mib <= 150.0 * MARGIN, s
     assert s["idle_cpu_pct"] < 1.0 * MARGIN, s
     assert s["stopped_cleanly"], s
+
+
+def test_a_vm_dialing_in_costs_what_a_dialed_one_costs_per_event(quick: dict[str, Any]) -> None:
+    """A session on a [[listen]] connection costs at most 10 % more CPU per event than a
+    dialed one, on the same stream in the same rounds."""
+    t = quick["throughput"]
+    assert t["listen_over_dial"] <= 1.10 * MARGIN, t
+
+
+def test_discovered_sockets_connect_fast_and_idle_without_polling(quick: dict[str, Any]) -> None:
+    """Sockets found through [[discover]] connect within 5 s; idle under 0.1 % of a core."""
+    d = quick["discover"]
+    assert d["connected"] == d["vms"], d
+    assert d["connect_s"] <= 5.0 * MARGIN, d
+    assert d["idle_cpu_pct"] < 0.1 * MARGIN, d
+    assert d["stopped_cleanly"], d
+
+
+def test_vms_dialing_in_are_identified_and_connected_fast(quick: dict[str, Any]) -> None:
+    """Fake QEMUs dialing in to one [[listen]] socket are all identified by their -name and
+    connected within 5 s of the daemon's start; none is refused."""
+    ls = quick["listen"]
+    assert ls["connected"] == ls["vms"], ls
+    assert ls["identified"], ls
+    assert ls["refused"] == 0, ls
+    assert ls["connect_s"] <= 5.0 * MARGIN, ls
+    assert ls["stopped_cleanly"], ls
 
 
 def test_a_flood_on_one_vm_does_not_delay_a_stop_on_another(quick: dict[str, Any]) -> None:
