@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import os
 import re
@@ -60,6 +61,8 @@ def identify(conn: socket.socket) -> Peer:
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as err:
+        if err.errno == errno.ENOSYS:  # Linux before 5.3, or valgrind: nothing can pin it
+            raise PeerRefused("no_pidfd", "pidfd_open is not available (Linux 5.3 or later)")
         raise PeerRefused("gone", f"process {pid} went away ({err.strerror})") from None
     try:
         try:
