@@ -62,7 +62,8 @@ def identify(conn: socket.socket) -> Peer:
         pidfd = os.pidfd_open(pid)
     except OSError as err:
         if err.errno == errno.ENOSYS:  # Linux before 5.3, or valgrind: nothing can pin it
-            raise PeerRefused("no_pidfd", "pidfd_open is not available (Linux 5.3 or later)")
+            why = "pidfd_open is not available (Linux 5.3 or later)"
+            raise PeerRefused("no_pidfd", why) from None
         raise PeerRefused("gone", f"process {pid} went away ({err.strerror})") from None
     try:
         try:
