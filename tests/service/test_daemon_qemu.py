@@ -581,6 +581,8 @@ async def test_discovery_adds_new_sockets_drops_removed_ignores_files(
             await vm.quit()  # QEMU removes its socket file
         assert not (run / "alpha.qmp").exists()
         removed = await daemon.wait_for("vm_removed", vm="alpha")
+        # its alert resolves once its dialing task has ended (a callback after the removal)
+        await daemon.wait_for("alert_resolved", vm="alpha", after=daemon.records.index(removed))
         assert removed["socket"] == str(run / "alpha.qmp")
     assert_healthy(daemon)
     assert not daemon.find("vm_added", vm="notes")
