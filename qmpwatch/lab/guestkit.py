@@ -77,19 +77,25 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 say() { echo "QW: $*" > /dev/console; }
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^qw\.$1=//p" | tail -n 1; }
-for m in $(cat /modules.load); do
-    set -- $m
-    insmod /lib/modules/$1.ko $(echo "$m" | cut -s -d ' ' -f 2-) 2>/dev/null
-done
-acpid -c /etc/acpi 2>/dev/null
-boot=$(cat /proc/sys/kernel/random/boot_id)
-say "init $(arg do) boot=$boot"
+while read -r module params; do
+    insmod /lib/modules/$module.ko $params 2>/dev/null
+done < /modules.load
+acpid -c /etc/acpi -l /tmp/acpid.log 2>/dev/null
+do=$(arg do)
+# The i6300esb keeps a flag across the reset it caused (the driver's bootstatus): a guest
+# its watchdog reset says so and runs on, rather than letting it fire again.
+if [ "$(cat /sys/class/watchdog/watchdog0/bootstatus 2>/dev/null)" != "" ] &&
+    [ "$(cat /sys/class/watchdog/watchdog0/bootstatus)" != 0 ]; then
+    say "reset by the watchdog"
+    do=idle
+fi
+say "init $do"
 agent_port() {
     for p in /sys/class/virtio-ports/*; do
         [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && echo /dev/${p##*/}
     done
 }
-case "$(arg do)" in
+case "$do" in
 panic)
     say "panic"
     echo c > /proc/sysrq-trigger ;;
