@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ async def guests(sock_dir: Path, specs: Sequence[LabSpec]) -> AsyncIterator[list
 
 @contextlib.asynccontextmanager
 async def watched(
-    tmp_path: Path, vms: Sequence[LabVM], **sections: dict[str, object]
+    tmp_path: Path, vms: Sequence[LabVM], **sections: Mapping[str, object]
 ) -> AsyncIterator[tuple[DaemonProcess, int]]:
     """The daemon watching `vms` (with `/api/v1/status` on the port returned); once it is
     attached to each, the guests boot."""
@@ -87,8 +87,9 @@ def qmp(daemon: DaemonProcess, vm: str) -> list[str]:
 async def vm_entry(port: int, vm: str) -> dict[str, Any]:
     """`vm`'s entry of the status document (what `qmpwatch status --json` prints)."""
     doc = await status_doc(port)
-    (entry,) = [v for v in doc["vms"] if v["vm"] == vm]
-    return entry
+    entries: list[dict[str, Any]] = [v for v in doc["vms"] if v["vm"] == vm]
+    assert len(entries) == 1, doc
+    return entries[0]
 
 
 async def test_kernel_panics_page_once_each_and_a_panicking_reboot_loop_is_one_page(
