@@ -19,11 +19,13 @@ from typing import Any, Protocol
 
 import structlog
 
+from qmpwatch.core import agent
 from qmpwatch.core.alert import Alert, ClientStopSeverity
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig, NoShutdown, RemediateConfig
 from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import Control, Event, decode_object
 from qmpwatch.core.watch import VmWatch
+from qmpwatch.session.agentports import agent_ports
 from qmpwatch.session.link import (
     CommandFailed,
     EndCause,
@@ -257,6 +259,7 @@ class VmSession:
         if info.extra:
             fields.update(info.extra)
         self.watch.on_connected(time.time(), status, fields, as_of)
+        await self._learn_agent(link)
         self._store_status()
         self._arm_deadline()
         return True, False, ""
@@ -268,6 +271,14 @@ class VmSession:
         except (CommandFailed, LinkClosed, TimeoutError):
             return  # a restricted monitor, a link that ends: alerts go without it
         self.watch.on_disks(disks(block), time.time())
+
+    async def _learn_agent(self, link: Link) -> None:
+        """The VM's guest-agent ports and whether each is open (`agentports`)."""
+        try:
+            ports = await agent_ports(link)
+        except (CommandFailed, LinkClosed, TimeoutError):
+            return  # a restricted monitor, a link that ends: known from its next change
+        agent.learned(self.watch, ports, time.time())
 
     def _set_state(self, state: RunState) -> None:
         was_connected = self.connected

@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 
-from qmpwatch.lab import GuestSpec, LabSpec, LabVM
+from qmpwatch.lab import AGENT_PORT_ID, GuestSpec, LabSpec, LabVM
 from tests.service.test_remediate_qemu import small_tmpfs
 from tests.service.test_status import status_doc
 from tests.support.daemon_harness import FAST_CONNECT, DaemonProcess, Record, write_config
 from tests.support.ports import free_tcp_port
+from tests.support.scrape import sample, scrape
 
 pytestmark = pytest.mark.qemu
 
@@ -285,3 +286,49 @@ async def test_a_guest_powering_off_or_rebooting_pages_nobody(
     resets: list[Record] = daemon.find("qmp_event", vm="boot01", qmp="RESET")
     assert all(r["data"] == {"guest": True, "reason": "guest-reset"} for r in resets)
     assert entries["boot01"]["status"] == "running"
+
+
+async def test_the_guest_agent_port_opening_and_closing(tmp_path: Path, sock_dir: Path) -> None:
+    """The guest opens its org.qemu.guest_agent.0 port (busybox on /dev/vportNpM), closes it
+    and opens it again: each change is a vm_agent_port record, in status (open or closed,
+    since when) and in qmpwatch_vm_agent_port_open; closed longer than agent_absent_after_s
+    while running, vm_agent_absent warns (no page), and resolves when the port opens."""
+    spec = LabSpec(
+        "agent01",
+        guest=guest("agent", agent_port=True, options=(("agent", "open,1,close,8,open"),)),
+    )
+    async with (
+        guests(sock_dir, [spec]) as (vm,),
+        watched(tmp_path, [vm], lifecycle={"agent_absent_after_s": 4.0}) as (daemon, port),
+    ):
+        learned = await daemon.wait_for("vm_agent_port", vm="agent01", origin="resync")
+        opened = await daemon.wait_for("vm_agent_port", vm="agent01", open=True, timeout=BOOT_S)
+        closed = await daemon.wait_for("vm_agent_port", vm="agent01", open=False, origin="event")
+        closed_entry = await vm_entry(port, "agent01")
+        closed_metric = sample(await scrape(port), "qmpwatch_vm_agent_port_open", vm="agent01")
+        # (a boot slower than agent_absent_after_s warns too, and resolves at the first open)
+        since = daemon.records.index(closed)
+        absent = await daemon.wait_for(
+            "alert", vm="agent01", alert="vm_agent_absent", after=since, timeout=20
+        )
+        absent_entry = await vm_entry(port, "agent01")
+        resolved = await daemon.wait_for(
+            "alert_resolved", vm="agent01", alert="vm_agent_absent", after=since, timeout=20
+        )
+        open_entry = await vm_entry(port, "agent01")
+        open_metric = sample(await scrape(port), "qmpwatch_vm_agent_port_open", vm="agent01")
+    assert "agent open" in vm.console_lines()
+    assert (learned["open"], learned["device"]) == (False, AGENT_PORT_ID)
+    assert (opened["origin"], closed["origin"]) == ("event", "event")
+    assert closed_entry["agent_port"]["open"] is False
+    assert closed_entry["agent_port"]["since"] == closed["timestamp"]
+    assert closed_metric == 0
+    assert absent["severity"] == "warning"
+    assert absent["details"]["absent_after_s"] == 4.0
+    assert absent["details"]["closed_s"] >= 4.0
+    assert [a["alert"] for a in absent_entry["alerts"]] == ["vm_agent_absent"]
+    assert resolved["reason"] == "the guest agent opened its port"
+    assert pages(daemon, "agent01") == []
+    assert open_entry["agent_port"]["open"] is True
+    assert open_entry["alerts"] == []
+    assert open_metric == 1
