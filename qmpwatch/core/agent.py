@@ -6,7 +6,8 @@ its device id only. The session tells `AgentPort` which device ids are agent por
 whether each was open when it connected (`learned`); events then move the state
 (`on_vserport_change`). With ``[lifecycle] agent_absent_after_s`` (0: off), a VM whose agent
 port stays closed that long while the VM runs (a boot counts from the VM running) raises
-`vm_agent_absent` (a warning), resolved when the port opens. Pure: `VmWatch` owns one and calls it (docs/real-guests.md).
+`vm_agent_absent` (a warning), resolved when the port opens. Pure: `VmWatch` owns one and
+calls these (docs/real-guests.md).
 """
 
 from __future__ import annotations

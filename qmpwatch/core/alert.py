@@ -36,6 +36,7 @@ KINDS = (
     "vm_resume_given_up",
     "vm_disk_filling",
     "storage_space_low",
+    "vm_agent_absent",
 )
 
 # Alerts about a VM that is not running; they resolve when it runs again.
