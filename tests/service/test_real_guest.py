@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -332,3 +334,30 @@ async def test_the_guest_agent_port_opening_and_closing(tmp_path: Path, sock_dir
     assert open_entry["agent_port"]["open"] is True
     assert open_entry["alerts"] == []
     assert open_metric == 1
+
+
+async def test_demo_with_real_guests_tells_its_story() -> None:
+    """`qmpwatch demo --real-guest` boots its guests, narrates a kernel panic, a watchdog and
+    a full disk resumed by qmpwatch (the suite runs as root, so the disk chapter runs), and
+    exits 0."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qmpwatch", "demo", "--real-guest", "--guest-dir", str(KIT_DIR),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(240):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    records = [json.loads(line) for line in out.splitlines()]
+    raised = [(r["vm"], r["alert"], r["severity"]) for r in records if r["event"] == "alert"]
+    assert raised == [
+        ("panic01", "vm_panicked", "critical"),
+        ("dog01", "watchdog_fired", "critical"),
+        ("disk01", "vm_stopped_io_error", "critical"),
+    ]
+    resolved = [r for r in records if r["event"] == "alert_resolved"]
+    assert [(r["vm"], r["alert"]) for r in resolved] == [("disk01", "vm_stopped_io_error")]
+    assert resolved[0]["reason"].startswith("resumed by qmpwatch after")
+    narration = err.decode()
+    assert "the guest's write completed (fill done rc=0)" in narration
+    assert "==> done in" in narration
