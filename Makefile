@@ -37,7 +37,7 @@ $(QEMU10)/complete:
 # (apt-get download into .cache/guest; nothing installed), for the real-guest tests
 GUEST := .cache/guest
 $(GUEST)/kit/complete: | $(BIN)/.installed
-	$(BIN)/python -m qmpwatch.lab.guestkit $(GUEST)
+	$(BIN)/python -m qmpwatch.lab.fetch_guest $(GUEST)
 pytest: $(GUEST)/kit/complete
 
 run: system-deps-run $(BIN)/.installed

@@ -7,7 +7,7 @@ cache when it holds them, else ``apt-get download``), and keeps of them only wha
 needs: the uncompressed ``vmlinux`` (QEMU boots it through its PVH note, ~2.3 s to ``/init``
 under TCG against ~5.3 s for the bzImage), the modules of the lab's devices and busybox.
 It builds in a private directory and renames it into place, so two runs at once both end
-with one complete kit. ``python -m qmpwatch.lab.guestkit DIR`` runs it (``make test`` does).
+with one complete kit. ``python -m qmpwatch.lab.fetch_guest DIR`` runs it (``make test`` does).
 
 `initramfs(kit)` writes the newc cpio (gzip) with busybox, the modules in dependency order
 and the `/init` below, under a name that hashes its content (so a changed script never runs
@@ -17,6 +17,7 @@ a stale image). The guest's scenario comes from its kernel command line: ``qw.do
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -27,9 +28,9 @@ import pwd
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -155,7 +156,7 @@ class GuestKit:
         kit = cls(Path(directory).absolute() / "kit")
         if not (kit.root / "complete").is_file():
             raise LabError(
-                f"no guest kit in {directory}: run `python -m qmpwatch.lab.guestkit "
+                f"no guest kit in {directory}: run `python -m qmpwatch.lab.fetch_guest "
                 f"{directory}` (`make test` does)"
             )
         return kit
@@ -228,10 +229,27 @@ def _download(package: str, into: Path) -> Path:
     return Path(found[0])
 
 
-def _members(deb: Path) -> tarfile.TarFile:
-    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+@contextlib.contextmanager
+def _members(deb: Path) -> Iterator[tarfile.TarFile]:
+    """The package's files as a tar stream (``dpkg-deb --fsys-tarfile``), read once."""
+    try:
+        proc = subprocess.Popen(
+            ["dpkg-deb", "--fsys-tarfile", str(deb)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    except OSError as exc:
+        raise LabError(f"dpkg-deb failed: {exc}") from exc
     assert proc.stdout is not None
-    return tarfile.open(fileobj=proc.stdout, mode="r|")
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            yield tar
+    except tarfile.TarError as exc:
+        raise LabError(f"{deb.name}: not a readable package: {exc}") from exc
+    finally:
+        proc.stdout.close()
+        proc.kill()
+        proc.wait()
 
 
 def _extract_kernel(deb: Path, into: Path) -> str:
@@ -398,19 +416,3 @@ def _cpio_entry(
     out.write(b"\0" * (-out.tell() % 4))
     out.write(data)
     out.write(b"\0" * (-out.tell() % 4))
-
-
-def main(argv: list[str]) -> int:
-    """``python -m qmpwatch.lab.guestkit [DIR]``: make the kit (default .cache/guest)."""
-    directory = Path(argv[0]) if argv else DEFAULT_DIR
-    try:
-        kit = fetch_kit(directory)
-    except LabError as err:
-        print(f"guestkit: {err}", file=sys.stderr)
-        return 1
-    print(f"guestkit: {(kit.root / 'complete').read_text().strip()} in {kit.root}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
