@@ -170,7 +170,10 @@ def _command_line(
 def _guest_args(guest: GuestSpec, run_dir: Path) -> list[str]:
     """A real guest: the kit's kernel and initramfs, its console, devices; QEMU waits (-S)."""
     kit = GuestKit.find(guest.kit_dir or DEFAULT_DIR)
-    words = ["console=ttyS0", "quiet", f"qw.do={guest.action}"]
+    # A throwaway guest needs no speculative-execution mitigations: TCG boots it in about
+    # half the time without them.
+    words = ["console=ttyS0", "quiet", "mitigations=off", "no_timer_check"]
+    words.append(f"qw.do={guest.action}")
     words += [f"qw.{key}={value}" for key, value in guest.options]
     if guest.reboot_after_panic_s is not None:
         words.append(f"panic={guest.reboot_after_panic_s}")
