@@ -248,6 +248,7 @@ class VmSession:
             return False, False, f"resync failed: {err}"
         as_of = self._changes_at_reply
         await self._learn_disks(link)
+        ports = await self._agent_ports(link)
         info = link.info
         fields: dict[str, Any] = {
             "socket": info.where,
@@ -259,7 +260,8 @@ class VmSession:
         if info.extra:
             fields.update(info.extra)
         self.watch.on_connected(time.time(), status, fields, as_of)
-        await self._learn_agent(link)
+        if ports is not None:
+            agent.learned(self.watch, ports, time.time())
         self._store_status()
         self._arm_deadline()
         return True, False, ""
@@ -272,13 +274,13 @@ class VmSession:
             return  # a restricted monitor, a link that ends: alerts go without it
         self.watch.on_disks(disks(block), time.time())
 
-    async def _learn_agent(self, link: Link) -> None:
-        """The VM's guest-agent ports and whether each is open (`agentports`)."""
+    async def _agent_ports(self, link: Link) -> dict[str, bool | None] | None:
+        """The VM's guest-agent ports and whether each is open (`agentports`); asked before
+        the session counts as up, like the disks, so that nothing is in flight after."""
         try:
-            ports = await agent_ports(link)
+            return await agent_ports(link)
         except (CommandFailed, LinkClosed, TimeoutError):
-            return  # a restricted monitor, a link that ends: known from its next change
-        agent.learned(self.watch, ports, time.time())
+            return None  # a restricted monitor, a link that ends: known from its next change
 
     def _set_state(self, state: RunState) -> None:
         was_connected = self.connected
