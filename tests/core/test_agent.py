@@ -24,6 +24,8 @@ def test_port_changes_are_recorded_and_other_ports_ignored() -> None:
     another port's change (a console) is logged as an event only."""
     watch, out = running_watch(absent_after_s=0)
     feed(watch, ev("VSERPORT_CHANGE", T0 + 1, id="console0", open=True))
+    feed(watch, ev("VSERPORT_CHANGE", T0 + 1, id=["agent0"], open=True))  # hostile: ignored
+    feed(watch, ev("VSERPORT_CHANGE", T0 + 1, id="agent0", open="yes"))
     feed(watch, ev("VSERPORT_CHANGE", T0 + 2, id="agent0", open=True))
     records = [(r.fields["open"], r.fields["origin"]) for r in out.of("vm_agent_port")]
     assert records == [(False, "resync"), (True, "event")]
