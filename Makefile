@@ -33,6 +33,13 @@ system-deps-bench:
 $(QEMU10)/complete:
 	scripts/fetch-qemu $(QEMU10)
 
+# A real Linux guest for the lab: a Debian kernel and a busybox initramfs from Debian packages
+# (apt-get download into .cache/guest; nothing installed), for the real-guest tests
+GUEST := .cache/guest
+$(GUEST)/kit/complete: | $(BIN)/.installed
+	$(BIN)/python -m qmpwatch.lab.fetch_guest $(GUEST)
+pytest: $(GUEST)/kit/complete
+
 run: system-deps-run $(BIN)/.installed
 	$(BIN)/qmpwatch demo
 

@@ -108,6 +108,13 @@ def _ago(iso: str | None, now: float) -> str:
     return f"{when:%Y-%m-%d %H:%M:%S} ({_span(now - when.timestamp())} ago)"
 
 
+def _agent_line(port: dict[str, Any] | None, now: float) -> list[str]:
+    """The guest agent's port under its VM's line (none: the VM has no agent port known)."""
+    if not port:
+        return []
+    return [f"  agent port {'open' if port['open'] else 'CLOSED'} since {_ago(port['since'], now)}"]
+
+
 def format_status(doc: dict[str, Any], now: float) -> str:
     """The status document for people: one line per VM, its firing alerts below it."""
     rows = [("VM", "SOURCE", "CONNECTED", "STATUS", "SINCE", "WHY")]
@@ -127,7 +134,7 @@ def format_status(doc: dict[str, Any], now: float) -> str:
                 vm.get("why") or "",
             )
         )
-        alerts[len(rows) - 1] = [
+        alerts[len(rows) - 1] = _agent_line(vm.get("agent_port"), now) + [
             f"  ! {a['severity']} {a['alert']} since {_ago(a['since'], now)}: {a['summary']}"
             for a in vm["alerts"]
         ]

@@ -138,6 +138,19 @@ def _parser() -> argparse.ArgumentParser:
         default="json",
         help="the daemon's log on stdout: JSON lines (default) or one line per record",
     )
+    demo.add_argument(
+        "--real-guest",
+        action="store_true",
+        help="tell the story with real Linux guests (a kernel panic, a watchdog, a full disk "
+        "resumed; the disk as root only); fetches a Debian kernel and busybox on first use",
+    )
+    demo.add_argument(
+        "--guest-dir",
+        type=Path,
+        default=Path(".cache/guest"),
+        help="with --real-guest: where the guest's kernel and initramfs are kept "
+        "(default .cache/guest)",
+    )
     return parser
 
 
@@ -254,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "tail":
         return _tail(args)
     if args.command == "demo":
+        if args.real_guest:
+            from qmpwatch.cli.realdemo import run_real_demo
+
+            return run_real_demo(args.log_format, args.guest_dir)
         from qmpwatch.cli.demo import run_demo
 
         return run_demo(args.log_format)

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from qmpwatch.core import agent as agent_port
+from qmpwatch.core.agent import AgentPort
 from qmpwatch.core.alert import (
     CRASH_KINDS,
     RESOLVABLE_KINDS,
@@ -144,6 +146,7 @@ class VmWatch:
         self.resumer = Resumer(remediate if remediate is not None else RemediateConfig())
         self.disks: dict[str, DiskInfo] = {}  # device or node-name -> image (query-block)
         self.thresholds: dict[str, float] = {}  # node-name -> write threshold armed, percent
+        self.agent = AgentPort(self.lifecycle.agent_absent_after_s)  # the guest agent's port
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -175,6 +178,7 @@ class VmWatch:
             or self.loop_quiet_at is not None
             or self.transient_due is not None
             or self.resumer.due() is not None
+            or self.agent.due is not None
         )
 
     def tick(self, now: float) -> None:
@@ -188,10 +192,11 @@ class VmWatch:
         due = self.resumer.due()
         if due is not None and due <= now:
             self._remedy(now)
+        agent_port.tick(self, now)
 
     def next_deadline(self) -> float | None:
         deadline = self.tracker.next_deadline()
-        for other in (self.loop_quiet_at, self.transient_due, self.resumer.due()):
+        for other in (self.loop_quiet_at, self.transient_due, self.resumer.due(), self.agent.due):
             if other is not None and (deadline is None or other < deadline):
                 deadline = other
         return deadline
@@ -218,6 +223,7 @@ class VmWatch:
         self.rules = Rules(followup)
         self.client_stop_severity = client_stop_severity
         if lifecycle != self.lifecycle:
+            self.agent.absent_after_s = lifecycle.agent_absent_after_s  # from its next change
             self.lifecycle = lifecycle
             self.incidents = deque(self.incidents, maxlen=lifecycle.crash_loop_count)
 
@@ -353,6 +359,7 @@ class VmWatch:
                 )
         self.saw_shutdown = False
         self.stopped = None
+        agent_port.ended(self, now, cause)
         self.resumer.stop()  # the next session starts over, if the VM is still paused
 
     # -- decisions --------------------------------------------------------------------------
@@ -986,6 +993,7 @@ HANDLERS: dict[str, tuple[Handler, ...]] = {
     "BLOCK_JOB_ERROR": (on_block_job_error,),
     "MIGRATION": (on_migration,),
     "BLOCK_WRITE_THRESHOLD": (on_write_threshold,),
+    "VSERPORT_CHANGE": (agent_port.on_vserport_change,),
 }
 
 

@@ -7,16 +7,19 @@ watch socket, left free for the daemon under test, and the lab's control socket.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from qmpwatch.lab.build import QemuBuild, kvm_usable
-from qmpwatch.lab.spec import Accel, LabSpec
+from qmpwatch.lab.guestkit import DEFAULT_DIR, GuestKit, initramfs
+from qmpwatch.lab.spec import Accel, GuestSpec, LabSpec
 
 FIRMWARE_SIZE: Final = 65_536
 _HLT: Final = 0xF4
@@ -25,6 +28,10 @@ _HLT: Final = 0xF4
 _MAX_SOCKET_PATH: Final = 100
 
 _DRIVE_ID: Final = "drive0"
+_GUEST_DISK_ID: Final = "disk0"
+AGENT_PORT_ID: Final = "agent0"
+AGENT_PORT_NAME: Final = "org.qemu.guest_agent.0"
+GUEST_MEMORY_MIB: Final = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +47,7 @@ class Plan:
     control: Path
     image: Path | None
     stderr_path: Path
+    console: Path | None  #: the guest's serial console (a real guest only)
     stale_watch: tuple[int, int, int] | None
     argv: tuple[str, ...]
 
@@ -76,6 +84,7 @@ def prepare(
             control=control,
             image=image,
             stderr_path=run_dir / "qemu.log",
+            console=run_dir / "console.log" if spec.guest is not None else None,
             stale_watch=_file_identity(watch),
             argv=tuple(argv),
         )
@@ -106,13 +115,15 @@ def _command_line(
     image: Path | None,
 ) -> list[str]:
     """Write the lab's files and return QEMU's options (the build's own come first)."""
-    firmware = halt_firmware(run_dir / "halt.bin")
+    if spec.guest is None:
+        boot = ["-bios", _opt(halt_firmware(run_dir / "halt.bin"))]
+    else:
+        boot = _guest_args(spec.guest, run_dir)
     argv = [
         "-machine",
         "pc",
         *_accel_args(spec.accel),
-        "-bios",
-        _opt(firmware),
+        *boot,
         "-nodefaults",
         "-display",
         "none",
@@ -125,7 +136,9 @@ def _command_line(
         argv.append("-no-shutdown")
     argv += ["-qmp", f"unix:{watch},server=on,wait=off"]
     argv += ["-qmp", f"unix:{control},server=on,wait=off"]
-    if spec.watchdog_action is not None:
+    if spec.watchdog_action is not None and spec.guest is not None:
+        argv += ["-device", "i6300esb", "-action", f"watchdog={spec.watchdog_action}"]
+    elif spec.watchdog_action is not None:
         # -action watchdog= (QEMU 6.0 and later) supersedes -watchdog-action (which 7.2 and
         # 10.0 still accept); the lab runs the form current on every build it supports.
         argv += ["-device", "ib700", "-action", f"watchdog={spec.watchdog_action}"]
@@ -154,11 +167,93 @@ def _command_line(
     return argv
 
 
+def _guest_args(guest: GuestSpec, run_dir: Path) -> list[str]:
+    """A real guest: the kit's kernel and initramfs, its console, devices; QEMU waits (-S)."""
+    kit = GuestKit.find(guest.kit_dir or DEFAULT_DIR)
+    # A throwaway guest needs no speculative-execution mitigations: TCG boots it in about
+    # half the time without them.
+    words = ["console=ttyS0", "quiet", "mitigations=off", "no_timer_check"]
+    words.append(f"qw.do={guest.action}")
+    words += [f"qw.{key}={value}" for key, value in guest.options]
+    if guest.reboot_after_panic_s is not None:
+        words.append(f"panic={guest.reboot_after_panic_s}")
+    argv = [
+        "-S",
+        "-m",
+        str(GUEST_MEMORY_MIB),
+        "-kernel",
+        _opt(kit.vmlinux),
+        "-initrd",
+        _opt(initramfs(kit)),
+        "-append",
+        " ".join(words),
+        "-chardev",
+        f"file,id=console,path={_opt(run_dir / 'console.log')}",
+        "-serial",
+        "chardev:console",
+    ]
+    if guest.panic_action is not None:
+        argv += ["-device", "pvpanic", "-action", f"panic={guest.panic_action}"]
+    if guest.disk is not None:
+        argv += [
+            "-drive",
+            f"file={_opt(guest.disk)},if=none,format=raw,id={_GUEST_DISK_ID},werror={guest.werror}",
+            "-device",
+            f"virtio-blk-pci,drive={_GUEST_DISK_ID}",
+        ]
+    if guest.agent_port:
+        argv += [
+            "-device",
+            "virtio-serial",
+            "-chardev",
+            "null,id=agent",
+            "-device",
+            f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},id={AGENT_PORT_ID}",
+        ]
+    return argv
+
+
 def halt_firmware(path: Path | str) -> Path:
     """Write a 64 KiB BIOS image of ``hlt`` instructions to ``path`` and return it."""
     target = Path(path)
     target.write_bytes(bytes([_HLT]) * FIRMWARE_SIZE)
     return target
+
+
+#: A KVM guest not at /init by then is no better than TCG (~2.3 s); a host whose KVM cannot
+#: run Linux guests (nested PVM: an emulation failure) fails sooner.
+KVM_PROBE_S: Final = 10.0
+
+
+def guest_accel(build: QemuBuild, guest: GuestSpec) -> Accel:
+    """``kvm`` where it runs Linux guests (one probe boot per build and host boot, its
+    answer kept beside the kit), else ``tcg``."""
+    if not kvm_usable():
+        return "tcg"
+    kit = GuestKit.find(guest.kit_dir or DEFAULT_DIR)
+    binary = build.require()
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    key = hashlib.sha256(f"{binary}\0{build.version()}\0{boot_id}".encode()).hexdigest()[:16]
+    answer = kit.root.parent / f"accel-{key}"
+    if answer.is_file():
+        return "kvm" if answer.read_text().strip() == "kvm" else "tcg"
+    argv = [binary, *build.qemu_args(), "-machine", "pc", "-accel", "kvm", "-nodefaults"]
+    argv += ["-display", "none", "-m", str(GUEST_MEMORY_MIB), "-no-reboot", "-kernel"]
+    argv += [str(kit.vmlinux), "-initrd", str(initramfs(kit)), "-serial", "stdio", "-append"]
+    argv += ["console=ttyS0 quiet qw.do=poweroff"]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, timeout=KVM_PROBE_S, env=build.qemu_env(), check=False
+        )
+        works = done.returncode == 0 and b"QW: poweroff" in done.stdout
+    except subprocess.TimeoutExpired:
+        works = False
+    accel: Accel = "kvm" if works else "tcg"
+    fd, tmp = tempfile.mkstemp(dir=answer.parent, prefix=".accel-")
+    with os.fdopen(fd, "w") as f:
+        f.write(accel + "\n")
+    os.rename(tmp, answer)
+    return accel
 
 
 def _accel_args(accel: Accel) -> list[str]:

@@ -15,6 +15,7 @@ ReadErrorPolicy = Literal["stop", "report", "ignore"]
 ErrorPolicy = Literal["stop", "report", "ignore", "enospc"]  # enospc: werror only
 WatchdogAction = Literal["reset", "shutdown", "poweroff", "pause", "debug", "none", "inject-nmi"]
 Accel = Literal["auto", "kvm", "tcg"]
+PanicAction = Literal["pause", "shutdown", "exit-failure", "none"]
 
 _READ_ERROR_POLICIES: Final = frozenset({"stop", "report", "ignore"})
 _WRITE_ERROR_POLICIES: Final = _READ_ERROR_POLICIES | {"enospc"}
@@ -73,6 +74,36 @@ class BlkdebugSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class GuestSpec:
+    """A real Linux guest (`qmpwatch.lab.guestkit`) instead of the halt firmware.
+
+    The guest runs ``action`` (its /init's ``qw.do``; ``options`` are more ``qw.KEY=VALUE``
+    words) and prints ``QW: ...`` lines on its serial console (`LabVM.wait_console`). QEMU
+    starts paused (``-S``): `LabVM.cont` boots it, once whoever watches is attached.
+    ``panic_action`` adds ``-device pvpanic -action panic=ACTION``; ``reboot_after_panic_s``
+    the kernel's ``panic=N``; ``disk`` a virtio disk (``-drive ...,id=disk0,werror=W``) on
+    that image; ``agent_port`` a virtio-serial port named org.qemu.guest_agent.0 (device id
+    ``agent0``). The watchdog is an i6300esb when `LabSpec.watchdog_action` is set.
+    """
+
+    action: str = "idle"
+    options: tuple[tuple[str, str], ...] = ()
+    panic_action: PanicAction | None = None
+    reboot_after_panic_s: int | None = None
+    disk: Path | None = None
+    werror: ErrorPolicy = "enospc"
+    agent_port: bool = False
+    kit_dir: Path | None = None  #: where `guestkit.fetch_kit` made the kit (default .cache/guest)
+
+    def __post_init__(self) -> None:
+        for word in (self.action, *(f"{k}={v}" for k, v in self.options)):
+            if not re.fullmatch(r"[A-Za-z0-9_.,=-]+", word):
+                raise ValueError(f"not a kernel command line word: {word!r}")
+        if self.werror not in _WRITE_ERROR_POLICIES:
+            raise ValueError(f"werror must be one of {sorted(_WRITE_ERROR_POLICIES)}")
+
+
+@dataclass(frozen=True, slots=True)
 class LabSpec:
     """What to start: a name and the devices/options that make the wanted events possible."""
 
@@ -87,6 +118,7 @@ class LabSpec:
     #: Also dial in to a socket that qmpwatch listens on (its `[[listen]]` source).
     dial_in: Path | None = None
     uuid: str | None = None  #: ``-uuid``
+    guest: GuestSpec | None = None  #: a real Linux guest instead of the halt firmware
 
     def __post_init__(self) -> None:
         if not self.name or any(ch in self.name for ch in ",\0\n"):

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,7 +34,7 @@ from qmpwatch.lab.build import QemuBuild
 from qmpwatch.lab.control import DEFAULT_EVENT_HISTORY, EventRecorder, _ControlClient
 from qmpwatch.lab.devices import PortWidth
 from qmpwatch.lab.errors import LabClosed, LabError, LabTimeout, QemuStartError
-from qmpwatch.lab.plan import is_new_socket, prepare
+from qmpwatch.lab.plan import guest_accel, is_new_socket, prepare
 from qmpwatch.lab.spec import LabSpec
 
 _log = logging.getLogger(__package__)
@@ -90,6 +92,7 @@ class LabVM(EventRecorder):
         watch_socket: Path,
         control_socket: Path,
         stderr_path: Path,
+        console_path: Path | None,
         disk_image: Path | None,
         command_timeout: float,
         event_history: int,
@@ -106,6 +109,8 @@ class LabVM(EventRecorder):
         self._proc = proc
         self._run_dir = run_dir
         self._stderr_path = stderr_path
+        self._console_path = console_path
+        self._console = ""  # the guest's console so far (kept after aclose)
         self._stderr_tail = ""
         self._closing = False
         self._closed = False
@@ -175,6 +180,9 @@ class LabVM(EventRecorder):
         (`QemuBuild.from_environ`).
         """
         build = QemuBuild.from_environ() if qemu is None else qemu
+        if spec.guest is not None and spec.accel == "auto":
+            accel = await asyncio.to_thread(guest_accel, build, spec.guest)
+            spec = dataclasses.replace(spec, accel=accel)
         plan = prepare(build, spec, workdir, watch_socket=watch_socket, disk_image=disk_image)
         try:
             log = _open_log(plan.stderr_path)
@@ -202,6 +210,7 @@ class LabVM(EventRecorder):
             watch_socket=plan.watch,
             control_socket=plan.control,
             stderr_path=plan.stderr_path,
+            console_path=plan.console,
             disk_image=plan.image,
             command_timeout=command_timeout,
             event_history=event_history,
@@ -412,6 +421,38 @@ class LabVM(EventRecorder):
         """Write the CMOS year register (two digits; default: next year): RTC_CHANGE."""
         await devices.rtc_change(self.hmp, year)
 
+    # ----- a real guest's serial console --------------------------------------------------
+
+    def console(self) -> str:
+        """What a real guest wrote on its serial console so far (kept after `aclose`)."""
+        if self._console_path is not None and not self._closed:
+            with contextlib.suppress(OSError):
+                self._console = self._console_path.read_bytes().decode(errors="replace")
+        return self._console
+
+    def console_lines(self) -> list[str]:
+        """The guest's ``QW: ...`` lines (its /init's progress), without the prefix."""
+        return [m.group(1) for m in re.finditer(r"^QW: (.*?)\r?$", self.console(), re.M)]
+
+    async def wait_console(self, pattern: str, timeout: float = 30.0, *, after: int = 0) -> str:
+        """Wait for a ``QW:`` line (newer than the first ``after`` ones) that matches the
+        regular expression ``pattern``; `LabTimeout` (with the console's end) if none comes."""
+        if self._console_path is None:
+            raise LabError(f"{self.spec.name}: not a real guest (LabSpec.guest)")
+        wanted = re.compile(pattern)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    for line in self.console_lines()[after:]:
+                        if wanted.search(line):
+                            return line
+                    await asyncio.sleep(0.05)  # a file has no change notice here
+        except TimeoutError as exc:
+            raise LabTimeout(
+                f"{self.spec.name}: no console line like {pattern!r} within {timeout:g} s; "
+                f"console ends: {self.console()[-1500:]!r}"
+            ) from exc
+
     # ----- the process ------------------------------------------------------------------------
 
     @property
@@ -503,6 +544,7 @@ class LabVM(EventRecorder):
             if self.running:
                 _sigkill(self.pid)
             self.stderr()  # keep the tail before the log file goes
+            self.console()
             self._closed = True
             self._cleanup_files()
             await self._close_control()

@@ -187,6 +187,12 @@ class Metrics:
         self._connected = Gauge(
             "qmpwatch_vm_connected", "1 while a QMP session to the VM is up.", ["vm"], registry=r
         )
+        self._agent_open = Gauge(
+            "qmpwatch_vm_agent_port_open",
+            "1 while the guest agent's port (org.qemu.guest_agent.0) is open, 0 while closed.",
+            ["vm"],
+            registry=r,
+        )
         self._statuses = _StatusGauges()
         r.register(self._statuses)
         self._status_of_vm = self._statuses.status_of_vm
@@ -258,6 +264,8 @@ class Metrics:
         elif kind == "vm_connected":
             self.set_connected(vm, True)
             self.set_status(vm, fields.get("status"))
+        elif kind == "vm_agent_port":
+            self._child(self._agent_open, vm).set(1 if fields.get("open") else 0)
         elif kind == "vm_disconnected":
             self.set_connected(vm, False)
             self._child(self._disconnects, vm, fields.get("cause", "unknown")).inc()

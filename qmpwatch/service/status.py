@@ -36,6 +36,11 @@ def _iso(epoch: float | None) -> str | None:
     return None if epoch is None else iso_from_epoch(epoch)
 
 
+def _agent_port(port: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The guest agent's port: ``{"open", "since"}``, or None when the VM has none known."""
+    return None if port is None else {"open": port["open"], "since": _iso(port["since"])}
+
+
 def vm_status(name: str, held: Held) -> dict[str, Any]:
     """One VM's entry of the status document."""
     session = held.session
@@ -50,6 +55,7 @@ def vm_status(name: str, held: Held) -> dict[str, Any]:
         "status": watch.status or "unknown",
         "status_since": _iso(watch.status_since),
         "why": watch.status_why,
+        "agent_port": _agent_port(watch.agent.fields()),
         "alerts": [
             {
                 "alert": a.kind,

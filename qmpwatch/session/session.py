@@ -19,11 +19,13 @@ from typing import Any, Protocol
 
 import structlog
 
+from qmpwatch.core import agent
 from qmpwatch.core.alert import Alert, ClientStopSeverity
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig, NoShutdown, RemediateConfig
 from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import Control, Event, decode_object
 from qmpwatch.core.watch import VmWatch
+from qmpwatch.session.agentports import agent_ports
 from qmpwatch.session.link import (
     CommandFailed,
     EndCause,
@@ -246,6 +248,7 @@ class VmSession:
             return False, False, f"resync failed: {err}"
         as_of = self._changes_at_reply
         await self._learn_disks(link)
+        ports = await self._agent_ports(link)
         info = link.info
         fields: dict[str, Any] = {
             "socket": info.where,
@@ -257,6 +260,8 @@ class VmSession:
         if info.extra:
             fields.update(info.extra)
         self.watch.on_connected(time.time(), status, fields, as_of)
+        if ports is not None:
+            agent.learned(self.watch, ports, time.time())
         self._store_status()
         self._arm_deadline()
         return True, False, ""
@@ -268,6 +273,14 @@ class VmSession:
         except (CommandFailed, LinkClosed, TimeoutError):
             return  # a restricted monitor, a link that ends: alerts go without it
         self.watch.on_disks(disks(block), time.time())
+
+    async def _agent_ports(self, link: Link) -> dict[str, bool | None] | None:
+        """The VM's guest-agent ports and whether each is open (`agentports`); asked before
+        the session counts as up, like the disks, so that nothing is in flight after."""
+        try:
+            return await agent_ports(link)
+        except (CommandFailed, LinkClosed, TimeoutError):
+            return None  # a restricted monitor, a link that ends: known from its next change
 
     def _set_state(self, state: RunState) -> None:
         was_connected = self.connected
