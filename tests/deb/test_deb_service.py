@@ -272,18 +272,20 @@ def test_apt_remove_stops_the_service_and_keeps_config_and_state(pkg: PackageHos
     gone; the edited config, /etc/default/qmpwatch, the state and the user stay."""
     pkg.ensure_installed()
     ns = pkg.ns
-    wait_until("the state in /var/lib/qmpwatch", lambda: any(ns.path(STATE).iterdir()), 60.0)
-    state = sorted(p.name for p in ns.path(STATE).iterdir())
+    wait_until("the state database", ns.path(f"{STATE}/state.sqlite3").exists, 60.0)
+    # the databases (their -wal and -shm files go when the daemon stops cleanly)
+    state = {p.name for p in ns.path(STATE).glob("*.sqlite3")}
+    assert "state.sqlite3" in state
     pid = pkg.service.main_pid()
     pkg.sh("apt-get remove -y qmpwatch")
     assert pkg.status()[0] == "rc"
-    assert not Path(f"/proc/{pid}").exists()
+    assert not ns.path(f"/proc/{pid}").exists()
     assert pkg.service.show("LoadState")["LoadState"] == "not-found"
     for gone in (VENV, "/usr/bin/qmpwatch", "/lib/systemd/system/qmpwatch.service"):
         assert not ns.path(gone).exists(), gone
     assert ns.path(CONFIG).read_text() == EDITED
     assert ns.path(DEFAULTS).is_file()
-    assert sorted(p.name for p in ns.path(STATE).iterdir()) == state
+    assert {p.name for p in ns.path(STATE).glob("*.sqlite3")} == state
     assert ns.run("getent", "passwd", "qmpwatch", check=False).returncode == 0
 
 
