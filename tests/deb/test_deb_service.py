@@ -108,32 +108,37 @@ def pkg(
     lab.mkdir()
     halt_firmware(lab / "halt.bin")
     binds = {debs.directory: DEB_DIR, upgrade_debs.directory: UPGRADE_DIR, lab: LAB}
-    ns = SystemdNamespace(work / "ns", binds)
     journal: Journal | None = None
     try:
-        try:
-            ns.boot()
-        except SystemdUnavailable as err:
-            pytest.fail(f"cannot boot a real systemd for the package tests: {err}", pytrace=False)
-        journal = Journal(ns)
-        ns.run("rm", "-f", "/usr/sbin/policy-rc.d")
-        if ns.run("getent", "group", "kvm", check=False).returncode != 0:
-            ns.run("groupadd", "--system", "kvm")
-        service = ServiceHost(ns, journal)
-        service.start_qemu("web01")
-        host = PackageHost(service, debs, upgrade_debs)
-        for step in readme_package_steps():
-            if step.startswith("make deb"):  # the session's build, on the host
-                continue
-            if step.split()[0] == "editor":  # the administrator edits the configuration
-                service.write_config(EDITED)
-                continue
-            host.readme_steps.append((step, host.sh(step, cwd=DEB_DIR, check=False)))
-        yield host
+        with systemd_harness.booted(work / "ns", binds) as ns:
+            journal = Journal(ns)
+            yield prepared(ns, journal, debs, upgrade_debs)
+    except SystemdUnavailable as err:
+        pytest.fail(f"cannot boot a real systemd for the package tests: {err}", pytrace=False)
     finally:
-        ns.close()  # first: the journal's reader ends with the namespace
-        if journal is not None:
+        if journal is not None:  # after the namespace: its journalctl ends with it
             journal.close()
+
+
+def prepared(
+    ns: SystemdNamespace, journal: Journal, debs: Packages, upgrade_debs: Packages
+) -> PackageHost:
+    """The host as its administrator finds it (a kvm group, QEMU web01 as a unit, no
+    policy-rc.d), then the README's package steps, as written."""
+    ns.run("rm", "-f", "/usr/sbin/policy-rc.d")
+    if ns.run("getent", "group", "kvm", check=False).returncode != 0:
+        ns.run("groupadd", "--system", "kvm")
+    service = ServiceHost(ns, journal)
+    service.start_qemu("web01")
+    host = PackageHost(service, debs, upgrade_debs)
+    for step in readme_package_steps():
+        if step.startswith("make deb"):  # the session's build, on the host
+            continue
+        if step.split()[0] == "editor":  # the administrator edits the configuration
+            service.write_config(EDITED)
+            continue
+        host.readme_steps.append((step, host.sh(step, cwd=DEB_DIR, check=False)))
+    return host
 
 
 def test_readme_package_steps_install_start_and_watch_the_vm(pkg: PackageHost) -> None:
