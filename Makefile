@@ -3,6 +3,9 @@
 #   make test   set up, then lint (with the layers' import contracts), type-check and run the
 #               whole suite (real QEMU, Alertmanager, libvirt, a real systemd); every real-QEMU
 #               test runs on the system's QEMU and on QEMU 10.0 (.cache/)
+#   make deb    the Debian packages qmpwatch_<version>_<arch>.deb and qmpwatch-libvirt_... in dist/
+#               (scripts/build-deb: its own Python environment in /opt/qmpwatch, built offline
+#               from wheels of the registries the venv comes from; README: Run it on your hosts)
 #   make install / make uninstall   (as root) qmpwatch as a systemd service on this host:
 #               scripts/install says what each does; QMPWATCH_GROUP= the QEMU sockets' group
 #               (default kvm), QMPWATCH_WHEELS= a directory of wheels to install from offline
@@ -12,7 +15,7 @@ BIN    := $(VENV)/bin
 QEMU10 := .cache/qemu-10.0
 
 .PHONY: run test lint typecheck pytest bench soak clean install uninstall system-deps-test \
-        system-deps-run system-deps-bench
+        system-deps-run system-deps-bench system-deps-deb deb
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +32,9 @@ system-deps-run:
 system-deps-bench:
 	scripts/ensure-system-deps bench
 
+system-deps-deb:
+	scripts/ensure-system-deps deb
+
 # QEMU 10.0 from bookworm-backports beside the system's, extracted in the checkout (no install)
 $(QEMU10)/complete:
 	scripts/fetch-qemu $(QEMU10)
@@ -43,7 +49,8 @@ pytest: $(GUEST)/kit/complete
 run: system-deps-run $(BIN)/.installed
 	$(BIN)/qmpwatch demo
 
-test: system-deps-test $(BIN)/.installed lint typecheck pytest
+# the package tests (tests/deb) build the packages once per session, kept by the sources' hash
+test: system-deps-test system-deps-deb $(BIN)/.installed lint typecheck pytest
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -65,6 +72,9 @@ bench: system-deps-bench $(BIN)/.installed
 # 20 real VMs, every scenario, 10 minutes: event counts, crashes, RSS and fds (not in CI)
 soak: system-deps-run $(BIN)/.installed
 	$(BIN)/python -m bench.soak --vms 20 --minutes 10
+
+deb: system-deps-deb
+	scripts/build-deb --out dist
 
 install:
 	scripts/install install

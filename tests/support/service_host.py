@@ -80,8 +80,9 @@ def readme_install_steps() -> list[str]:
     """The command lines of the README's install block (under "Run it on your hosts")."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Run it on your hosts") :]
-    block = re.search(r"```sh\n(.*?)```", section, re.S)
-    assert block, "README: no sh block under 'Run it on your hosts'"
+    # the block of `make install` (the Debian package's comes first)
+    block = re.search(r"```sh\n(make install.*?)```", section, re.S)
+    assert block, "README: no sh block of make install under 'Run it on your hosts'"
     steps = []
     for raw in block.group(1).splitlines():
         line = raw.split("  #", 1)[0].strip()
