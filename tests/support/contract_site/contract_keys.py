@@ -1,0 +1,54 @@
+"""The contract keys of one qmpwatch record: what the README's contract tables name in it.
+
+Shared by the suite's contract plugin (`tests.support.contract`) and by `sitecustomize.py`
+beside this file, which tees the keys of every subprocess daemon's records; standard library
+only, since it runs in every Python child of the test run.
+
+A key is (table, name):
+    record      the record kind (`event`)
+    alert       `alert.alert` (the alert kind)
+    resolution  `alert_resolved.alert` (the alert kind that resolved) and its `reason`
+    refusal     `listen_peer_refused.reason`
+    metric      a series of `/metrics` (from `metric_keys`)
+    degraded    a degraded reason of `/healthz` (from `degraded_keys`)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+Key = tuple[str, str]
+#: Suffixes Prometheus adds to a histogram's or counter's series.
+SERIES_SUFFIXES = ("_bucket", "_count", "_sum", "_created")
+
+
+def record_keys(record: Mapping[str, Any]) -> Iterator[Key]:
+    """The contract keys of one record (a decoded JSON line)."""
+    kind = record.get("event")
+    if not isinstance(kind, str):
+        return
+    yield ("record", kind)
+    if kind == "alert" and isinstance(record.get("alert"), str):
+        yield ("alert", record["alert"])
+    elif kind == "alert_resolved":
+        if isinstance(record.get("alert"), str):
+            yield ("resolution", record["alert"])
+        if isinstance(record.get("reason"), str):
+            yield ("resolution", record["reason"])
+    elif kind == "listen_peer_refused" and isinstance(record.get("reason"), str):
+        yield ("refusal", record["reason"])
+
+
+def metric_keys(text: str) -> Iterator[Key]:
+    """The qmpwatch series with a sample in one `/metrics` text (process metrics left out)."""
+    for line in text.splitlines():
+        if line.startswith("qmpwatch_"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            yield ("metric", name)
+
+
+def degraded_keys(reasons: Iterable[str]) -> Iterator[Key]:
+    """The keys of the degraded reasons that hold."""
+    for reason in reasons:
+        yield ("degraded", reason)
