@@ -133,7 +133,7 @@ def test_a_histograms_series_count_for_its_documented_name() -> None:
 def test_only_a_whole_run_is_judged(change: dict[str, object], reason: str | None) -> None:
     """`make test` (all of tests/, every test run) is judged; -k, a file, a directory, -m,
     deselection, --lf and an early stop are partial runs, with the reason said."""
-    shape = RunShape(**{**WHOLE.__dict__, **change})  # type: ignore[arg-type]
+    shape = RunShape(**{**WHOLE.__dict__, **change})
     assert partial_run(shape) == reason
 
 
