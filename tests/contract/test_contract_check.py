@@ -177,5 +177,7 @@ def test_a_judged_run_fails_naming_what_no_daemon_produced(tmp_path: Path) -> No
         f"documented but produced by no test: alert `vm_stuck_transient` "
         f"({contract.TABLES['alert']})" in done.stdout
     )
-    assert "record daemon_started: live" in dump.read_text().splitlines()
+    assert (
+        'record "daemon_started": live (tests/service/test_daemon_started.py::' in dump.read_text()
+    )
     assert "produced by no test: record `daemon_started`" not in done.stdout

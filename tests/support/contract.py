@@ -6,8 +6,10 @@ A pytest plugin (loaded by tests/conftest.py). It gathers the contract keys
 reasons, metrics, degraded reasons) of every record, `/metrics` page and `/healthz` degraded
 state any qmpwatch produces while the tests run:
 
-- in the test process: `LineWriter.flush`, `Metrics.render`, `health.degraded_reasons`
-  wrapped from the outside (no hook in qmpwatch);
+- in the test process, while a `Daemon` runs or in a test that started a fake QMP peer:
+  `LineWriter.flush`, `Metrics.render`, `HttpServer._metrics`, `health.degraded_reasons`
+  wrapped from the outside (no hook in qmpwatch; a writer's own unit tests log arbitrary
+  kinds, so other in-process records do not count);
 - in child processes (`qmpwatch run`, `demo`, `replay`, ...): the same, through
   `contract_site/sitecustomize.py`, put first on $PYTHONPATH; each child appends the keys it
   sees to a file of its own in a directory of this run;
@@ -29,6 +31,7 @@ the session fails, one line per key, naming the table.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -200,9 +203,11 @@ def _covers(produced: Key, documented: set[Key]) -> bool:
         return True
     if table == "metric":
         return any(
-            name.endswith(s) and ("metric", name.removesuffix(s)) in documented
-            for s in SERIES_SUFFIXES
-        )
+            name.endswith(suffix)
+            and (("metric", name.removesuffix(suffix)) in documented
+                 or ("metric", name.removesuffix(suffix) + total) in documented)
+            for suffix, total in SERIES_SUFFIXES.items()
+        )  # fmt: skip
     return False
 
 
@@ -292,6 +297,7 @@ class Collector:
         self.test = "(outside any test)"
         self.fake_tests: set[str] = set()
         self.real_tests: set[str] = set()
+        self.daemons = 0  # in-process daemons running (`Daemon.main`)
         self._raw: list[tuple[Key, str, str]] = []  # key, origin, test: origins settled at end
         self._lock = threading.Lock()
 
@@ -322,7 +328,7 @@ class Collector:
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 parts = line.split("\t")
                 if len(parts) == 4:
-                    self.note([(parts[0], parts[1])], parts[2], parts[3])
+                    self.note([(parts[0], json.loads(parts[1]))], parts[2], parts[3])
         with self._lock:
             self._settle()
         return self.produced
@@ -346,13 +352,15 @@ def _in_process(collector: Collector) -> None:
     import orjson
 
     from qmpwatch.output import logs
-    from qmpwatch.service import health, metrics
+    from qmpwatch.service import daemon, health, httpserver, metrics
     from tests.support import fake_qmp
 
     def flush(inner: Callable[..., Any]) -> Callable[..., Any]:
         def tee(self: logs.LineWriter) -> None:
             data = bytes(self._buffer)
             inner(self)
+            if not collector.daemons and collector.test not in collector.fake_tests:
+                return  # a writer's own test (arbitrary kinds), not a daemon's records
             for line in data.splitlines():
                 try:
                     record = orjson.loads(line)
@@ -386,6 +394,26 @@ def _in_process(collector: Collector) -> None:
 
         return init
 
+    def main(inner: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            collector.daemons += 1
+            try:
+                return await inner(*args, **kwargs)
+            finally:
+                collector.daemons -= 1
+
+        return run
+
+    def page(inner: Callable[..., Any]) -> Callable[..., Any]:
+        async def tee(self: Any, request: Any) -> Any:
+            response = await inner(self, request)
+            collector.note(metric_keys(bytes(response.body).decode("utf-8", "replace")))
+            return response
+
+        return tee
+
+    _wrap(daemon.Daemon, "main", main)
+    _wrap(httpserver.HttpServer, "_metrics", page)
     _wrap(logs.LineWriter, "flush", flush)
     _wrap(metrics.Metrics, "render", render)
     _wrap(health, "degraded_reasons", reasons)
@@ -462,7 +490,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(state.collector.directory, ignore_errors=True)
     dump = os.environ.get(DUMP_ENV)
     if dump:  # what this run produced, for a person (any run, whole or not)
-        Path(dump).write_text("\n".join(report(produced, produced)) + "\n", encoding="utf-8")
+        Path(dump).write_text("".join(report(produced, produced)), encoding="utf-8")
     reason = partial_run(_shape(session, state))
     terminal = session.config.pluginmanager.get_plugin("terminalreporter")
     if terminal is not None:
@@ -489,6 +517,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def report(produced: Mapping[Key, Mapping[str, str]], keys: Iterable[Key]) -> Iterator[str]:
-    """`table name: origins` lines (for a person reading what a run produced)."""
+    """`table name: origin (first test), ...` lines, for a person reading what a run produced."""
     for key in sorted(keys):
-        yield f"{key[0]} {key[1]}: {', '.join(sorted(produced.get(key, {})))}"
+        origins = produced.get(key, {})
+        found = ", ".join(f"{o} ({t})" for o, t in sorted(origins.items()))
+        yield f"{key[0]} {json.dumps(key[1])}: {found or 'nothing'}\n"

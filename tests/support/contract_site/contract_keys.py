@@ -19,8 +19,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 Key = tuple[str, str]
-#: Suffixes Prometheus adds to a histogram's or counter's series.
-SERIES_SUFFIXES = ("_bucket", "_count", "_sum", "_created")
+#: Series Prometheus adds beside a histogram's or counter's documented name: suffix -> the
+#: suffix to take off and the one to put back (a counter's `_created` beside its `_total`).
+SERIES_SUFFIXES = {"_bucket": "", "_count": "", "_sum": "", "_created": "_total"}
 
 
 def record_keys(record: Mapping[str, Any]) -> Iterator[Key]:

@@ -3,10 +3,11 @@
 The suite's plugin (`tests.support.contract`) puts this directory first on $PYTHONPATH and
 names a directory in $QMPWATCH_CONTRACT_DIR. Python imports this module at start; it does
 nothing until qmpwatch's own modules load, then wraps, from the outside (qmpwatch has no test
-hook): `LineWriter.flush` (every JSON line the process writes), `Metrics.render` (every
-`/metrics` served) and `health.degraded_reasons`. Each key seen for the first time is appended
-to a file of its own in that directory: `table<TAB>name<TAB>origin<TAB>test` (origin `replay`
-for `qmpwatch replay`, else `live`; test: the test that was running when the process began).
+hook): `LineWriter.flush` (every JSON line the process writes), `Metrics.render` and
+`HttpServer._metrics` (every `/metrics` page) and `health.degraded_reasons`. Each key seen
+for the first time is appended to a file of its own in that directory, one line each:
+`table<TAB>name as JSON<TAB>origin<TAB>test` (origin `replay` for `qmpwatch replay`, else
+`live`; test: the test that was running when the process began).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.machinery
+import json
 import os
 import sys
 from typing import Any
@@ -30,7 +32,7 @@ def _note(keys: Any) -> None:
         return
     _seen.update(new)
     origin = "replay" if "replay" in sys.argv[1:2] else "live"
-    text = "".join(f"{t}\t{n}\t{origin}\t{_TEST}\n" for t, n in new)
+    text = "".join(f"{t}\t{json.dumps(n)}\t{origin}\t{_TEST}\n" for t, n in new)
     with contextlib.suppress(OSError):
         if not _files:
             _files.append(
@@ -44,8 +46,6 @@ def _note(keys: Any) -> None:
 
 
 def _patch(name: str, module: Any) -> None:
-    import json
-
     from contract_keys import (  # type: ignore[import-not-found]  # beside this file
         degraded_keys,
         metric_keys,
@@ -74,6 +74,16 @@ def _patch(name: str, module: Any) -> None:
             return text
 
         module.Metrics.render = tee_render
+    elif name == "qmpwatch.service.httpserver":
+        page = module.HttpServer._metrics
+
+        async def tee_page(self: Any, request: Any) -> Any:
+            response = await page(self, request)
+            with contextlib.suppress(Exception):
+                _note(metric_keys(bytes(response.body).decode("utf-8", "replace")))
+            return response
+
+        module.HttpServer._metrics = tee_page
     elif name == "qmpwatch.service.health":
         reasons = module.degraded_reasons
 
@@ -85,7 +95,12 @@ def _patch(name: str, module: Any) -> None:
         module.degraded_reasons = tee_reasons
 
 
-_PATCHED = ("qmpwatch.output.logs", "qmpwatch.service.metrics", "qmpwatch.service.health")
+_PATCHED = (
+    "qmpwatch.output.logs",
+    "qmpwatch.service.metrics",
+    "qmpwatch.service.httpserver",
+    "qmpwatch.service.health",
+)
 
 
 class _Loader(importlib.abc.Loader):
