@@ -123,11 +123,18 @@ class DaemonProcess:
     @classmethod
     @contextlib.asynccontextmanager
     async def start(
-        cls, config: Path, *, env: Mapping[str, str] | None = None
+        cls,
+        config: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        started: str = "daemon_started",
     ) -> AsyncIterator[DaemonProcess]:
+        """Run the daemon (under the command `prefix`, such as `unshare ...`, when given)
+        until the block ends; it has logged `started` when the block begins."""
         full_env = {**os.environ, **(env or {})}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
+            *prefix, sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=full_env,
@@ -135,7 +142,7 @@ class DaemonProcess:
         )  # fmt: skip
         daemon = cls(proc, config)
         try:
-            await daemon.wait_for("daemon_started", timeout=20)
+            await daemon.wait_for(started, timeout=20)
             yield daemon
         finally:
             await daemon.stop()
