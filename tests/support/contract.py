@@ -218,6 +218,7 @@ def judge(
 
     `produced`: key -> origin -> the test that produced it first."""
     documented_keys = contract.documented
+    produced = _with_base_series(produced)
     problems: list[str] = []
     for key in sorted(documented_keys):
         table, name = key
@@ -247,6 +248,21 @@ def judge(
     for key in sorted(allowed.keys() - documented_keys):
         problems.append(f"allow-listed but not documented: {key[0]} `{key[1]}` ({ALLOWLIST.name})")
     return problems
+
+
+def _with_base_series(produced: Mapping[Key, Mapping[str, str]]) -> dict[Key, dict[str, str]]:
+    """`produced`, where a histogram's `_bucket` (a counter's `_created`) series also counts
+    for the name the README gives (`qmpwatch_event_lag_seconds`, `..._total`)."""
+    out = {key: dict(origins) for key, origins in produced.items()}
+    for (table, name), origins in produced.items():
+        if table != "metric":
+            continue
+        for suffix, total in SERIES_SUFFIXES.items():
+            if name.endswith(suffix):
+                for base in {name.removesuffix(suffix), name.removesuffix(suffix) + total}:
+                    for origin, test in origins.items():
+                        out.setdefault(("metric", base), {}).setdefault(origin, test)
+    return out
 
 
 @dataclass(frozen=True)
