@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from qmpwatch.lab import LabSpec, LabVM
+from qmpwatch.service.daemon import FD_HEADROOM
 from tests.support import scrape
 from tests.support.daemon_harness import FAST_CONNECT, DaemonProcess, write_config
 
@@ -134,3 +135,32 @@ async def test_metrics_on_port_0_take_a_free_port_and_name_it(tmp_path: Path) ->
     assert listening["listen"] == "127.0.0.1:0"
     assert listening["port"] > 0
     assert (status, json.loads(body)["status"]) == (200, "ok")
+
+
+def vm_entries(tmp_path: Path, count: int) -> list[dict[str, object]]:
+    """`count` configured VMs whose sockets do not exist (each one needs a descriptor)."""
+    return [{"name": f"fd{i:03}", "socket": str(tmp_path / f"fd{i:03}.qmp")} for i in range(count)]
+
+
+async def test_a_low_soft_fd_limit_is_raised(tmp_path: Path) -> None:
+    """Started with `prlimit --nofile=SOFT:HARD` below what its VMs need: the daemon raises its
+    soft limit to the hard one (fd_limit_raised)."""
+    cfg = write_config(tmp_path / "c.toml", state_dir=tmp_path / "state",
+                       vms=vm_entries(tmp_path, 10))  # fmt: skip
+    low = ("prlimit", f"--nofile={FD_HEADROOM}:4096", "--")
+    async with DaemonProcess.start(cfg, prefix=low) as daemon:
+        raised = daemon.find("fd_limit_raised")[0]
+    assert (raised["soft"], raised["hard"], raised["new_soft"]) == (FD_HEADROOM, 4096, 4096)
+    assert raised["needed"] == FD_HEADROOM + 10
+
+
+async def test_a_hard_fd_limit_too_low_is_an_error_and_the_daemon_runs(tmp_path: Path) -> None:
+    """A hard limit below what the VMs need: fd_limit_too_low says so; the daemon runs on."""
+    cfg = write_config(tmp_path / "c.toml", state_dir=tmp_path / "state",
+                       vms=vm_entries(tmp_path, 10))  # fmt: skip
+    low = ("prlimit", f"--nofile={FD_HEADROOM}:{FD_HEADROOM}", "--")
+    async with DaemonProcess.start(cfg, prefix=low) as daemon:
+        too_low = daemon.find("fd_limit_too_low")[0]
+        await daemon.wait_for("vm_connect_failed", vm="fd000")
+    assert (too_low["new_soft"], too_low["needed"]) == (FD_HEADROOM, FD_HEADROOM + 10)
+    assert "LimitNOFILE=" in too_low["summary"]

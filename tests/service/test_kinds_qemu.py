@@ -181,3 +181,22 @@ def _point_first_l2_at_l1(image: Path) -> None:
         (l1_offset,) = struct.unpack(">Q", f.read(8))
         f.seek(l1_offset)
         f.write(struct.pack(">Q", (1 << 63) | l1_offset))
+
+
+async def test_a_watchdog_pause_resolves_when_the_vm_runs_again(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """WATCHDOG(pause) stops the VM: vm_stopped_watchdog (critical); `cont` resolves it."""
+    spec = LabSpec("wdp01", watchdog_action="pause")
+    async with (
+        LabVM.start(spec, sock_dir) as vm,
+        DaemonProcess.start(config(tmp_path, vm)) as daemon,
+    ):
+        await daemon.wait_for("vm_connected", vm="wdp01")
+        await vm.arm_watchdog(2)
+        paused = await daemon.wait_for("alert", vm="wdp01", alert="vm_stopped_watchdog")
+        await vm.cont()
+        resolved = await daemon.wait_for("alert_resolved", vm="wdp01", alert="vm_stopped_watchdog")
+    assert paused["severity"] == "critical"
+    assert resolved["fingerprint"] == paused["fingerprint"]
+    assert resolved["reason"] == "the VM resumed (RESUME)"
