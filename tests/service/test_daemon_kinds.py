@@ -164,3 +164,33 @@ async def test_a_hard_fd_limit_too_low_is_an_error_and_the_daemon_runs(tmp_path:
         await daemon.wait_for("vm_connect_failed", vm="fd000")
     assert (too_low["new_soft"], too_low["needed"]) == (FD_HEADROOM, FD_HEADROOM + 10)
     assert "LimitNOFILE=" in too_low["summary"]
+
+
+async def test_two_discovered_sockets_with_one_name_conflict(tmp_path: Path) -> None:
+    """Two [[discover]] globs find web.qmp in two directories: one is watched as "web", the
+    other is logged once as discover_name_conflict naming both sockets."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    sockets = []
+    for directory in (first, second):
+        directory.mkdir()
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(directory / "web.qmp"))
+        sock.listen()
+        sockets.append(sock)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        discover=[{"glob": f"{first}/*.qmp"}, {"glob": f"{second}/*.qmp"}],
+    )
+    try:
+        async with DaemonProcess.start(cfg) as daemon:
+            conflict = await daemon.wait_for("discover_name_conflict")
+            added = await daemon.wait_for("vm_added", vm="web")
+    finally:
+        for sock in sockets:
+            sock.close()
+    paths = {str(first / "web.qmp"), str(second / "web.qmp")}
+    assert conflict["vm"] == "web"
+    assert {conflict["socket"], conflict["other_socket"]} == paths
+    assert len(daemon.find("vm_added", vm="web")) == 1
+    assert added["vm"] == "web"
