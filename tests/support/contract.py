@@ -48,6 +48,7 @@ import pytest
 from tests.support.contract_site.contract_keys import (
     SERIES_SUFFIXES,
     Key,
+    Tee,
     degraded_keys,
     metric_keys,
     record_keys,
@@ -371,19 +372,26 @@ def _in_process(collector: Collector) -> None:
     from qmpwatch.service import daemon, health, httpserver, metrics
     from tests.support import fake_qmp
 
+    def note_lines(data: bytes) -> None:
+        if not collector.daemons and collector.test not in collector.fake_tests:
+            return  # a writer's own test (arbitrary kinds), not a daemon's records
+        for line in bytes(data).splitlines():
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                collector.note(record_keys(record))
+
     def flush(inner: Callable[..., Any]) -> Callable[..., Any]:
         def tee(self: logs.LineWriter) -> None:
-            data = bytes(self._buffer)
-            inner(self)
-            if not collector.daemons and collector.test not in collector.fake_tests:
-                return  # a writer's own test (arbitrary kinds), not a daemon's records
-            for line in data.splitlines():
-                try:
-                    record = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    collector.note(record_keys(record))
+            # What reaches the stream: the lines that `before_write` hooks log count too.
+            stream = self.stream
+            self.stream = Tee(stream, note_lines)  # type: ignore[assignment]
+            try:
+                inner(self)
+            finally:
+                self.stream = stream
 
         return tee
 

@@ -47,6 +47,7 @@ def _note(keys: Any) -> None:
 
 def _patch(name: str, module: Any) -> None:
     from contract_keys import (  # type: ignore[import-not-found]  # beside this file
+        Tee,
         degraded_keys,
         metric_keys,
         record_keys,
@@ -55,14 +56,21 @@ def _patch(name: str, module: Any) -> None:
     if name == "qmpwatch.output.logs":
         flush = module.LineWriter.flush
 
-        def tee_flush(self: Any) -> None:
-            data = bytes(self._buffer)
-            flush(self)
-            for line in data.splitlines():
+        def note_lines(data: bytes) -> None:
+            for line in bytes(data).splitlines():
                 with contextlib.suppress(ValueError):
                     record = json.loads(line)
                     if isinstance(record, dict):
                         _note(record_keys(record))
+
+        def tee_flush(self: Any) -> None:
+            # What reaches the stream: the lines that `before_write` hooks log count too.
+            stream = self.stream
+            self.stream = Tee(stream, note_lines)
+            try:
+                flush(self)
+            finally:
+                self.stream = stream
 
         module.LineWriter.flush = tee_flush
     elif name == "qmpwatch.service.metrics":
