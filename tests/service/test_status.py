@@ -17,7 +17,7 @@ import pytest
 
 from qmpwatch.lab import BlkdebugSpec, LabSpec, LabVM
 from tests.support.daemon_harness import DaemonProcess, write_config
-from tests.support.ports import free_tcp_port
+from tests.support.ports import free_tcp_port, refusing_port
 
 pytestmark = pytest.mark.qemu
 
@@ -102,12 +102,13 @@ async def test_status_says_which_vm_is_paused_why_and_since_when(
 
 async def test_status_without_a_daemon_exits_2(tmp_path: Path) -> None:
     """Nothing listens on the configured address: exit 2 and one line saying so."""
-    cfg = write_config(
-        tmp_path / "c.toml",
-        state_dir=tmp_path / "state",
-        sections={"daemon": {"metrics_listen": f"127.0.0.1:{free_tcp_port()}"}},
-    )
-    code, out, err = await qmpwatch("status", "-c", str(cfg))
+    with refusing_port() as port:
+        cfg = write_config(
+            tmp_path / "c.toml",
+            state_dir=tmp_path / "state",
+            sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}},
+        )
+        code, out, err = await qmpwatch("status", "-c", str(cfg))
     assert code == 2
     assert out == ""
     assert "no qmpwatch daemon answers on 127.0.0.1:" in err
