@@ -50,6 +50,7 @@ from tests.support.contract_site.contract_keys import (
     Key,
     Tee,
     degraded_keys,
+    lines_keys,
     metric_keys,
     record_keys,
 )
@@ -366,7 +367,6 @@ def _wrap(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[.
 
 def _in_process(collector: Collector) -> None:
     """Wrap qmpwatch's writers in this process, and mark the tests that start fakes."""
-    import orjson
 
     from qmpwatch.output import logs
     from qmpwatch.service import daemon, health, httpserver, metrics
@@ -375,13 +375,7 @@ def _in_process(collector: Collector) -> None:
     def note_lines(data: bytes) -> None:
         if not collector.daemons and collector.test not in collector.fake_tests:
             return  # a writer's own test (arbitrary kinds), not a daemon's records
-        for line in bytes(data).splitlines():
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                collector.note(record_keys(record))
+        collector.note(lines_keys(bytes(data)))
 
     def flush(inner: Callable[..., Any]) -> Callable[..., Any]:
         def tee(self: logs.LineWriter) -> None:

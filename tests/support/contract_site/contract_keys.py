@@ -16,6 +16,7 @@ A key is (table, name):
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -40,6 +41,33 @@ def record_keys(record: Mapping[str, Any]) -> Iterator[Key]:
             yield ("resolution", record["reason"])
     elif kind == "listen_peer_refused" and isinstance(record.get("reason"), str):
         yield ("refusal", record["reason"])
+
+
+#: Record kinds whose other fields hold keys too (the rest are keyed by their kind alone).
+DETAILED = frozenset({"alert", "alert_resolved", "listen_peer_refused"})
+_EVENT = b'"event":"'
+
+
+def lines_keys(data: bytes) -> Iterator[Key]:
+    """The keys of the JSON lines in `data`, cheaply: a record's kind is read from its
+    `"event":"..."` (the renderer writes it third, after timestamp and level), and only the
+    records in `DETAILED` are decoded (a busy daemon writes thousands of lines a second)."""
+    for line in data.splitlines():
+        at = line.find(_EVENT)
+        if at < 0:
+            continue
+        start = at + len(_EVENT)
+        end = line.find(b'"', start)
+        kind = line[start:end].decode("utf-8", "replace")
+        if kind not in DETAILED and "\\" not in kind:
+            yield ("record", kind)
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield from record_keys(record)
 
 
 def metric_keys(text: str) -> Iterator[Key]:

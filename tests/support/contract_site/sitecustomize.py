@@ -49,19 +49,15 @@ def _patch(name: str, module: Any) -> None:
     from contract_keys import (  # type: ignore[import-not-found]  # beside this file
         Tee,
         degraded_keys,
+        lines_keys,
         metric_keys,
-        record_keys,
     )
 
     if name == "qmpwatch.output.logs":
         flush = module.LineWriter.flush
 
         def note_lines(data: bytes) -> None:
-            for line in bytes(data).splitlines():
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if isinstance(record, dict):
-                        _note(record_keys(record))
+            _note(lines_keys(bytes(data)))
 
         def tee_flush(self: Any) -> None:
             # What reaches the stream: the lines that `before_write` hooks log count too.
