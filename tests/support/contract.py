@@ -204,6 +204,8 @@ def _covers(produced: Key, documented: set[Key]) -> bool:
     if produced in documented:
         return True
     if table == "metric":
+        if ("metric", name + "_total") in documented:
+            return True  # a counter's family name (OpenMetrics' `# TYPE` names it so)
         return any(
             name.endswith(suffix)
             and (("metric", name.removesuffix(suffix)) in documented
@@ -373,9 +375,8 @@ def _in_process(collector: Collector) -> None:
     from tests.support import fake_qmp
 
     def note_lines(data: bytes) -> None:
-        if not collector.daemons and collector.test not in collector.fake_tests:
-            return  # a writer's own test (arbitrary kinds), not a daemon's records
-        collector.note(lines_keys(bytes(data)))
+        if counted():  # not a writer's own test (arbitrary kinds)
+            collector.note(lines_keys(bytes(data)))
 
     def flush(inner: Callable[..., Any]) -> Callable[..., Any]:
         def tee(self: logs.LineWriter) -> None:
@@ -389,10 +390,15 @@ def _in_process(collector: Collector) -> None:
 
         return tee
 
+    def counted() -> bool:
+        """Whether what happens now is a daemon's (a metrics unit test's pages are not)."""
+        return bool(collector.daemons) or collector.test in collector.fake_tests
+
     def render(inner: Callable[..., Any]) -> Callable[..., Any]:
         def tee(self: metrics.Metrics) -> bytes:
             text: bytes = inner(self)
-            collector.note(metric_keys(text.decode("utf-8", "replace")))
+            if counted():
+                collector.note(metric_keys(text.decode("utf-8", "replace")))
             return text
 
         return tee
@@ -400,7 +406,8 @@ def _in_process(collector: Collector) -> None:
     def reasons(inner: Callable[..., Any]) -> Callable[..., Any]:
         def tee(*args: Any, **kwargs: Any) -> Any:
             found = inner(*args, **kwargs)
-            collector.note(degraded_keys(found))
+            if counted():
+                collector.note(degraded_keys(found))
             return found
 
         return tee
@@ -425,7 +432,8 @@ def _in_process(collector: Collector) -> None:
     def page(inner: Callable[..., Any]) -> Callable[..., Any]:
         async def tee(self: Any, request: Any) -> Any:
             response = await inner(self, request)
-            collector.note(metric_keys(bytes(response.body).decode("utf-8", "replace")))
+            if counted():
+                collector.note(metric_keys(bytes(response.body).decode("utf-8", "replace")))
             return response
 
         return tee
