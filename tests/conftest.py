@@ -30,6 +30,10 @@ from tests.support import systemd_harness
 # Property tests check what inputs do, not how fast they are made: on a loaded 2-core CI
 # machine drawing one input can take seconds, so neither the generation health check nor the
 # per-example deadline may fail a run. The number of examples stays Hypothesis' default.
+# The contract check: every documented record, alert, resolution, refusal reason, metric and
+# degraded reason comes out of some daemon of the run (tests/support/contract.py says how).
+pytest_plugins = ["tests.support.contract"]
+
 settings.register_profile(
     "qmpwatch",
     deadline=None,

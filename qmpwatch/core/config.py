@@ -379,7 +379,7 @@ def _parse_daemon(r: _Reader) -> DaemonConfig:
             or not host
             or not port.isascii()
             or not port.isdigit()
-            or not 0 < int(port) < 65536
+            or not 0 <= int(port) < 65536  # 0: a free port, named in `metrics_listening`
         ):
             r.bad("metrics_listen", f'expected "HOST:PORT" or "", got {_show(cfg.metrics_listen)}')
     r.finish()

@@ -392,7 +392,7 @@ class VmWatch:
 
     def on_disks(self, disks: dict[str, DiskInfo], now: float) -> None:
         """A session learned where the VM's disks live (`query-block`): a filling alert of a
-        disk replaced or shrunk resolves; with `write_threshold_percent`, QEMU's write
+        disk replaced, shrunk or grown resolves; with `write_threshold_percent`, QEMU's write
         threshold is armed on every writable image of known size."""
         self.disks = disks
         by_node = {info.node_name: info for info in disks.values() if info.node_name}
@@ -402,6 +402,8 @@ class VmWatch:
                 reason = "its image was replaced"
             elif info.size < int(alert.details.get("size", 0)):
                 reason = "its image shrank"
+            elif info.size > int(alert.details.get("size", 0)):
+                reason = f"its image grew to {info.size} bytes"  # its threshold is armed anew
             else:
                 continue
             self._resolve(now, alert.__eq__, reason)

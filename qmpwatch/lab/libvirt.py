@@ -6,7 +6,9 @@ that lets QEMU run in a sandbox (no cgroups, namespaces or security driver; QEMU
 which libvirt marks with the taint `high-privileges`: /dev/kvm is root's here),
 `/var/log/libvirt/qemu`, `virtlogd -d` and then `libvirtd -d`, polled until it answers.
 `LibvirtLab.up()` stops daemons left by an earlier run first (those it recognises: the
-qemu.conf is the lab's), and `down()` destroys the lab's domains and stops both daemons.
+qemu.conf is the lab's, and the run named in `OWNER_FILE` has ended), never another live
+run's; `down()` destroys the lab's domains, stops both daemons and leaves the host as it
+found it (no qemu.conf and no `libvirt-qemu` user unless they were there before).
 
 Domains are named `LAB_PREFIX...`; test actions go through `virsh` (`qemu-monitor-command`
 taints a domain `custom-monitor`: tests only, never qmpwatch).
@@ -45,6 +47,10 @@ cgroup_controllers = [ ]
 namespaces = [ ]
 """
 LIBVIRTD_PID = Path("/run/libvirtd.pid")
+#: The process whose lab runs libvirtd now: "PID START" (START: its start time in clock
+#: ticks after boot, so that a reused PID is not taken for it).
+OWNER_FILE = Path("/run/qmpwatch-libvirt-lab.owner")
+QEMU_USER = "libvirt-qemu"
 VIRTLOGD_PID = Path("/run/virtlogd.pid")
 START_TIMEOUT_S = 180.0  # the first start probes QEMU's capabilities (about 8 s when idle)
 STOP_TIMEOUT_S = 15.0
@@ -64,6 +70,47 @@ def _alive(pid_file: Path, program: str) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if comm == program else None
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (field 22 of /proc/PID/stat), None if there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _me() -> str:
+    return f"{os.getpid()} {_start_time(os.getpid())}"
+
+
+def live_owner(owner_file: Path = OWNER_FILE) -> str | None:
+    """The run ("PID START") whose lab runs libvirtd, if that process still runs."""
+    try:
+        pid, start = owner_file.read_text().split()
+    except (OSError, ValueError):
+        return None
+    return f"{pid} {start}" if _start_time(int(pid)) == start else None
+
+
+def conf_to_restore(conf: Path) -> bytes | None:
+    """What `conf` must hold again when the lab goes down: its bytes now, or None (remove
+    it) when it is missing or the lab's own, left by a run that did not finish."""
+    try:
+        text = conf.read_bytes()
+    except FileNotFoundError:
+        return None
+    return None if QEMU_CONF_MARK.encode() in text else text
+
+
+def restore_conf(conf: Path, before: bytes | None) -> None:
+    """Put `conf` back as `conf_to_restore` found it."""
+    if before is None:
+        with contextlib.suppress(FileNotFoundError):
+            conf.unlink()
+    else:
+        conf.write_bytes(before)
 
 
 def _stop(pid_file: Path, program: str) -> None:
@@ -111,6 +158,10 @@ class LibvirtLab:
         self.workdir = workdir
         self.firmware = halt_firmware(workdir / "halt.bin")
         os.chmod(workdir, 0o755)
+        self._owner = False  # this lab started the daemons (and wrote OWNER_FILE)
+        self._prepared = False  # this lab wrote qemu.conf (and perhaps added the user)
+        self._conf_before: bytes | None = None
+        self._made_user = self._made_group = False
 
     @classmethod
     @contextlib.contextmanager
@@ -126,9 +177,18 @@ class LibvirtLab:
     def up(self) -> None:
         if os.geteuid() != 0:
             raise LibvirtLabError("the libvirt lab runs libvirtd, which needs root")
+        owner = live_owner()
+        if owner is not None and owner != _me():
+            raise LibvirtLabError(
+                f"libvirtd belongs to another test run (process {owner.split()[0]}, "
+                f"{OWNER_FILE}): run the libvirt tests one at a time, under "
+                "flock /tmp/qmpwatch-libvirt.lock"
+            )
         self._prepare()
         if _alive(LIBVIRTD_PID, "libvirtd") is not None or _alive(VIRTLOGD_PID, "virtlogd"):
-            self._take_over()
+            self._take_over()  # left by a run that ended without taking them down
+        OWNER_FILE.write_text(_me())
+        self._owner = True
         self._start_virtlogd()
         self.start_libvirtd()
         self._destroy_all()  # left by an earlier run
@@ -138,17 +198,19 @@ class LibvirtLab:
 
     def _prepare(self) -> None:
         try:
-            pwd.getpwnam("libvirt-qemu")  # libvirtd looks it up before reading qemu.conf
+            pwd.getpwnam(QEMU_USER)  # libvirtd looks it up before reading qemu.conf
         except KeyError:
             try:
-                grp.getgrnam("libvirt-qemu")
+                grp.getgrnam(QEMU_USER)
             except KeyError:
-                subprocess.run(["groupadd", "-r", "libvirt-qemu"], check=True)
+                subprocess.run(["groupadd", "-r", QEMU_USER], check=True)
+                self._made_group = True
             subprocess.run(
-                ["useradd", "-r", "-g", "libvirt-qemu", "-d", "/var/lib/libvirt",
-                 "-s", "/usr/sbin/nologin", "libvirt-qemu"],
+                ["useradd", "-r", "-g", QEMU_USER, "-d", "/var/lib/libvirt",
+                 "-s", "/usr/sbin/nologin", QEMU_USER],
                 check=True,
             )  # fmt: skip
+            self._made_user = True
         Path("/var/log/libvirt/qemu").mkdir(parents=True, exist_ok=True)
         QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
         if QEMU_CONF.exists() and QEMU_CONF_MARK not in QEMU_CONF.read_text():
@@ -156,6 +218,8 @@ class LibvirtLab:
                 f"{QEMU_CONF} is not the lab's: this machine has its own libvirt, which the "
                 "tests would stop and restart; run them on a machine without one"
             )
+        self._conf_before = conf_to_restore(QEMU_CONF)
+        self._prepared = True
         QEMU_CONF.write_text(QEMU_CONF_TEXT)
 
     def _take_over(self) -> None:
@@ -185,10 +249,24 @@ class LibvirtLab:
         _stop(LIBVIRTD_PID, "libvirtd")
 
     def down(self) -> None:
-        if _alive(LIBVIRTD_PID, "libvirtd") is not None:
-            self._destroy_all()
-        _stop(LIBVIRTD_PID, "libvirtd")
-        _stop(VIRTLOGD_PID, "virtlogd")
+        """Take down what `up` brought up (only that: never another run's daemons), and put
+        the host back as it was: qemu.conf, and the user and group if the lab added them."""
+        if self._owner:
+            if _alive(LIBVIRTD_PID, "libvirtd") is not None:
+                self._destroy_all()
+            _stop(LIBVIRTD_PID, "libvirtd")
+            _stop(VIRTLOGD_PID, "virtlogd")
+            with contextlib.suppress(FileNotFoundError):
+                OWNER_FILE.unlink()
+            self._owner = False
+        if not self._prepared:
+            return
+        self._prepared = False
+        restore_conf(QEMU_CONF, self._conf_before)
+        if self._made_user:
+            subprocess.run(["userdel", QEMU_USER], check=False)
+        if self._made_group:
+            subprocess.run(["groupdel", QEMU_USER], check=False)
 
     def _destroy_all(self) -> None:
         """Destroy the lab's running domains, all at once (each takes a second or two)."""

@@ -34,7 +34,7 @@ from qmpwatch.session.link import (
     LinkClosed,
     StatusRefused,
 )
-from qmpwatch.session.storage import disks
+from qmpwatch.session.storage import disks, filling
 
 # Failures that mean no QEMU is behind the VM's socket (it went away while nobody watched),
 # as opposed to a QEMU that is there but cannot be reached.
@@ -206,7 +206,7 @@ class VmSession:
                     workers = [
                         tg.create_task(self._status_worker(link)),
                         tg.create_task(self._command_worker(link)),
-                        tg.create_task(self._storage_worker()),
+                        tg.create_task(self._storage_worker(link)),
                     ]
                     cause, error = await link.wait_closed()
                     for worker in workers:
@@ -266,13 +266,16 @@ class VmSession:
         self._arm_deadline()
         return True, False, ""
 
-    async def _learn_disks(self, link: Link) -> None:
-        """Where the VM's disks live (`query-block`), for the storage of disk alerts."""
+    async def _learn_disks(self, link: Link, *, if_changed: bool = False) -> None:
+        """Where the VM's disks live (`query-block`), for the storage of disk alerts (with
+        `if_changed`, told to the core only when an image or a size changed)."""
         try:
             block = await link.execute("query-block", {})
         except (CommandFailed, LinkClosed, TimeoutError):
             return  # a restricted monitor, a link that ends: alerts go without it
-        self.watch.on_disks(disks(block), time.time())
+        found = disks(block)
+        if not if_changed or found != self.watch.disks:
+            self.watch.on_disks(found, time.time())
 
     async def _agent_ports(self, link: Link) -> dict[str, bool | None] | None:
         """The VM's guest-agent ports and whether each is open (`agentports`); asked before
@@ -378,11 +381,15 @@ class VmSession:
             self.watch.on_command_result(name, error, time.time())
             self._arm_deadline()
 
-    async def _storage_worker(self) -> None:
-        """With `storage_free_percent`, look at the free space where the writable images
-        live every `storage_check_interval_s` (statvfs off the loop: NFS can hang)."""
+    async def _storage_worker(self, link: Link) -> None:
+        """Every `storage_check_interval_s`: while a disk fills (`vm_disk_filling`), whether
+        its image grew or was replaced (QEMU says neither: `query-block` again); with
+        `storage_free_percent`, the free space where the writable images live (statvfs off
+        the loop: NFS can hang)."""
         while True:
             config = self.watch.resumer.config
+            if filling(self.watch.firing.values()):
+                await self._learn_disks(link, if_changed=True)
             if config.storage_free_percent > 0:
                 free: dict[str, float] = {}
                 for mount in self.watch.storages():

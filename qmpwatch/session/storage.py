@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from qmpwatch.core.alert import Alert
 from qmpwatch.core.watch import DiskInfo
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -37,6 +38,11 @@ def mount_of(path: str, table: Iterable[tuple[str, str, str]]) -> tuple[str, str
         if under and (best is None or len(point) > len(best[0])):
             best = entry
     return best
+
+
+def filling(firing: Iterable[Alert]) -> bool:
+    """Whether one of these firing alerts is a disk filling up (`vm_disk_filling`)."""
+    return any(alert.kind == "vm_disk_filling" for alert in firing)
 
 
 def disks(block: Any, mountinfo: str | None = None) -> dict[str, DiskInfo]:

@@ -169,13 +169,18 @@ SINK_KEYS = ["url", "headers", "timeout_s", "resend_interval_s", "command", "env
 def test_any_alert_values_give_a_config_or_a_config_error(
     alert: dict[str, Any], managers: list[dict[str, Any]], execs: list[dict[str, Any]]
 ) -> None:
-    """Whatever sits under the delivery keys, parsing ends in a Config or a ConfigError."""
+    """Whatever sits under the delivery keys, parsing ends in a ConfigError saying what is
+    wrong, or a Config that let no unknown key through and dropped no sink."""
     result: Config | ConfigError
     try:
         result = parse_config({"alert": {**alert, "alertmanager": managers, "exec": execs}})
     except ConfigError as err:
         result = err
     if isinstance(result, ConfigError):
+        assert result.problems
         assert all(": " in p for p in result.problems)
-    else:
-        assert isinstance(result, Config)
+        return
+    # Accepted: no unknown key let through, no configured sink dropped.
+    assert "typo" not in alert
+    assert all("typo" not in sink for sink in [*managers, *execs])
+    assert (len(result.alert.alertmanager), len(result.alert.exec)) == (len(managers), len(execs))

@@ -18,7 +18,7 @@ from qmpwatch.cli.probe import probe_state_dir, probe_tcp
 from qmpwatch.lab import LabSpec, LabVM
 from tests.support.alert_fixtures import receiving
 from tests.support.daemon_harness import DaemonProcess, lab_config, write_config
-from tests.support.ports import free_tcp_port
+from tests.support.ports import refusing_port
 
 NOBODY = 65534
 
@@ -126,8 +126,8 @@ async def test_probe_names_each_problem(tmp_path: Path, sock_dir: Path) -> None:
     blocker.write_text("not a directory\n")
     found = sock_dir / "found"
     found.mkdir()
-    closed = free_tcp_port()
     with (
+        refusing_port() as closed,
         bound_not_listening(sock_dir / "dead.qmp"),
         bound_not_listening(found / "web04.qmp"),
     ):

@@ -25,7 +25,7 @@ from qmpwatch.lab import LabSpec, LabVM
 from qmpwatch.output import logs
 from qmpwatch.service.daemon import Daemon
 from qmpwatch.service.statestore import FILE_NAME
-from tests.support.ports import free_tcp_port
+from tests.support.ports import refusing_port
 
 pytestmark = pytest.mark.qemu
 
@@ -67,7 +67,9 @@ async def test_an_alert_line_is_written_only_after_its_alert_and_status_are_comm
     """A client pauses a real QEMU: when the `alert` line reaches the log, the outbox already
     holds the alert (owed to a webhook that is down) and the store already says `paused`."""
     state_dir = tmp_path / "state"
-    down = f"http://127.0.0.1:{free_tcp_port()}/hook"  # nothing listens: the alert stays owed
+    refusing = contextlib.ExitStack()
+    # nothing listens: the alert stays owed
+    down = f"http://127.0.0.1:{refusing.enter_context(refusing_port())}/hook"
     log = JournalCheckingLog(state_dir)
     writer = logs.configure("json", log)
     try:
@@ -92,6 +94,7 @@ async def test_an_alert_line_is_written_only_after_its_alert_and_status_are_comm
                     assert await daemon == 0
     finally:
         logs.unconfigure()
+        refusing.close()
     outbox, statuses = log.at_alert_lines[0]
     assert outbox == ["vm_stopped_unexpected"]
     assert statuses == {"web01": "paused"}

@@ -238,13 +238,21 @@ async def test_a_burst_in_one_loop_turn_is_one_write(stream: CountingStream) -> 
 
 
 def test_a_closed_output_loses_records_but_does_not_raise() -> None:
-    """Writing to a pipe nobody reads any more drops the lines instead of failing the caller."""
+    """Writing to a pipe nobody reads any more drops the lines instead of failing the caller;
+    the writer stays usable: once the output works again, later lines go out (the lost ones
+    are not replayed)."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     with open(write_end, "wb", buffering=0) as pipe:
         writer = LineWriter(pipe)
-        writer.msg(b'{"event":"qmp_event"}\n')
+        with pytest.raises(BrokenPipeError):
+            pipe.write(b"x")  # the output is really gone: each write fails
+        writer.msg(b'{"event":"qmp_event"}\n')  # outside a loop: written (tried) at once
         writer.msg('{"event":"qmp_event"}')
+        working = io.BytesIO()
+        writer.stream = working
+        writer.msg(b'{"event":"vm_connected"}\n')
+    assert working.getvalue() == b'{"event":"vm_connected"}\n'
 
 
 def test_stdlib_warnings_become_library_log_records(stream: CountingStream) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,11 @@ async def test_io_error_pause_is_explained_not_unexpected(tmp_path: Path, sock_d
             done = await daemon.wait_for("followup_satisfied", rule="stop_after_block_io_error")
             assert done["cause"] == "BLOCK_IO_ERROR"
             assert done["expected"] == "STOP"
-            assert done["latency_ms"] >= 0
+            cause = daemon.find("qmp_event", vm="io01", qmp="BLOCK_IO_ERROR")[0]
+            stop = daemon.find("qmp_event", vm="io01", qmp="STOP")[0]
+            # latency_ms: the time between the two events' reads, which their records carry
+            between_ms = (read_at(stop) - read_at(cause)).total_seconds() * 1000
+            assert done["latency_ms"] == pytest.approx(between_ms, abs=0.002)
             alert = await daemon.wait_for("alert", alert="vm_stopped_io_error")
             assert alert["severity"] == "critical"
             assert "read error on drive0" in alert["summary"]
@@ -593,3 +598,8 @@ async def test_discovery_adds_new_sockets_drops_removed_ignores_files(
         ("alert_resolved", "vm_stopped_unexpected", "no longer discovered (its socket is gone)")
     ]
     assert len(daemon.find("vm_added", vm="alpha")) == 1
+
+
+def read_at(record: dict[str, Any]) -> datetime:
+    """When qmpwatch read what a record is about: its `timestamp`."""
+    return datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))

@@ -6,8 +6,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.support.daemon_harness import DaemonProcess, write_config
-from tests.support.ports import free_tcp_port
+from tests.support.daemon_harness import ANY_PORT, DaemonProcess, write_config
 from tests.support.scrape import wait_healthz
 
 
@@ -23,15 +22,15 @@ async def test_daemon_started_counts_every_sources_vms_as_healthz_does(
             listeners.append(sock)
             sock.bind(str(sock_dir / f"{name}.qmp"))
             sock.listen()
-        port = free_tcp_port()
         config = write_config(
             tmp_path / "c.toml",
             state_dir=tmp_path / "state",
             vms=[{"name": "web01", "socket": str(sock_dir / "web01.sock")}],
             discover=[{"glob": str(sock_dir / "*.qmp")}],
-            sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}},
+            sections={"daemon": {"metrics_listen": ANY_PORT}},
         )
         async with DaemonProcess.start(config) as daemon:
+            port = daemon.metrics_port
             (started,) = daemon.find("daemon_started")
             assert started["vms"] == 3
             body = await wait_healthz(port, lambda b: b.get("vms") is not None)

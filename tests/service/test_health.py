@@ -14,8 +14,14 @@ from qmpwatch.core.config import AlertConfig, AlertmanagerConfig, ExecConfig
 from qmpwatch.lab import LabSpec, LabVM
 from qmpwatch.service.health import REASONS, degraded_reasons
 from tests.support.alert_fixtures import make_alert, running, wait_until
-from tests.support.daemon_harness import FAST_CONNECT, DaemonProcess, lab_config, write_config
-from tests.support.ports import free_tcp_port
+from tests.support.daemon_harness import (
+    ANY_PORT,
+    FAST_CONNECT,
+    DaemonProcess,
+    lab_config,
+    write_config,
+)
+from tests.support.ports import refusing_port
 from tests.support.scrape import sample, scrape, wait_healthz
 
 T0 = 1_700_000_000.0
@@ -96,7 +102,11 @@ async def test_re_posts_with_nothing_to_post_do_not_count_as_the_sink_working(
 ) -> None:
     """An Alertmanager nobody answers at and a one-shot alert: its delivery keeps failing, and
     the re-posts in between (nothing active to post) do not make the sink look fixed."""
-    url = f"http://127.0.0.1:{free_tcp_port()}"
+    with refusing_port() as port:
+        await _re_posts_do_not_count(tmp_path, f"http://127.0.0.1:{port}")
+
+
+async def _re_posts_do_not_count(tmp_path: Path, url: str) -> None:
     config = AlertConfig(
         alertmanager=(AlertmanagerConfig(url, timeout_s=1.0, resend_interval_s=0.02),),
         retry_initial_s=0.1,
@@ -162,16 +172,15 @@ async def test_unusable_state_dir_is_degraded_and_connect_failures_count_as_logg
     records count (`attempts`), by the records' reasons."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory\n")
-    port = free_tcp_port()
     path = sock_dir / "ghost.qmp"
     cfg = write_config(
         tmp_path / "c.toml",
         state_dir=blocker / "state",
         vms=[{"name": "ghost", "socket": str(path)}],
-        sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}, "connect": FAST_CONNECT},
+        sections={"daemon": {"metrics_listen": ANY_PORT}, "connect": FAST_CONNECT},
     )
     async with DaemonProcess.start(cfg) as daemon:
-        await daemon.wait_for("metrics_listening")
+        port = daemon.metrics_port
         body = await wait_healthz(
             port, lambda b: degraded(b, "state_store_unavailable", "alert_outbox_unavailable")
         )
@@ -205,14 +214,13 @@ async def test_a_sink_failing_too_long_is_degraded_until_it_delivers(
     """A real daemon watching a real QEMU, with an exec sink that fails: once the sink has
     failed for `degraded_after_sink_failing_s`, /healthz says degraded (sink_failing, naming
     the sink and its error) and so does the metric; when the command works again, ok."""
-    port = free_tcp_port()
     flag = tmp_path / "receiver-up"
     command = ["/bin/sh", "-c", f'test -e "{flag}" || {{ echo pager down >&2; exit 3; }}']
     async with LabVM.start(LabSpec(name="web01"), sock_dir) as vm:
         cfg = lab_config(
             tmp_path,
             vm,
-            metrics_port=port,
+            metrics_port=0,
             alert={
                 "retry_initial_s": 0.05,
                 "retry_max_s": 0.2,
@@ -221,7 +229,7 @@ async def test_a_sink_failing_too_long_is_degraded_until_it_delivers(
             arrays={"alert.exec": [{"command": command}]},
         )
         async with DaemonProcess.start(cfg) as daemon:
-            await daemon.wait_for("metrics_listening")
+            port = daemon.metrics_port
             await daemon.wait_for("vm_connected", vm="web01")
             ok = await wait_healthz(port, lambda b: b["status"] == "ok")
             assert "degraded" not in ok

@@ -14,7 +14,6 @@ import pytest
 
 from qmpwatch.lab import LabSpec, LabVM
 from tests.support.daemon_harness import DaemonProcess, lab_config
-from tests.support.ports import free_tcp_port
 from tests.support.scrape import samples, scrape
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,16 +142,16 @@ async def test_every_metric_the_rules_and_the_dashboard_use_exists(
         used |= metric_names(expr)
     assert "qmpwatch_vm_status" in used
     assert "qmpwatch_degraded" in used
-    port = free_tcp_port()
     async with LabVM.start(LabSpec(name="web01", no_shutdown=True), sock_dir) as vm:
         cfg = lab_config(
             tmp_path,
             vm,
-            metrics_port=port,
+            metrics_port=0,
             arrays={"alert.exec": [{"command": ["true"]}]},
             no_shutdown=True,
         )
         async with DaemonProcess.start(cfg) as daemon:
+            port = daemon.metrics_port
             await daemon.wait_for("vm_connected", vm="web01")
             await vm.stop()
             await daemon.wait_for("alert_delivered", vm="web01", status="firing")

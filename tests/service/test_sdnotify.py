@@ -179,11 +179,24 @@ async def test_keep_alive_skips_pings_while_not_alive(receiver: socket.socket) -
     assert checks == 3  # the first ping came only after two failed checks
 
 
-async def test_keep_alive_without_watchdog_returns(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without WATCHDOG_USEC keep_alive() ends at once, so a TaskGroup does not wait on it."""
-    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+async def test_keep_alive_without_watchdog_returns(receiver: socket.socket) -> None:
+    """Without WATCHDOG_USEC keep_alive() ends at once, so a TaskGroup does not wait on it:
+    it sends systemd nothing and never asks whether the daemon is alive."""
+    asked: list[bool] = []
+
+    def alive() -> bool:
+        asked.append(True)
+        return True
+
     async with asyncio.timeout(DEADLINE_S):
-        await sdnotify.keep_alive()
+        task = asyncio.ensure_future(sdnotify.keep_alive(alive=alive))
+        await asyncio.sleep(0)  # one turn: a loop that pings would have pinged by now
+        assert task.done()
+    assert task.result() is None
+    assert asked == []
+    receiver.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        receiver.recv(4096)  # no datagram: no WATCHDOG=1
 
 
 def test_status_line_wording() -> None:

@@ -13,8 +13,7 @@ import aiohttp
 import pytest
 
 from qmpwatch.lab import LabSpec, LabVM, QemuBuild
-from tests.support.daemon_harness import DaemonProcess, write_config
-from tests.support.ports import free_tcp_port
+from tests.support.daemon_harness import ANY_PORT, DaemonProcess, write_config
 from tests.support.scrape import sample
 
 pytestmark = pytest.mark.qemu
@@ -47,7 +46,6 @@ class NotifyListener:
 
 async def test_metrics_healthz_and_sd_notify(tmp_path: Path, sock_dir: Path) -> None:
     """After a scripted run /metrics counts the events, /healthz is 200, systemd hears READY."""
-    port = free_tcp_port()
     notify = NotifyListener(sock_dir / "notify")
     try:
         async with LabVM.start(LabSpec(name="web01"), sock_dir) as vm:
@@ -55,10 +53,11 @@ async def test_metrics_healthz_and_sd_notify(tmp_path: Path, sock_dir: Path) -> 
                 tmp_path / "c.toml",
                 state_dir=tmp_path / "state",
                 vms=[{"name": "web01", "socket": str(vm.watch_socket)}],
-                sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}},
+                sections={"daemon": {"metrics_listen": ANY_PORT}},
             )
             env = {"NOTIFY_SOCKET": str(notify.path)}
             async with DaemonProcess.start(cfg, env=env) as daemon:
+                port = daemon.metrics_port
                 await notify.wait_for("READY=1")
                 await daemon.wait_for("vm_connected", vm="web01")
                 await notify.wait_for("STATUS=1 VM, 1 connected, 0 alerts firing")

@@ -17,7 +17,7 @@ import pytest
 
 from qmpwatch.lab import BlkdebugSpec, LabSpec, LabVM
 from tests.support.daemon_harness import DaemonProcess, write_config
-from tests.support.ports import free_tcp_port
+from tests.support.ports import refusing_port
 
 pytestmark = pytest.mark.qemu
 
@@ -34,9 +34,10 @@ async def qmpwatch(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-def config(tmp_path: Path, port: int, *vms: LabVM) -> Path:
+def config(tmp_path: Path, port: int, *vms: LabVM, file: str = "c.toml") -> Path:
+    """Watch `vms`, the HTTP endpoint on `port` (0: a free one, `DaemonProcess.metrics_port`)."""
     return write_config(
-        tmp_path / "c.toml",
+        tmp_path / file,
         state_dir=tmp_path / "state",
         vms=[{"name": vm.spec.name, "socket": str(vm.watch_socket)} for vm in vms],
         sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}},
@@ -57,27 +58,27 @@ async def test_status_says_which_vm_is_paused_why_and_since_when(
 ) -> None:
     """A VM paused on a disk error and one running: the paused one is named with its status,
     its reason in words and its alert; exit 1; only the running one: exit 0."""
-    port = free_tcp_port()
     web_spec = LabSpec("web01", blkdebug=BlkdebugSpec(errno=28, sector=8))
     async with (
         LabVM.start(web_spec, sock_dir) as web,
         LabVM.start(LabSpec("db01"), sock_dir) as db,
+        DaemonProcess.start(config(tmp_path, 0, web, db)) as daemon,
     ):
-        cfg = config(tmp_path, port, web, db)
-        async with DaemonProcess.start(cfg) as daemon:
-            await daemon.wait_for("vm_connected", vm="web01")
-            await daemon.wait_for("vm_connected", vm="db01")
-            code, out, err = await qmpwatch("status", "-c", str(cfg))
-            assert (code, err) == (0, ""), out
-            assert "all connected and running" in out
-            await web.ata_read_sector(8)
-            await daemon.wait_for("alert", vm="web01", alert="vm_stopped_io_error")
-            code, out, err = await qmpwatch("status", "-c", str(cfg))
-            json_code, json_out, _ = await qmpwatch("status", "-c", str(cfg), "--json")
-            only_db = await qmpwatch("status", "-c", str(cfg), "db01")
-            await web.cont()
-            await daemon.wait_for("alert_resolved", vm="web01")
-            after = await qmpwatch("status", "-c", str(cfg))
+        # the commands find the daemon through a config naming the port it bound
+        cfg = config(tmp_path, daemon.metrics_port, web, db, file="cli.toml")
+        await daemon.wait_for("vm_connected", vm="web01")
+        await daemon.wait_for("vm_connected", vm="db01")
+        code, out, err = await qmpwatch("status", "-c", str(cfg))
+        assert (code, err) == (0, ""), out
+        assert "all connected and running" in out
+        await web.ata_read_sector(8)
+        await daemon.wait_for("alert", vm="web01", alert="vm_stopped_io_error")
+        code, out, err = await qmpwatch("status", "-c", str(cfg))
+        json_code, json_out, _ = await qmpwatch("status", "-c", str(cfg), "--json")
+        only_db = await qmpwatch("status", "-c", str(cfg), "db01")
+        await web.cont()
+        await daemon.wait_for("alert_resolved", vm="web01")
+        after = await qmpwatch("status", "-c", str(cfg))
     assert code == 1, out + err
     web_line = next(line for line in out.splitlines() if line.startswith("web01"))
     assert "io-error" in web_line
@@ -102,12 +103,13 @@ async def test_status_says_which_vm_is_paused_why_and_since_when(
 
 async def test_status_without_a_daemon_exits_2(tmp_path: Path) -> None:
     """Nothing listens on the configured address: exit 2 and one line saying so."""
-    cfg = write_config(
-        tmp_path / "c.toml",
-        state_dir=tmp_path / "state",
-        sections={"daemon": {"metrics_listen": f"127.0.0.1:{free_tcp_port()}"}},
-    )
-    code, out, err = await qmpwatch("status", "-c", str(cfg))
+    with refusing_port() as port:
+        cfg = write_config(
+            tmp_path / "c.toml",
+            state_dir=tmp_path / "state",
+            sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}},
+        )
+        code, out, err = await qmpwatch("status", "-c", str(cfg))
     assert code == 2
     assert out == ""
     assert "no qmpwatch daemon answers on 127.0.0.1:" in err
@@ -116,13 +118,13 @@ async def test_status_without_a_daemon_exits_2(tmp_path: Path) -> None:
 async def test_tail_follows_the_daemon_beside_it(tmp_path: Path, sock_dir: Path) -> None:
     """`tail -c FILE --vm NAME --json` prints that VM's records as the daemon writes them,
     with no monitor of its own, and ends when the daemon stops."""
-    port = free_tcp_port()
     async with (
         LabVM.start(LabSpec("web01"), sock_dir) as web,
         LabVM.start(LabSpec("db01"), sock_dir) as db,
     ):
-        cfg = config(tmp_path, port, web, db)
-        async with DaemonProcess.start(cfg) as daemon:
+        async with DaemonProcess.start(config(tmp_path, 0, web, db)) as daemon:
+            port = daemon.metrics_port
+            cfg = config(tmp_path, port, web, db, file="cli.toml")  # where tail finds it
             await daemon.wait_for("vm_connected", vm="web01")
             follower = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "qmpwatch", "tail", "-c", str(cfg), "--vm", "web01",
@@ -154,9 +156,8 @@ async def test_tail_on_a_monitor_the_daemon_holds_refuses_at_once(
 ) -> None:
     """`tail SOCKET` of a monitor the daemon holds exits 1 with the way to follow the daemon,
     and the daemon keeps its session and reconnects as usual afterwards."""
-    port = free_tcp_port()
     async with LabVM.start(LabSpec("web01"), sock_dir) as web:
-        cfg = config(tmp_path, port, web)
+        cfg = config(tmp_path, 0, web)
         async with DaemonProcess.start(cfg) as daemon:
             await daemon.wait_for("vm_connected", vm="web01")
             code, _, err = await qmpwatch("tail", str(web.watch_socket))

@@ -21,8 +21,7 @@ import pytest
 
 from qmpwatch.lab import LabClosed, LabSpec, LabVM
 from tests.support.alert_fixtures import Receiver, receiving
-from tests.support.daemon_harness import DaemonProcess, write_config
-from tests.support.ports import free_tcp_port
+from tests.support.daemon_harness import ANY_PORT, DaemonProcess, write_config
 
 pytestmark = pytest.mark.qemu
 
@@ -234,10 +233,9 @@ async def test_vms_gone_while_qmpwatch_was_down(tmp_path: Path, sock_dir: Path) 
     VM is back. Shut down before qmpwatch stopped: said in the log, no alert. Both have a
     qmpwatch_vm_connected series of 0."""
     alive_path = sock_dir / "alive01.qmp"
-    port = free_tcp_port()
     async with LabVM.start(LabSpec("down01"), sock_dir) as down:
         cfg = config(tmp_path, [("alive01", alive_path), down],
-                     sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}})  # fmt: skip
+                     sections={"daemon": {"metrics_listen": ANY_PORT}})  # fmt: skip
         alive = await LabVM.launch(LabSpec("alive01"), sock_dir, watch_socket=alive_path)
         try:
             async with DaemonProcess.start(cfg) as first:
@@ -252,7 +250,7 @@ async def test_vms_gone_while_qmpwatch_was_down(tmp_path: Path, sock_dir: Path) 
             gone = await second.wait_for("alert", vm="alive01", alert="vm_gone_while_unmonitored")
             said = await second.wait_for("vm_gone", vm="down01")
             await second.wait_for("vm_gone", vm="alive01")
-            text = await metrics_text(port)
+            text = await metrics_text(second.metrics_port)
             async with LabVM.start(LabSpec("alive01"), sock_dir, watch_socket=alive_path):
                 back = await second.wait_for("alert_resolved", vm="alive01", timeout=20)
     assert gone["severity"] == "critical"

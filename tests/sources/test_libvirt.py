@@ -246,7 +246,9 @@ async def test_without_libvirt_python_one_record_says_what_to_install(tmp_path: 
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "libvirt.py").write_text("raise ImportError(\"No module named 'libvirt'\")\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(hide), *sys.path])}
+    # (the suite's own $PYTHONPATH kept: its contract check reads the daemon's records)
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {"PYTHONPATH": os.pathsep.join([str(hide), *inherited, *sys.path])}
     async with watching(tmp_path, ["*"], env=env) as daemon:
         record = await daemon.wait_for("libvirt_unavailable")
     assert "qmpwatch[libvirt]" in record["help"]
@@ -274,3 +276,42 @@ async def test_what_changed_while_qmpwatch_was_down_is_reported(
     assert gone["details"]["last_status"] == "running"
     assert "not defined" in gone["details"]["error"]
     assert_healthy(daemon)
+
+
+async def test_an_unreachable_libvirtd_is_retried_with_its_reason(tmp_path: Path) -> None:
+    """A [[libvirt]] URI whose socket nobody serves: libvirt_connect_failed with reason
+    unreachable and the retry; the daemon runs on."""
+    uri = f"qemu+unix:///system?socket={tmp_path / 'nobody.sock'}"
+    config = write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        arrays={"libvirt": [{"uri": uri, "domains": ["*"]}]},
+    )
+    async with DaemonProcess.start(config) as daemon:
+        failed = await daemon.wait_for("libvirt_connect_failed")
+    assert (failed["uri"], failed["reason"]) == (uri, "unreachable")
+    assert failed["attempts"] >= 1
+    assert failed["retry_in_s"] > 0
+    assert daemon.proc.returncode == 0
+
+
+async def test_a_domain_named_like_a_configured_vm_is_a_name_conflict(
+    tmp_path: Path, libvirt_lab: LibvirtLab
+) -> None:
+    """A [[vm]] already holds the name of a libvirt domain: the domain is not watched, and
+    libvirt_name_conflict says who holds the name."""
+    run = token()
+    dom = await LabDomain(libvirt_lab, DomainSpec(f"{run}dup")).create()
+    config = write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        vms=[{"name": dom.name, "socket": str(tmp_path / "elsewhere.qmp")}],
+        sections={"connect": FAST_CONNECT},
+        arrays={"libvirt": [{"uri": URI, "domains": [f"{run}*"]}]},
+    )
+    async with DaemonProcess.start(config) as daemon:
+        conflict = await daemon.wait_for("libvirt_name_conflict", vm=dom.name)
+        await daemon.wait_for("libvirt_connected")
+    assert conflict["uri"] == URI
+    assert conflict["held_by"]
+    assert not daemon.find("vm_connected", vm=dom.name)

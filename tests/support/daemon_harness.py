@@ -21,6 +21,7 @@ from qmpwatch.lab import LabVM
 Record = dict[str, Any]
 # Reconnect at once: tests wait on conditions, not on the daemon's backoff.
 FAST_CONNECT = {"timeout_s": 2.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
+ANY_PORT = "127.0.0.1:0"  # metrics_listen: a free port, which `DaemonProcess.metrics_port` reads
 PIPE_LINE_LIMIT = 16 * 1024 * 1024  # a log line can carry a 1 MiB event (and more)
 
 
@@ -82,7 +83,7 @@ def lab_config(
     added) with fast reconnects, state in `tmp_path/state`, `/metrics` on 127.0.0.1:PORT when
     `metrics_port` is given, and `alert` keys and `arrays` ([[alert.exec]], ...) as given."""
     sections: dict[str, Mapping[str, object]] = {"connect": FAST_CONNECT}
-    if metrics_port is not None:
+    if metrics_port is not None:  # 0: a free port (`DaemonProcess.metrics_port`)
         sections["daemon"] = {"metrics_listen": f"127.0.0.1:{metrics_port}"}
     if alert is not None:
         sections["alert"] = alert
@@ -123,11 +124,18 @@ class DaemonProcess:
     @classmethod
     @contextlib.asynccontextmanager
     async def start(
-        cls, config: Path, *, env: Mapping[str, str] | None = None
+        cls,
+        config: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        prefix: Sequence[str] = (),
+        started: str = "daemon_started",
     ) -> AsyncIterator[DaemonProcess]:
+        """Run the daemon (under the command `prefix`, such as `unshare ...`, when given)
+        until the block ends; it has logged `started` when the block begins."""
         full_env = {**os.environ, **(env or {})}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
+            *prefix, sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=full_env,
@@ -135,7 +143,7 @@ class DaemonProcess:
         )  # fmt: skip
         daemon = cls(proc, config)
         try:
-            await daemon.wait_for("daemon_started", timeout=20)
+            await daemon.wait_for(started, timeout=20)
             yield daemon
         finally:
             await daemon.stop()
@@ -151,6 +159,16 @@ class DaemonProcess:
                 self.records.append(record)
             self._changed.set()
         self._changed.set()
+
+    @property
+    def metrics_port(self) -> int:
+        """The port the HTTP endpoint bound, from `metrics_listening`: configure
+        `metrics_listen = "127.0.0.1:0"` (`ANY_PORT`) and read it here, rather than hand the
+        daemon a port that was free a moment ago."""
+        listening = self.find("metrics_listening")
+        assert listening, "the daemon opened no HTTP endpoint (metrics_listening)"
+        port: int = listening[-1]["port"]
+        return port
 
     def mark(self) -> int:
         """How many records exist now; pass as `after` to look only at newer ones."""

@@ -108,7 +108,7 @@ class ServiceHost:
 
     def set_up(self) -> None:
         self.install_without_group = self.sh("make install", check=False)
-        self.ns.run("groupadd", "--system", "kvm")
+        self.ns.run("groupadd", "--system", "--force", "kvm")  # udev may have made it already
         self.start_qemu("web01")
         for step in readme_install_steps():
             if step.split()[0] == "editor":  # the administrator edits the configuration
