@@ -1,9 +1,10 @@
 """The `listen` source: QEMU dials in to a socket qmpwatch listens on (the qmeventd style).
 
-Each connection is identified before anything else (SO_PEERCRED, a pidfd pinning the process,
-its /proc/PID/cmdline must be a QEMU's; the name is `-name`, else `-uuid`, else `pid-PID`),
-then negotiated and handed to the VM's session. Refused peers and name conflicts are logged
-once and dropped; a VM that ends cleanly leaves; one watched before a restart that does not
+Each connection is identified before anything else (SO_PEERCRED: its uid must be one of the
+entry's `users`; a pidfd pinning the process, its /proc/PID/cmdline must be a QEMU's; the name
+is `-name`, else `-uuid`, else `pid-PID`, and a name pinned to another uid is refused), then
+negotiated and handed to the VM's session. Refused peers and name conflicts are logged at most
+once a minute and dropped; a VM that ends cleanly leaves; one watched before a restart that does not
 dial in within `grace_s` is gone. See docs/architecture.md, "The listen source".
 """
 
@@ -26,13 +27,20 @@ import structlog
 
 from qmpwatch.core.config import Config, ConnectConfig, ListenConfig
 from qmpwatch.core.errors import ConnectFailed
+from qmpwatch.core.pins import Owner, refusal
 from qmpwatch.sources.base import SessionHost
-from qmpwatch.sources.peer import QemuCommandLine, parse_cmdline, peer_pid, read_cmdline
+from qmpwatch.sources.peer import (
+    QemuCommandLine,
+    parse_cmdline,
+    peer_credentials,
+    peer_pid,
+    read_cmdline,
+)
 from qmpwatch.sources.qmp import QmpLink
+from qmpwatch.sources.trust import Throttle, allowed_uids
 
 BACKLOG = 128  # QEMUs reconnecting at once after a restart of qmpwatch
 SOCKET_MODE = 0o660
-REPORTED_MAX = 4096  # refused peers remembered (so as not to log them again); then forgotten
 _QEMU_PROGRAM = re.compile(r"(qemu|kvm)", re.IGNORECASE)
 
 
@@ -138,8 +146,8 @@ class ListenSource:
         self.listeners: dict[str, _Listener] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._graced = False
-        # What was said about a peer: QEMU dials again every second, and one record is enough.
-        self._reported: set[tuple[str, int, str]] = set()
+        # What was said about a peer: QEMU dials again every second; a record a minute is enough.
+        self._reported = Throttle()
 
     def reconfigure(self, config: Config) -> None:
         self.connect = config.connect
@@ -194,12 +202,30 @@ class ListenSource:
 
     async def serve(self, conn: socket.socket, entry: ListenConfig) -> None:
         """Identify one accepted connection, then watch its VM until it hangs up."""
+        cred = peer_credentials(conn)
+        uid = cred[1] if cred is not None else -1
+        if cred is not None and uid not in allowed_uids(entry.users):
+            conn.close()
+            pid = cred[0]
+            why = f"process {pid} runs as uid {uid}, not one of this socket's users"
+            self._once((pid, uid, "user_not_allowed"), "listen_peer_refused", socket=entry.socket,
+                       pid=pid, uid=uid, reason="user_not_allowed", error=why)  # fmt: skip
+            return
         try:
             peer = identify(conn)
         except PeerRefused as err:
             conn.close()
-            self._once(("", 0, str(err)), "listen_peer_refused", socket=entry.socket,
-                       reason=err.reason, error=str(err))  # fmt: skip
+            self._once(("", uid, str(err)), "listen_peer_refused", socket=entry.socket,
+                       uid=uid, reason=err.reason, error=str(err))  # fmt: skip
+            return
+        claim = Owner(uid)
+        owned = refusal(self.host.owner(peer.name), claim)
+        if owned is not None:
+            conn.close()
+            pinned = self.host.owner(peer.name)
+            why = f"{peer.name} belongs to uid {pinned.uid if pinned else '?'}, not {uid}"
+            self._once((peer.pid, uid, owned), "listen_peer_refused", socket=entry.socket,
+                       vm=peer.name, pid=peer.pid, uid=uid, reason=owned, error=why)  # fmt: skip
             return
         link = QmpLink(
             peer.name,
@@ -211,9 +237,9 @@ class ListenSource:
         try:
             await link.negotiate(self.connect.timeout_s)
         except ConnectFailed as err:  # the link has closed the connection
-            self._once((peer.name, peer.pid, err.reason), "listen_peer_refused",
-                       socket=entry.socket, vm=peer.name, pid=peer.pid, reason=err.reason,
-                       error=err.detail)  # fmt: skip
+            self._once((peer.pid, uid, err.reason), "listen_peer_refused",
+                       socket=entry.socket, vm=peer.name, pid=peer.pid, uid=uid,
+                       reason=err.reason, error=err.detail)  # fmt: skip
             return
         session = self.host.open(
             peer.name, self.kind, no_shutdown=entry.no_shutdown, remediate=entry.remediate
@@ -221,7 +247,7 @@ class ListenSource:
         if session is None or session.connected:
             holder = self.host.holder(peer.name)
             self._once(
-                (peer.name, peer.pid, "conflict"),
+                (peer.pid, uid, "conflict"),
                 "listen_name_conflict",
                 vm=peer.name,
                 pid=peer.pid,
@@ -230,6 +256,7 @@ class ListenSource:
             )
             await link.close()
             return
+        self.host.pin(peer.name, claim)
         if session.links == 0:
             self.log.info("vm_added", vm=peer.name, socket=entry.socket, pid=peer.pid)
         await session.watch_link(link)
@@ -237,14 +264,10 @@ class ListenSource:
             self.log.info("vm_removed", vm=peer.name, socket=entry.socket)
             self.host.close(peer.name, "its QEMU shut down")
 
-    def _once(self, key: tuple[str, int, str], kind: str, **fields: object) -> None:
-        """Log a refused peer once: QEMU dials again every second."""
-        if key in self._reported:
-            return
-        if len(self._reported) >= REPORTED_MAX:
-            self._reported.clear()
-        self._reported.add(key)
-        self.log.warning(kind, **fields)
+    def _once(self, key: tuple[object, int, str], kind: str, **fields: object) -> None:
+        """Log a refused peer at most once a minute: QEMU dials again every second."""
+        if self._reported.due(key):
+            self.log.warning(kind, **fields)
 
     async def stop(self) -> None:
         tasks = list(self._tasks)
