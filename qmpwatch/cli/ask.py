@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from qmpwatch.core.config import Config
+from qmpwatch.core.text import printable
 from qmpwatch.output.console import renderer
 
 EXIT_FINE = 0  # every VM connected and running
@@ -144,7 +145,7 @@ def format_status(doc: dict[str, Any], now: float) -> str:
         f"{len(doc['vms'])} VM(s) on {doc['host']}, {firing} alert(s) firing; "
         + (f"needs attention: {', '.join(attention)}" if attention else "all connected and running")
     )
-    return "\n".join(line.rstrip() for line in lines)
+    return "\n".join(printable(line.rstrip()) for line in lines)
 
 
 def status(config: Config, vms: Sequence[str], *, as_json: bool, out: TextIO) -> int:
