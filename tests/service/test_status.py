@@ -101,7 +101,7 @@ async def test_status_says_which_vm_is_paused_why_and_since_when(
 
 
 async def test_status_without_a_daemon_exits_2(tmp_path: Path) -> None:
-    """Nothing listens on the configured address: exit 2 and one line saying so."""
+    """Nothing listens on the configured API socket: exit 2 and one line saying so."""
     cfg = write_config(
         tmp_path / "c.toml",
         state_dir=tmp_path / "state",
@@ -110,7 +110,7 @@ async def test_status_without_a_daemon_exits_2(tmp_path: Path) -> None:
     code, out, err = await qmpwatch("status", "-c", str(cfg))
     assert code == 2
     assert out == ""
-    assert "no qmpwatch daemon answers on 127.0.0.1:" in err
+    assert f"no qmpwatch daemon answers on {tmp_path / 'api.sock'}" in err
 
 
 async def test_tail_follows_the_daemon_beside_it(tmp_path: Path, sock_dir: Path) -> None:

@@ -49,7 +49,12 @@ def write_config(
 ) -> Path:
     """A config file with fast test timings; `sections`/`arrays` add or override tables."""
     tables: dict[str, dict[str, object]] = {
-        "daemon": {"state_dir": str(state_dir), "metrics_listen": ""},
+        "daemon": {
+            "state_dir": str(state_dir),
+            "metrics_listen": "",
+            # Each daemon its own local API socket (none where the path would be too long).
+            "api_socket": api if len(api := str(state_dir.parent / "api.sock")) < 100 else "",
+        },
         "connect": {"timeout_s": 2.0, "backoff_initial_s": 0.1, "backoff_max_s": 0.5},
     }
     for name, values in (sections or {}).items():
