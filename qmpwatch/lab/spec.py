@@ -87,6 +87,8 @@ class LabSpec:
     #: Also dial in to a socket that qmpwatch listens on (its `[[listen]]` source).
     dial_in: Path | None = None
     uuid: str | None = None  #: ``-uuid``
+    #: Run QEMU as this uid (the lab runs as root; group and groups stay the lab's).
+    user: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or any(ch in self.name for ch in ",\0\n"):

@@ -41,6 +41,7 @@ from qmpwatch.sources.trust import Throttle, allowed_uids
 
 BACKLOG = 128  # QEMUs reconnecting at once after a restart of qmpwatch
 SOCKET_MODE = 0o660
+HANG_UP_WAIT_S = 1.0  # for a refused QEMU's greeting before its connection is closed
 _QEMU_PROGRAM = re.compile(r"(qemu|kvm)", re.IGNORECASE)
 
 
@@ -205,7 +206,7 @@ class ListenSource:
         cred = peer_credentials(conn)
         uid = cred[1] if cred is not None else -1
         if cred is not None and uid not in allowed_uids(entry.users):
-            conn.close()
+            await _hang_up(conn)
             pid = cred[0]
             why = f"process {pid} runs as uid {uid}, not one of this socket's users"
             self._once((pid, uid, "user_not_allowed"), "listen_peer_refused", socket=entry.socket,
@@ -221,7 +222,7 @@ class ListenSource:
         claim = Owner(uid)
         owned = refusal(self.host.owner(peer.name), claim)
         if owned is not None:
-            conn.close()
+            await _hang_up(conn)
             pinned = self.host.owner(peer.name)
             why = f"{peer.name} belongs to uid {pinned.uid if pinned else '?'}, not {uid}"
             self._once((peer.pid, uid, owned), "listen_peer_refused", socket=entry.socket,
@@ -276,6 +277,19 @@ class ListenSource:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+
+
+async def _hang_up(conn: socket.socket) -> None:
+    """Close a refused QEMU's connection once its greeting is in (or after HANG_UP_WAIT_S):
+    QEMU 7.2 crashes when its dialed monitor is closed while it is still writing it."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(HANG_UP_WAIT_S):
+            await loop.sock_recv(conn, 4096)
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        conn.close()
 
 
 def _words(err: BaseException) -> str:

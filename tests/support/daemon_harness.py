@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -128,15 +129,22 @@ class DaemonProcess:
     @classmethod
     @contextlib.asynccontextmanager
     async def start(
-        cls, config: Path, *, env: Mapping[str, str] | None = None
+        cls, config: Path, *, env: Mapping[str, str] | None = None, open_files: int | None = None
     ) -> AsyncIterator[DaemonProcess]:
+        """`open_files`: the daemon's RLIMIT_NOFILE (soft and hard), as a unit's LimitNOFILE=."""
         full_env = {**os.environ, **(env or {})}
+
+        def limit() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=full_env,
             limit=PIPE_LINE_LIMIT,
+            preexec_fn=limit if open_files is not None else None,
         )  # fmt: skip
         daemon = cls(proc, config)
         try:
