@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,7 @@ def dialing(name: str, listen: Path, user: int) -> LabSpec:
     return as_user(name, user, dial_in=listen)
 
 
-def index(daemon: DaemonProcess, event: str, **match: object) -> int:
+def index(daemon: DaemonProcess, event: str, **match: Any) -> int:
     """Where the first record of kind `event` matching `match` is in the daemon's log."""
     found = daemon.find(event, **match)
     assert found, f"no {event} {match}"
