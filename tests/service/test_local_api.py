@@ -107,11 +107,11 @@ async def test_idle_http_clients_never_keep_a_vm_from_being_watched(
             await daemon.wait_for("metrics_listening")
             await daemon.wait_for("vm_connected", vm="web01")
             async with idle_clients(port, 1100):
-                capped = await daemon.wait_for("http_clients_capped")
                 await web.kill()
                 await daemon.wait_for("alert", vm="web01", alert="vm_crashed")
                 async with LabVM.start(LabSpec("web01"), sock_dir, watch_socket=monitor):
                     await daemon.wait_for("vm_connected", vm="web01", count=2)
+                    capped = await daemon.wait_for("http_clients_capped")
                     open_files = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
                     status, health = await api_get(tmp_path / "api.sock", "/healthz")
     assert capped["max_connections"] == 64
