@@ -115,6 +115,8 @@ class Daemon:
         )
         try:
             async with asyncio.TaskGroup() as tg:
+                endpoints, tried = self._endpoints(tg, metrics, dispatcher.host, tap)
+                await asyncio.gather(*(event.wait() for event in tried))  # bound, or said why
                 supervisor = Supervisor(self.config, services, tg)
                 self._supervisor = supervisor
                 supervisor.apply()  # opens the sessions; their tasks run from the next await
@@ -129,7 +131,6 @@ class Daemon:
                 supervisor.resolve_orphans()
                 sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
                 delivery = tg.create_task(dispatcher.run(), name="alert-delivery")
-                endpoints = self._endpoints(tg, metrics, dispatcher.host, tap)
                 background = [
                     tg.create_task(self._reload_forever(supervisor, dispatcher), name="reload"),
                     tg.create_task(sdnotify.keep_alive(), name="watchdog"),
@@ -154,11 +155,13 @@ class Daemon:
 
     def _endpoints(
         self, tg: asyncio.TaskGroup, metrics: Metrics, host: str, tap: RecordTap
-    ) -> list[asyncio.Task[None]]:
-        """The HTTP endpoints, each kept listening (or trying to) by a task of its own."""
+    ) -> tuple[list[asyncio.Task[None]], list[asyncio.Event]]:
+        """The HTTP endpoints, each kept listening (or trying to) by a task of its own, and
+        the events set once each has made its first attempt."""
         daemon = self.config.daemon
         status = lambda: self._status(host, tap.count)  # noqa: E731
         tasks = []
+        tried: list[asyncio.Event] = []
         if daemon.metrics_listen:
             make = lambda: HttpServer(  # noqa: E731
                 daemon.metrics_listen,
@@ -174,6 +177,7 @@ class Daemon:
                 failed="metrics_listen_failed",
                 degraded=self._unbound,
                 reason="metrics_unbound",
+                tried=self._tried(tried),
             )
             tasks.append(tg.create_task(serving, name="http:metrics"))
         if daemon.api_socket:
@@ -193,9 +197,15 @@ class Daemon:
                 degraded={},  # status and tail cannot ask; alerts go on: not degraded
                 reason="api_unbound",
                 level="warning",  # e.g. run by hand, without the unit's RuntimeDirectory=
+                tried=self._tried(tried),
             )
             tasks.append(tg.create_task(serving, name="http:api"))
-        return tasks
+        return tasks, tried
+
+    @staticmethod
+    def _tried(events: list[asyncio.Event]) -> asyncio.Event:
+        events.append(asyncio.Event())
+        return events[-1]
 
     def _clients(self) -> int:
         daemon = self.config.daemon

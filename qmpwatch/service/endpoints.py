@@ -29,8 +29,10 @@ async def keep_listening(
     degraded: MutableMapping[str, str],
     reason: str,
     level: str = "error",
+    tried: asyncio.Event | None = None,
 ) -> None:
-    """Serve `make()` until cancelled; while it cannot listen, `degraded[reason]` says why."""
+    """Serve `make()` until cancelled; while it cannot listen, `degraded[reason]` says why.
+    `tried` is set once the first attempt is over, bound or not."""
     log = structlog.get_logger()
     backoff = Backoff(RETRY_INITIAL_S, RETRY_MAX_S)
     failures = FailureLog(60.0)
@@ -38,20 +40,24 @@ async def keep_listening(
         server = make()
         try:
             await server.start()
-        except ListenError as err:
-            degraded[reason] = str(err)
+        except (ListenError, Exception) as err:  # whatever it is, the VMs are watched on
+            degraded[reason] = str(err) or type(err).__name__
             delay = backoff.next()
-            if failures.failed(str(err), time.monotonic()):
+            if failures.failed(degraded[reason], time.monotonic()):
                 getattr(log, level)(
                     failed,
-                    error=str(err),
+                    error=degraded[reason],
                     retry_in_s=round(delay, 3),
                     effect="VMs are watched as usual; the endpoint is bound once it can be",
                 )
+            if tried is not None:
+                tried.set()
             await asyncio.sleep(delay)
             continue
         degraded.pop(reason, None)
         log.info(listening, listen=server.listen, port=server.port)
+        if tried is not None:
+            tried.set()
         try:
             await asyncio.Future()  # until cancelled
         finally:

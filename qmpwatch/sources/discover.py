@@ -137,7 +137,12 @@ class DiscoverSource:
             path, rule, uid = chosen
             self.targets.host.pin(name, Owner(uid, path))
             wanted[name] = DialTarget(
-                name, path, rule.no_shutdown, glob_root(rule.glob), rule.remediate
+                name,
+                path,
+                rule.no_shutdown,
+                glob_root(rule.glob),
+                users=allowed_uids(rule.users),
+                remediate=rule.remediate,
             )
         self.targets.apply(wanted, config.connect, on_refused=self._refused)
 
