@@ -19,6 +19,7 @@ import pytest
 
 from qmpwatch.lab import LabSpec, LabVM
 from tests.support.daemon_harness import FAST_CONNECT, DaemonProcess, write_config
+from tests.support.fake_qmp import FakeQmp
 
 pytestmark = pytest.mark.qemu
 
@@ -184,3 +185,34 @@ async def test_discover_keeps_a_name_with_the_socket_it_watches(
     assert [r["socket"] for r in daemon.find("vm_added", vm="web07")] == [str(real_path)]
     assert not daemon.find("vm_added", vm="web09")
     assert all(r["socket"] == str(real_path) for r in daemon.find("vm_connected"))
+
+
+@pytest.mark.qemu
+async def test_a_discovered_socket_served_by_another_user_is_not_believed(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """A socket file owned by a believed user but served by a process of another (here the
+    test's, root: a fake monitor, as no QEMU does this) is refused when dialed; a real QEMU of
+    the believed user beside it is watched."""
+    work = shared(sock_dir)
+    run = work / "run"
+    run.mkdir()
+    os.chown(run, OWNER, -1)
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        discover=[{"glob": str(run / "*.qmp"), "users": [OWNER]}],
+        sections={"connect": FAST_CONNECT},
+    )
+    async with FakeQmp.serve(run / "fake01.qmp") as fake:
+        os.chown(run / "fake01.qmp", OWNER, -1)
+        async with (
+            DaemonProcess.start(cfg) as daemon,
+            LabVM.start(as_user("real01", OWNER), work, watch_socket=run / "real01.qmp"),
+        ):
+            refused = await daemon.wait_for("vm_connect_failed", vm="fake01")
+            await daemon.wait_for("vm_connected", vm="real01")
+    assert refused["reason"] == "user_not_allowed"
+    assert "uid 0" in refused["error"]
+    assert not daemon.find("vm_connected", vm="fake01")
+    assert not fake.sessions or not fake.sessions[0].negotiated.is_set()
