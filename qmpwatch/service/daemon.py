@@ -19,6 +19,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -159,53 +160,44 @@ class Daemon:
         """The HTTP endpoints, each kept listening (or trying to) by a task of its own, and
         the events set once each has made its first attempt."""
         daemon = self.config.daemon
-        status = lambda: self._status(host, tap.count)  # noqa: E731
-        tasks = []
-        tried: list[asyncio.Event] = []
+
+        def server(listen: str, **options: Any) -> Callable[[], HttpServer]:
+            status = lambda: self._status(host, tap.count)  # noqa: E731
+            return lambda: HttpServer(listen, metrics, self._health, status=status, **options)
+
+        # (name, server, degraded reasons, level of the record when it cannot listen)
+        wanted: list[tuple[str, Callable[[], HttpServer], dict[str, str], str]] = []
         if daemon.metrics_listen:
-            make = lambda: HttpServer(  # noqa: E731
+            tcp = server(
                 daemon.metrics_listen,
-                metrics,
-                self._health,
-                status=status,
                 hosts=daemon.metrics_hosts,
                 max_connections=daemon.metrics_max_connections,
             )
-            serving = keep_listening(
-                make,
-                listening="metrics_listening",
-                failed="metrics_listen_failed",
-                degraded=self._unbound,
-                reason="metrics_unbound",
-                tried=self._tried(tried),
-            )
-            tasks.append(tg.create_task(serving, name="http:metrics"))
+            wanted.append(("metrics", tcp, self._unbound, "error"))
         if daemon.api_socket:
-            make_api = lambda: HttpServer(  # noqa: E731
+            api = server(
                 daemon.api_socket,
-                metrics,
-                self._health,
-                status=status,
                 tap=tap,
                 unix_group=daemon.api_group,
                 max_connections=API_MAX_CONNECTIONS,
             )
+            # Without it status and tail cannot ask, but alerts go on: not degraded; a warning
+            # (e.g. run by hand, without the unit's RuntimeDirectory=).
+            wanted.append(("api", api, {}, "warning"))
+        tasks, tried = [], []
+        for name, make, degraded, level in wanted:
+            tried.append(asyncio.Event())
             serving = keep_listening(
-                make_api,
-                listening="api_listening",
-                failed="api_listen_failed",
-                degraded={},  # status and tail cannot ask; alerts go on: not degraded
-                reason="api_unbound",
-                level="warning",  # e.g. run by hand, without the unit's RuntimeDirectory=
-                tried=self._tried(tried),
+                make,
+                listening=f"{name}_listening",
+                failed=f"{name}_listen_failed",
+                degraded=degraded,
+                reason=f"{name}_unbound",
+                level=level,
+                tried=tried[-1],
             )
-            tasks.append(tg.create_task(serving, name="http:api"))
+            tasks.append(tg.create_task(serving, name=f"http:{name}"))
         return tasks, tried
-
-    @staticmethod
-    def _tried(events: list[asyncio.Event]) -> asyncio.Event:
-        events.append(asyncio.Event())
-        return events[-1]
 
     def _clients(self) -> int:
         daemon = self.config.daemon

@@ -217,7 +217,8 @@ class ListenSource:
         except PeerRefused as err:
             conn.close()
             self._once(("", uid, str(err)), "listen_peer_refused", socket=entry.socket,
-                       uid=uid, reason=err.reason, error=str(err))  # fmt: skip
+                       pid=cred[0] if cred else None, uid=uid, reason=err.reason,
+                       error=str(err))  # fmt: skip
             return
         claim = Owner(uid)
         owned = refusal(self.host.owner(peer.name), claim)
@@ -257,7 +258,8 @@ class ListenSource:
             )
             await link.close()
             return
-        self.host.pin(peer.name, claim)
+        if peer.cmdline.name or peer.cmdline.uuid:  # a pid-PID name is this process's alone
+            self.host.pin(peer.name, claim)
         if session.links == 0:
             self.log.info("vm_added", vm=peer.name, socket=entry.socket, pid=peer.pid)
         await session.watch_link(link)
