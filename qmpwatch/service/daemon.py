@@ -352,7 +352,8 @@ def run_tail(sockets: list[str], *, json: bool, no_shutdown: NoShutdown) -> int:
             name = f"{stem}-{n}"
         names.add(name)
         vms.append(VmConfig(name, path, no_shutdown))
-    config = Config(daemon=DaemonConfig(state_dir="", metrics_listen=""), vms=tuple(vms))
+    daemon = DaemonConfig(state_dir="", metrics_listen="", api_socket="")  # asked by nobody
+    config = Config(daemon=daemon, vms=tuple(vms))
     writer = logs.configure("json" if json else "console", sys.stdout.buffer)
     with contextlib.suppress(KeyboardInterrupt):
         return _run_loop(Daemon(config, None, writer))
