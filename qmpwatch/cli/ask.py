@@ -161,6 +161,7 @@ def format_status(doc: dict[str, Any], now: float) -> str:
         f"{len(doc['vms'])} VM(s) on {doc['host']}, {firing} alert(s) firing; "
         + (f"needs attention: {', '.join(attention)}" if attention else "all connected and running")
     )
+    lines += [f"degraded ({reason}): {why}" for reason, why in doc.get("degraded", {}).items()]
     return "\n".join(printable(line.rstrip()) for line in lines)
 
 

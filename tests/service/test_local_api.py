@@ -156,6 +156,7 @@ async def test_a_port_taken_before_start_never_stops_the_watching(
     assert health["status"] == "degraded"
     assert (code, err) == (0, ""), out + err
     assert out.splitlines()[1].startswith("web01")
+    assert f"degraded (metrics_unbound): metrics_listen: cannot listen on 127.0.0.1:{port}" in out
     assert listening["port"] == port
     assert (metrics, rebound) == (200, 421)
 
