@@ -12,6 +12,7 @@ docs/architecture.md ("The HTTP endpoint") says what each path answers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import grp
@@ -22,7 +23,7 @@ import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -264,7 +265,10 @@ def allowed_hosts(host: str, port: int, configured: Iterable[str]) -> frozenset[
 
 def _client_uid(request: web.Request) -> int | None:
     """The uid of the client of a unix socket connection (SO_PEERCRED), None on TCP."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return _socket_uid(request.transport.get_extra_info("socket") if request.transport else None)
+
+
+def _socket_uid(sock: socket.socket | None) -> int | None:
     if sock is None or sock.family != socket.AF_UNIX:
         return None
     try:
@@ -307,8 +311,9 @@ def _unix(server: HttpServer) -> socket.socket:
 
 class _Gate:
     """The protocol factory of a listener: the aiohttp handler for each client while fewer
-    than `cap` are connected, else one that answers 503 and closes (the daemon's descriptors
-    are for VMs); with `deadline`, each client is closed `CONNECTION_DEADLINE_S` after it
+    than `cap` are connected (on a unix socket, and fewer than a quarter of them of the same
+    user), else one that answers 503 and closes (the daemon's descriptors are for VMs); with
+    `deadline`, each client is closed `CONNECTION_DEADLINE_S` after it
     connected, whatever it sent."""
 
     def __init__(self, server: web.Server, cap: int, owner: HttpServer, *, deadline: bool) -> None:
@@ -317,20 +322,28 @@ class _Gate:
         self.owner = owner
         self.deadline = deadline
         self.open = 0
+        # On a unix socket, also per user (SO_PEERCRED): one user cannot take every slot.
+        self.per_user = max(1, cap // 4) if owner.unix else None
+        self.by_user: collections.Counter[int | None] = collections.Counter()
 
     def __call__(self) -> asyncio.Protocol:
         if self.open >= self.cap:
-            self.owner.refused_clients += 1
-            if _said.due(("http_clients_capped", self.owner.listen)):
-                structlog.get_logger().warning(
-                    "http_clients_capped",
-                    listen=self.owner.listen,
-                    max_connections=self.cap,
-                    refused=self.owner.refused_clients,
-                )
+            self.refuse()
             return _Busy()
         self.open += 1
         return _Counted(self.server(), self)
+
+    def refuse(self) -> None:
+        """Count a client answered 503, and say so at most once a minute."""
+        self.owner.refused_clients += 1
+        if _said.due(("http_clients_capped", self.owner.listen)):
+            structlog.get_logger().warning(
+                "http_clients_capped",
+                listen=self.owner.listen,
+                max_connections=self.cap,
+                max_per_user=self.per_user,
+                refused=self.owner.refused_clients,
+            )
 
 
 class _Counted(asyncio.Protocol):
@@ -340,8 +353,19 @@ class _Counted(asyncio.Protocol):
         self.inner = inner
         self.gate = gate
         self.timer: asyncio.TimerHandle | None = None
+        self.uid: int | None = None
+        self.refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self.gate
+        if gate.per_user is not None:
+            self.uid = _socket_uid(transport.get_extra_info("socket"))
+            if gate.by_user[self.uid] >= gate.per_user:
+                self.refused = True
+                gate.refuse()
+                _Busy().connection_made(transport)
+                return
+            gate.by_user[self.uid] += 1
         if self.gate.deadline:
             loop = asyncio.get_running_loop()
             self.timer = loop.call_later(CONNECTION_DEADLINE_S, transport.close)
@@ -361,6 +385,10 @@ class _Counted(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gate.open -= 1
+        if self.refused:
+            return
+        if self.gate.per_user is not None:
+            self.gate.by_user[self.uid] -= 1
         if self.timer is not None:
             self.timer.cancel()
         self.inner.connection_lost(exc)
@@ -370,9 +398,9 @@ class _Busy(asyncio.Protocol):
     """A client beyond the cap: 503 and closed, without reading its request."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(_BUSY)
-        transport.close()
+        writer = cast(asyncio.WriteTransport, transport)  # uvloop's are not subclasses
+        writer.write(_BUSY)
+        writer.close()
 
 
 _BUSY = (

@@ -76,19 +76,18 @@ def vm_config(tmp_path: Path, vm: LabVM | Path, port: int, **daemon: object) -> 
 
 
 @contextlib.asynccontextmanager
-async def idle_clients(port: int, count: int) -> AsyncIterator[list[asyncio.StreamWriter]]:
+async def idle_clients(port: int, count: int) -> AsyncIterator[list[asyncio.StreamReader]]:
     """`count` TCP connections to `port` that never send a byte, held for the block."""
-    writers: list[asyncio.StreamWriter] = []
+    opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        for _ in range(count // 100 + 1):
-            batch = min(100, count - len(writers))
-            opened = await asyncio.gather(
+        while len(opened) < count:
+            batch = min(100, count - len(opened))
+            opened += await asyncio.gather(
                 *(asyncio.open_connection("127.0.0.1", port) for _ in range(batch))
             )
-            writers += [w for _, w in opened]
-        yield writers
+        yield [reader for reader, _ in opened]
     finally:
-        for writer in writers:
+        for _, writer in opened:
             writer.close()
 
 
@@ -106,15 +105,18 @@ async def test_idle_http_clients_never_keep_a_vm_from_being_watched(
         async with DaemonProcess.start(cfg, open_files=1024) as daemon:
             await daemon.wait_for("metrics_listening")
             await daemon.wait_for("vm_connected", vm="web01")
-            async with idle_clients(port, 1100):
+            async with idle_clients(port, 1100) as clients:
                 await web.kill()
                 await daemon.wait_for("alert", vm="web01", alert="vm_crashed")
                 async with LabVM.start(LabSpec("web01"), sock_dir, watch_socket=monitor):
                     await daemon.wait_for("vm_connected", vm="web01", count=2)
                     capped = await daemon.wait_for("http_clients_capped")
+                    async with asyncio.timeout(15):
+                        turned_away = await clients[-1].read()
                     open_files = len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
                     status, health = await api_get(tmp_path / "api.sock", "/healthz")
     assert capped["max_connections"] == 64
+    assert turned_away.startswith(b"HTTP/1.1 503 Service Unavailable")
     assert open_files < 300
     assert (status, health["connected"]) == (200, 1)
     assert not daemon.find("vm_connect_failed", reason="fd_limit")
@@ -175,6 +177,8 @@ async def test_followers_are_bounded_per_user_and_in_bytes(tmp_path: Path, sock_
             session = await fake.session(1)
             answers = [await follow(api) for _ in range(9)]
             other = await other_user_follows(api)
+            turned_away = await other_user_holds(api, 20)
+            status = await qmpwatch("status", "-c", str(cfg))
             big = "x" * (1024 * 1024)
             for n in range(12):
                 await session.event("BLOCK_JOB_ERROR", {"device": f"d{n}", "operation": big})
@@ -187,6 +191,8 @@ async def test_followers_are_bounded_per_user_and_in_bytes(tmp_path: Path, sock_
         "HTTP/1.1 503 Service Unavailable"
     ]
     assert other == "HTTP/1.1 200 OK"
+    assert turned_away == 20 - 16  # a quarter of the API socket's 64 connections per user
+    assert status[0] in (0, 1), status  # the daemon answered
     assert dropped["uid"] == 0
     assert dropped["queued_bytes"] > 0
     assert daemon.proc.returncode == 0
@@ -225,6 +231,29 @@ async def other_user_follows(api: Path) -> str:
     async with asyncio.timeout(15):
         out, _ = await proc.communicate()
     return out.decode().strip()
+
+
+async def other_user_holds(api: Path, count: int) -> int:
+    """Another local user opens `count` idle connections to the API socket: how many the
+    daemon turns away at once (503)."""
+    script = (
+        "import select, socket, sys, time\n"
+        "socks = []\n"
+        "for _ in range(int(sys.argv[2])):\n"
+        "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); socks.append(s)\n"
+        "busy, end = set(), time.monotonic() + 3\n"
+        "while time.monotonic() < end:\n"
+        "    ready, _, _ = select.select([s for s in socks if s not in busy], [], [], 0.2)\n"
+        "    busy |= {s for s in ready if s.recv(64).startswith(b'HTTP/1.1 503')}\n"
+        "print(len(busy))\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        SYSTEM_PYTHON, "-c", script, str(api), str(count),
+        stdout=asyncio.subprocess.PIPE, user=OTHER_USER,
+    )  # fmt: skip
+    async with asyncio.timeout(15):
+        out, _ = await proc.communicate()
+    return int(out)
 
 
 @pytest.mark.qemu
