@@ -4,8 +4,8 @@ Each connection is identified before anything else (SO_PEERCRED: its uid must be
 entry's `users`; a pidfd pinning the process, its /proc/PID/cmdline must be a QEMU's; the name
 is `-name`, else `-uuid`, else `pid-PID`, and a name pinned to another uid is refused), then
 negotiated and handed to the VM's session. Refused peers and name conflicts are logged at most
-once a minute and dropped; a VM that ends cleanly leaves; one watched before a restart that does not
-dial in within `grace_s` is gone. See docs/architecture.md, "The listen source".
+once a minute and dropped; a VM that ends cleanly leaves; one watched before a restart that
+does not dial in within `grace_s` is gone. See docs/architecture.md, "The listen source".
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from qmpwatch.sources.trust import Throttle, allowed_uids
 
 BACKLOG = 128  # QEMUs reconnecting at once after a restart of qmpwatch
 SOCKET_MODE = 0o660
-HANG_UP_WAIT_S = 1.0  # for a refused QEMU's greeting before its connection is closed
+HANG_UP_WAIT_S = 5.0  # for a refused QEMU's greeting before its connection is closed
+HANGING_UP_MAX = 32  # refused connections waiting so at once; more are closed at once
 _QEMU_PROGRAM = re.compile(r"(qemu|kvm)", re.IGNORECASE)
 
 
@@ -149,6 +150,7 @@ class ListenSource:
         self._graced = False
         # What was said about a peer: QEMU dials again every second; a record a minute is enough.
         self._reported = Throttle()
+        self._hanging = 0  # refused connections waiting for their greeting (`_hang_up`)
 
     def reconfigure(self, config: Config) -> None:
         self.connect = config.connect
@@ -206,7 +208,7 @@ class ListenSource:
         cred = peer_credentials(conn)
         uid = cred[1] if cred is not None else -1
         if cred is not None and uid not in allowed_uids(entry.users):
-            await _hang_up(conn)
+            await self._hang_up(conn)
             pid = cred[0]
             why = f"process {pid} runs as uid {uid}, not one of this socket's users"
             self._once((pid, uid, "user_not_allowed"), "listen_peer_refused", socket=entry.socket,
@@ -223,7 +225,7 @@ class ListenSource:
         claim = Owner(uid)
         owned = refusal(self.host.owner(peer.name), claim)
         if owned is not None:
-            await _hang_up(conn)
+            await self._hang_up(conn)
             pinned = self.host.owner(peer.name)
             why = f"{peer.name} belongs to uid {pinned.uid if pinned else '?'}, not {uid}"
             self._once((peer.pid, uid, owned), "listen_peer_refused", socket=entry.socket,
@@ -267,6 +269,24 @@ class ListenSource:
             self.log.info("vm_removed", vm=peer.name, socket=entry.socket)
             self.host.close(peer.name, "its QEMU shut down")
 
+    async def _hang_up(self, conn: socket.socket) -> None:
+        """Close a refused QEMU's connection once its greeting is in (or after
+        HANG_UP_WAIT_S): QEMU 7.2 crashes when its dialed monitor is closed while it is still
+        writing it. Beyond HANGING_UP_MAX at once (a flood), at once."""
+        if self._hanging >= HANGING_UP_MAX:
+            conn.close()
+            return
+        self._hanging += 1
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(HANG_UP_WAIT_S):
+                await loop.sock_recv(conn, 4096)
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            self._hanging -= 1
+            conn.close()
+
     def _once(self, key: tuple[object, int, str], kind: str, **fields: object) -> None:
         """Log a refused peer at most once a minute: QEMU dials again every second."""
         if self._reported.due(key):
@@ -279,19 +299,6 @@ class ListenSource:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
-
-
-async def _hang_up(conn: socket.socket) -> None:
-    """Close a refused QEMU's connection once its greeting is in (or after HANG_UP_WAIT_S):
-    QEMU 7.2 crashes when its dialed monitor is closed while it is still writing it."""
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(HANG_UP_WAIT_S):
-            await loop.sock_recv(conn, 4096)
-    except (TimeoutError, OSError):
-        pass
-    finally:
-        conn.close()
 
 
 def _words(err: BaseException) -> str:
