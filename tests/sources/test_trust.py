@@ -216,3 +216,42 @@ async def test_a_discovered_socket_served_by_another_user_is_not_believed(
     assert "uid 0" in refused["error"]
     assert not daemon.find("vm_connected", vm="fake01")
     assert not fake.sessions or not fake.sessions[0].negotiated.is_set()
+
+
+@pytest.mark.qemu
+async def test_discovered_name_conflicts_say_which_socket_keeps_the_name(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """Same user, two sockets named dup: the one watched keeps the name (name_socket_owned for
+    the newcomer, sorted first); a discovered socket named like a [[vm]]: name_taken."""
+    run = sock_dir / "run"
+    for directory in ("aa", "zz", "x"):
+        (run / directory).mkdir(parents=True)
+    async with LabVM.start(LabSpec("conf"), sock_dir) as conf:
+        cfg = write_config(
+            tmp_path / "c.toml",
+            state_dir=tmp_path / "state",
+            vms=[{"name": "conf", "socket": str(conf.watch_socket)}],
+            discover=[{"glob": str(run / "*" / "*.qmp")}],
+            sections={"connect": FAST_CONNECT},
+        )
+        async with (
+            DaemonProcess.start(cfg) as daemon,
+            LabVM.start(LabSpec("dup"), sock_dir, watch_socket=run / "zz" / "dup.qmp"),
+        ):
+            await daemon.wait_for("vm_connected", vm="dup")
+            async with (
+                LabVM.start(LabSpec("dup"), sock_dir, watch_socket=run / "aa" / "dup.qmp"),
+                LabVM.start(LabSpec("conf"), sock_dir, watch_socket=run / "x" / "conf.qmp"),
+            ):
+                newcomer = await daemon.wait_for(
+                    "discover_name_conflict", socket=str(run / "aa" / "dup.qmp")
+                )
+                taken = await daemon.wait_for(
+                    "discover_name_conflict", socket=str(run / "x" / "conf.qmp")
+                )
+    assert (newcomer["reason"], newcomer["uid"]) == ("name_socket_owned", 0)
+    assert newcomer["other_socket"] == str(run / "zz" / "dup.qmp")
+    assert taken["reason"] == "name_taken"
+    assert taken["other_socket"] == str(conf.watch_socket)
+    assert [r["socket"] for r in daemon.find("vm_added", vm="dup")] == [str(run / "zz" / "dup.qmp")]
