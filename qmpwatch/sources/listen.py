@@ -170,7 +170,8 @@ class ListenSource:
                 continue
             listener.task = self.spawn(listener.accept_forever(), f"listen:{path}")
             self.listeners[path] = listener
-            self.log.info("listening", socket=path, group=entry.group)
+            users = sorted(allowed_uids(entry.users))
+            self.log.info("listening", socket=path, group=entry.group, users=users)
         if not self._graced and config.listen:
             self._graced = True
             self._expect_returning(min(entry.grace_s for entry in config.listen))
