@@ -62,8 +62,8 @@ class DaemonConfig:
     # `qmpwatch status` and `tail` ask the daemon here (a unix socket, mode 0660); "": none.
     api_socket: str = "/run/qmpwatch/api.sock"
     api_group: str = ""  # the API socket's group; empty: qmpwatch's own
-    # Host: values /metrics and /healthz answer; empty: any for a wildcard metrics_listen,
-    # else localhost, 127.0.0.1, ::1 and metrics_listen's own host.
+    # Host: values /metrics and /healthz answer; empty: on a loopback metrics_listen,
+    # localhost, 127.0.0.1, ::1 and its own host; on any other address, any.
     metrics_hosts: tuple[str, ...] = ()
     metrics_max_connections: int = 64  # concurrent TCP clients; beyond it: 503 and closed
 

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import errno
 import grp
+import ipaddress
 import os
 import socket
 import stat
@@ -249,11 +250,11 @@ class HttpServer:
 
 def allowed_hosts(host: str, port: int, configured: Iterable[str]) -> frozenset[str] | None:
     """The Host: values (lower case, with and without the port) answered on `host:port`;
-    None: any (configured empty and listening on a wildcard address)."""
+    None: any (configured empty, and `host` is not a loopback address)."""
     names = list(configured)
     if not names:
-        if host in ("0.0.0.0", "::", ""):
-            return None
+        if not _loopback(host):
+            return None  # reached by names qmpwatch cannot know; no browser rebinds to it
         names = [*LOOPBACK_HOSTS, host]
     allowed: set[str] = set()
     for name in names:
@@ -261,6 +262,13 @@ def allowed_hosts(host: str, port: int, configured: Iterable[str]) -> frozenset[
         shown = f"[{bare}]" if ":" in bare else bare
         allowed |= {shown, f"{shown}:{port}"}
     return frozenset(allowed)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def _client_uid(request: web.Request) -> int | None:
