@@ -55,6 +55,7 @@ async def _measure(trials: int, workdir: Path) -> list[float]:
             cfg = workdir / "c.toml"
             cfg.write_text(
                 f'[daemon]\nstate_dir = "{workdir / "state"}"\nmetrics_listen = ""\n'
+                'api_socket = ""\n'
                 f'[[vm]]\nname = "lat01"\nsocket = "{vm.watch_socket}"\n'
                 f'[[alert.webhook]]\nurl = "http://127.0.0.1:{port}/hook"\n'
             )

@@ -95,7 +95,7 @@ def config(
     the `listen` sockets, no HTTP endpoint."""
     hooks = (WebhookConfig(url=webhook, timeout_s=timeout_s),) if webhook else ()
     return Config(
-        daemon=DaemonConfig(state_dir=str(state_dir), metrics_listen=""),
+        daemon=DaemonConfig(state_dir=str(state_dir), metrics_listen="", api_socket=""),
         alert=AlertConfig(webhook=hooks),
         vms=tuple(VmConfig(name, str(path)) for name, path in sockets.items()),
         listen=tuple(ListenConfig(str(path)) for path in listen),

@@ -66,6 +66,7 @@ def config_file(workdir: Path, sections: list[str]) -> Path:
         f"log_file = {json.dumps(str(workdir / 'qmpwatch.log'))}",
         f"state_dir = {json.dumps(str(workdir / 'state'))}",
         f'metrics_listen = "127.0.0.1:{_free_port()}"',
+        'api_socket = ""',
         "",
         *sections,
     ]

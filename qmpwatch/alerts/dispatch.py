@@ -386,7 +386,7 @@ class AlertDispatcher:
         except DeliveryError as err:
             error = str(err)
         except Exception as err:  # a bug or an unforeseen library error: retry, do not die
-            error = scrub(truncate(f"{type(err).__name__}: {err}"), self._secrets)
+            error = truncate(scrub(f"{type(err).__name__}: {err}", self._secrets))
         else:
             self.failing.pop(sink.name, None)
             self.outbox.delivered(sink.sink_id, entry.seq)
@@ -430,7 +430,7 @@ class AlertDispatcher:
         except DeliveryError as err:
             error = str(err)
         except Exception as err:
-            error = scrub(truncate(f"{type(err).__name__}: {err}"), self._secrets)
+            error = truncate(scrub(f"{type(err).__name__}: {err}", self._secrets))
         else:
             self.failing.pop(sink.name, None)
             return True

@@ -1,5 +1,6 @@
 """`qmpwatch status` and `qmpwatch tail -c FILE`: ask the running daemon, through its local
-HTTP endpoint (`daemon.metrics_listen` of the configuration it runs with)."""
+API socket (`daemon.api_socket` of the configuration it runs with, a unix socket that only
+the daemon's user and group may use), never through a TCP port anyone could have taken."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from qmpwatch.core.config import Config
+from qmpwatch.core.text import printable
 from qmpwatch.output.console import renderer
 
 EXIT_FINE = 0  # every VM connected and running
@@ -25,35 +27,50 @@ class Unreachable(Exception):
     """The daemon cannot be asked (not running, no HTTP endpoint, another address)."""
 
 
-def _address(config: Config) -> tuple[str, int]:
-    listen = config.daemon.metrics_listen
-    if not listen:
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over the daemon's unix socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _address(config: Config) -> str:
+    path = config.daemon.api_socket
+    if not path:
         raise Unreachable(
-            "daemon.metrics_listen is empty in this configuration: the daemon serves no "
-            "local API to ask"
+            "daemon.api_socket is empty in this configuration: the daemon serves no local API "
+            "to ask"
         )
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return host, int(port)
+    return path
 
 
 def _get(config: Config, path: str) -> tuple[http.client.HTTPConnection, Any]:
-    host, port = _address(config)
-    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
+    where = _address(config)
+    conn = _UnixConnection(where, timeout=TIMEOUT_S)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
     except OSError as err:
         conn.close()
         why = err.strerror or str(err)
-        raise Unreachable(f"no qmpwatch daemon answers on {host}:{port} ({why})") from None
+        raise Unreachable(f"no qmpwatch daemon answers on {where} ({why})") from None
+    except http.client.HTTPException as err:
+        conn.close()
+        raise Unreachable(f"{where} does not answer like qmpwatch ({err!r})") from None
     if response.status != 200:
         conn.close()
-        raise Unreachable(f"{host}:{port}{path} answered {response.status} {response.reason}")
+        raise Unreachable(f"{where}{path} answered {response.status} {response.reason}")
     return conn, response
 
 
@@ -151,7 +168,8 @@ def format_status(doc: dict[str, Any], now: float) -> str:
         f"{len(doc['vms'])} VM(s) on {doc['host']}, {firing} alert(s) firing; "
         + (f"needs attention: {', '.join(attention)}" if attention else "all connected and running")
     )
-    return "\n".join(line.rstrip() for line in lines)
+    lines += [f"degraded ({reason}): {why}" for reason, why in doc.get("degraded", {}).items()]
+    return "\n".join(printable(line.rstrip()) for line in lines)
 
 
 def status(config: Config, vms: Sequence[str], *, as_json: bool, out: TextIO) -> int:

@@ -106,7 +106,7 @@ async def _demo(workdir: Path) -> int:
         LabVM.start(LabSpec(name="db01"), workdir) as db,
     ):
         config = Config(
-            daemon=DaemonConfig(state_dir=str(workdir / "state"), metrics_listen=""),
+            daemon=DaemonConfig(state_dir=str(workdir / "state"), metrics_listen="", api_socket=""),
             vms=(
                 VmConfig("web01", str(web.watch_socket), no_shutdown="auto"),
                 VmConfig("db01", str(db.watch_socket), no_shutdown="auto"),

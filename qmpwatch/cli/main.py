@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="ask the running daemon which VMs are connected, their status, why, and alerts",
-        description="Ask the running daemon (through daemon.metrics_listen of FILE) for every "
+        description="Ask the running daemon (through daemon.api_socket of FILE, a unix "
+        "socket; never a TCP port) for every "
         "VM: its source, whether it is connected and since when, its run status, why and since "
         "when, and its firing alerts. Exit 0 when every VM is connected and running, 1 when "
         "something needs attention, 2 when the daemon cannot be reached.",
@@ -110,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         "tail",
         help="follow the running daemon's VM records, or attach to monitor sockets ad hoc",
         description="Without SOCKET: follow the records of the daemon that FILE configures "
-        "(events, follow-ups, alerts), one line each (coloured on a terminal), beside it and "
+        "(events, follow-ups, alerts; through its daemon.api_socket), one line each (coloured "
+        "on a terminal, control characters escaped), beside it and "
         "without a monitor of its own. With SOCKET...: attach to those QMP monitors directly "
         "(VM name = socket file name without extension); a monitor that another client, such "
         "as the daemon, holds is refused at once.",

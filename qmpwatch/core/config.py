@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import pwd
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,13 @@ class DaemonConfig:
     state_dir: str = "/var/lib/qmpwatch"
     metrics_listen: str = "127.0.0.1:9752"
     log_target: Literal["stdout", "journal"] = "stdout"
+    # `qmpwatch status` and `tail` ask the daemon here (a unix socket, mode 0660); "": none.
+    api_socket: str = "/run/qmpwatch/api.sock"
+    api_group: str = ""  # the API socket's group; empty: qmpwatch's own
+    # Host: values /metrics and /healthz answer; empty: on a loopback metrics_listen,
+    # localhost, 127.0.0.1, ::1 and its own host; on any other address, any.
+    metrics_hosts: tuple[str, ...] = ()
+    metrics_max_connections: int = 64  # concurrent TCP clients; beyond it: 503 and closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,7 @@ class DiscoverConfig:
     glob: str
     no_shutdown: NoShutdown = "auto"
     remediate: RemediateConfig = field(default_factory=RemediateConfig)
+    users: tuple[int, ...] = ()  # uids whose sockets count; empty: root and qmpwatch's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +135,7 @@ class ListenConfig:
     no_shutdown: NoShutdown = "auto"
     grace_s: float = 10.0  # a VM watched before a restart, not back by then, is gone
     remediate: RemediateConfig = field(default_factory=RemediateConfig)
+    users: tuple[int, ...] = ()  # uids of the QEMUs believed; empty: root and qmpwatch's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +369,41 @@ def resolve_secret(key: str, ref: str, problems: list[str]) -> Secret | None:
     return Secret(ref, ref)
 
 
+def _strings(problems: list[str]) -> Callable[[str, Any], tuple[str, ...] | None]:
+    def check(key: str, value: Any) -> tuple[str, ...] | None:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            problems.append(f"{key}: expected an array of strings, got {_show(value)}")
+            return None
+        return tuple(value)
+
+    return check
+
+
+def _users(problems: list[str]) -> Callable[[str, Any], tuple[int, ...] | None]:
+    """`users = ["libvirt-qemu", 0]`: user names or uids -> uids (a name must exist)."""
+
+    def check(key: str, value: Any) -> tuple[int, ...] | None:
+        if not isinstance(value, list) or not value:
+            problems.append(f"{key}: expected a non-empty array of user names or uids")
+            return None
+        uids: list[int] = []
+        for user in value:
+            if isinstance(user, int) and not isinstance(user, bool) and 0 <= user < 2**32:
+                uids.append(user)
+            elif isinstance(user, str) and user.isdigit():
+                uids.append(int(user))
+            elif isinstance(user, str) and user:
+                try:
+                    uids.append(pwd.getpwnam(user).pw_uid)
+                except KeyError:
+                    problems.append(f"{key}: no such user {_show(user)}")
+            else:
+                problems.append(f"{key}: expected a user name or uid, got {_show(user)}")
+        return tuple(uids)
+
+    return check
+
+
 def _parse_daemon(r: _Reader) -> DaemonConfig:
     d = DaemonConfig()
     log_format: str = r.get("log_format", r.string(choices=("json", "console")), "json")
@@ -369,7 +414,14 @@ def _parse_daemon(r: _Reader) -> DaemonConfig:
         state_dir=r.get("state_dir", r.string(nonempty=True), d.state_dir),
         metrics_listen=r.get("metrics_listen", r.string(), d.metrics_listen),
         log_target="journal" if log_target == "journal" else "stdout",
+        api_socket=r.get("api_socket", r.string(), d.api_socket),
+        api_group=r.get("api_group", r.string(), d.api_group),
+        metrics_hosts=r.get("metrics_hosts", _strings(r.problems), d.metrics_hosts),
+        metrics_max_connections=r.get(
+            "metrics_max_connections", r.integer(), d.metrics_max_connections
+        ),
     )
+    _absolute(r, "api_socket", cfg.api_socket)
     if cfg.log_target == "journal" and cfg.log_file:
         r.bad("log_target", 'is "journal": daemon.log_file must be empty (records go to journald)')
     if cfg.metrics_listen:
@@ -510,8 +562,9 @@ def _parse_discover(
             r.bad("glob", "missing (required)")
         no_shutdown: NoShutdown = r.get("no_shutdown", _no_shutdown(problems), "auto")
         own = _parse_remediate(r, remediate)
+        users = r.get("users", _users(problems), ())
         r.finish()
-        out.append(DiscoverConfig(glob=glob, no_shutdown=no_shutdown, remediate=own))
+        out.append(DiscoverConfig(glob, no_shutdown, own, users))
     return tuple(out)
 
 
@@ -533,8 +586,9 @@ def _parse_listen(
         no_shutdown: NoShutdown = r.get("no_shutdown", _no_shutdown(problems), "auto")
         grace = r.get("grace_s", r.number(), 10.0)
         own = _parse_remediate(r, remediate)
+        users = r.get("users", _users(problems), ())
         r.finish()
-        out.append(ListenConfig(path, group, no_shutdown, grace, own))
+        out.append(ListenConfig(path, group, no_shutdown, grace, own, users))
     return tuple(out)
 
 

@@ -119,6 +119,8 @@ class LabSpec:
     dial_in: Path | None = None
     uuid: str | None = None  #: ``-uuid``
     guest: GuestSpec | None = None  #: a real Linux guest instead of the halt firmware
+    #: Run QEMU as this uid (the lab runs as root; group and groups stay the lab's).
+    user: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or any(ch in self.name for ch in ",\0\n"):

@@ -185,6 +185,8 @@ class LabVM(EventRecorder):
             spec = dataclasses.replace(spec, accel=accel)
         plan = prepare(build, spec, workdir, watch_socket=watch_socket, disk_image=disk_image)
         try:
+            if spec.user is not None:  # QEMU makes its sockets and files in the run directory
+                os.chown(plan.run_dir, spec.user, -1)
             log = _open_log(plan.stderr_path)
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -195,6 +197,7 @@ class LabVM(EventRecorder):
                     env=build.qemu_env(),
                     start_new_session=True,  # a terminal's Ctrl-C is for the lab, not QEMU
                     preexec_fn=_make_pdeathsig_hook(),
+                    user=spec.user,
                 )
             finally:
                 log.close()

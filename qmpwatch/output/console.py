@@ -5,7 +5,9 @@
     15:09:35.608 vm1       resolved vm_stopped_unexpected: the VM resumed (RESUME)
     15:09:36.101 web01     followup satisfied: BLOCK_IO_ERROR -> STOP in 0.29 ms
 
-Colour only on a terminal. The JSON format stays the contract; this one may change.
+Colour only on a terminal. The JSON format stays the contract; this one may change. Every
+C0 and C1 control character of what a peer sent (event names, texts) is shown escaped
+(`printable`), so that nothing a guest or a local user sends drives the terminal.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import orjson
 from structlog.typing import EventDict, WrappedLogger
+
+from qmpwatch.core.text import printable
 
 _RESET = "\x1b[0m"
 _COLOURS = {
@@ -82,6 +86,7 @@ def renderer(colours: bool) -> Callable[[WrappedLogger, str, EventDict], str]:
         kind = str(event_dict.pop("event", ""))
         vm = str(event_dict.pop("vm", "-"))
         text, colour = _what(kind, event_dict)
+        text, vm, stamp = printable(text), printable(vm), printable(stamp)
         if level in ("error", "critical") and colour not in ("critical", "error"):
             colour = level
         clock = stamp[11:23] if len(stamp) >= 23 else stamp

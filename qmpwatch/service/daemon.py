@@ -19,6 +19,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,12 +33,13 @@ from qmpwatch.core.config import Config, DaemonConfig, NoShutdown, VmConfig, loa
 from qmpwatch.core.errors import ConfigError
 from qmpwatch.output import logs
 from qmpwatch.service import sdnotify, statestore
+from qmpwatch.service.endpoints import keep_listening
 from qmpwatch.service.health import Degradation
-from qmpwatch.service.httpserver import Health, HttpServer, ListenError
+from qmpwatch.service.httpserver import Health, HttpServer
 from qmpwatch.service.metrics import Metrics
 from qmpwatch.service.recorder import Services
 from qmpwatch.service.statestore import StateStore
-from qmpwatch.service.status import RecordTap, snapshot
+from qmpwatch.service.status import FOLLOWERS_MAX, RecordTap, snapshot
 from qmpwatch.service.supervisor import Supervisor
 
 SHUTDOWN_DEADLINE_S = 5.0
@@ -47,6 +49,7 @@ STATUS_INTERVAL_S = 1.0
 # outbox databases (3 files each), the HTTP listener and its clients, sink connections, an
 # exec sink's pipes, /proc reads. Measured near 25; the rest is margin.
 FD_HEADROOM = 64
+API_MAX_CONNECTIONS = FOLLOWERS_MAX + 32  # `qmpwatch tail`s and `qmpwatch status`es at once
 
 
 class Daemon:
@@ -62,6 +65,7 @@ class Daemon:
         self._signals = 0
         self._supervisor: Supervisor | None = None
         self._degradation: Degradation | None = None
+        self._unbound: dict[str, str] = {}  # an endpoint that cannot listen: degraded reason
 
     def _on_stop_signal(self, signame: str) -> None:
         self._signals += 1
@@ -111,72 +115,110 @@ class Daemon:
             tap=tap,
         )
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                listen = self.config.daemon.metrics_listen
-                if listen:
-                    server = HttpServer(
-                        listen,
-                        metrics,
-                        self._health,
-                        status=lambda: self._status(dispatcher.host, tap.count),
-                        tap=tap,
-                    )
-                    try:
-                        await stack.enter_async_context(server)
-                    except ListenError as err:
-                        self.log.error("metrics_listen_failed", error=str(err))
-                        return 1
-                    self.log.info("metrics_listening", listen=listen, port=server.port)
-                async with asyncio.TaskGroup() as tg:
-                    supervisor = Supervisor(self.config, services, tg)
-                    self._supervisor = supervisor
-                    supervisor.apply()  # opens the sessions; their tasks run from the next await
-                    self.log.info(
-                        "daemon_started",
-                        version=__version__,
-                        config=str(self.config_path or ""),
-                        vms=len(supervisor.sessions),  # what /healthz counts: every source's
-                        discover=[d.glob for d in self.config.discover],
-                    )
-                    check_fd_limit(len(supervisor.sessions), self.log)
-                    supervisor.resolve_orphans()
-                    sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
-                    delivery = tg.create_task(dispatcher.run(), name="alert-delivery")
-                    background = [
-                        tg.create_task(self._reload_forever(supervisor, dispatcher), name="reload"),
-                        tg.create_task(sdnotify.keep_alive(), name="watchdog"),
-                        tg.create_task(
-                            self._status_forever(supervisor, status_changed), name="status"
-                        ),
-                    ]
-                    await self._stop.wait()
-                    sdnotify.stopping()
-                    for task in background:
-                        task.cancel()
-                    try:
-                        async with asyncio.timeout(SHUTDOWN_DEADLINE_S):
-                            await supervisor.stop_all()
-                    except TimeoutError:
-                        self.log.warning("daemon_shutdown_deadline_passed")
-                    await dispatcher.aclose(ALERT_FLUSH_DEADLINE_S)
-                    await delivery
+            async with asyncio.TaskGroup() as tg:
+                endpoints, tried = self._endpoints(tg, metrics, dispatcher.host, tap)
+                await asyncio.gather(*(event.wait() for event in tried))  # bound, or said why
+                supervisor = Supervisor(self.config, services, tg)
+                self._supervisor = supervisor
+                supervisor.apply()  # opens the sessions; their tasks run from the next await
+                self.log.info(
+                    "daemon_started",
+                    version=__version__,
+                    config=str(self.config_path or ""),
+                    vms=len(supervisor.sessions),  # what /healthz counts: every source's
+                    discover=[d.glob for d in self.config.discover],
+                )
+                check_fd_limit(len(supervisor.sessions), self.log, self._clients())
+                supervisor.resolve_orphans()
+                sdnotify.ready(sdnotify.status_line(*supervisor.counts()))
+                delivery = tg.create_task(dispatcher.run(), name="alert-delivery")
+                background = [
+                    tg.create_task(self._reload_forever(supervisor, dispatcher), name="reload"),
+                    tg.create_task(sdnotify.keep_alive(), name="watchdog"),
+                    tg.create_task(self._status_forever(supervisor, status_changed), name="status"),
+                ]
+                await self._stop.wait()
+                sdnotify.stopping()
+                for task in (*background, *endpoints):
+                    task.cancel()
+                try:
+                    async with asyncio.timeout(SHUTDOWN_DEADLINE_S):
+                        await supervisor.stop_all()
+                except TimeoutError:
+                    self.log.warning("daemon_shutdown_deadline_passed")
+                await dispatcher.aclose(ALERT_FLUSH_DEADLINE_S)
+                await delivery
         finally:
             store.close()
             self.log.info("daemon_stopped")
             self.writer.flush()
         return 0
 
+    def _endpoints(
+        self, tg: asyncio.TaskGroup, metrics: Metrics, host: str, tap: RecordTap
+    ) -> tuple[list[asyncio.Task[None]], list[asyncio.Event]]:
+        """The HTTP endpoints, each kept listening (or trying to) by a task of its own, and
+        the events set once each has made its first attempt."""
+        daemon = self.config.daemon
+
+        def server(listen: str, **options: Any) -> Callable[[], HttpServer]:
+            status = lambda: self._status(host, tap.count)  # noqa: E731
+            return lambda: HttpServer(listen, metrics, self._health, status=status, **options)
+
+        # (name, server, degraded reasons, level of the record when it cannot listen)
+        wanted: list[tuple[str, Callable[[], HttpServer], dict[str, str], str]] = []
+        if daemon.metrics_listen:
+            tcp = server(
+                daemon.metrics_listen,
+                hosts=daemon.metrics_hosts,
+                max_connections=daemon.metrics_max_connections,
+            )
+            wanted.append(("metrics", tcp, self._unbound, "error"))
+        if daemon.api_socket:
+            api = server(
+                daemon.api_socket,
+                tap=tap,
+                unix_group=daemon.api_group,
+                max_connections=API_MAX_CONNECTIONS,
+            )
+            # Without it status and tail cannot ask, but alerts go on: not degraded; a warning
+            # (e.g. run by hand, without the unit's RuntimeDirectory=).
+            wanted.append(("api", api, {}, "warning"))
+        tasks, tried = [], []
+        for name, make, degraded, level in wanted:
+            tried.append(asyncio.Event())
+            serving = keep_listening(
+                make,
+                listening=f"{name}_listening",
+                failed=f"{name}_listen_failed",
+                degraded=degraded,
+                reason=f"{name}_unbound",
+                level=level,
+                tried=tried[-1],
+            )
+            tasks.append(tg.create_task(serving, name=f"http:{name}"))
+        return tasks, tried
+
+    def _clients(self) -> int:
+        daemon = self.config.daemon
+        return (daemon.metrics_max_connections if daemon.metrics_listen else 0) + (
+            API_MAX_CONNECTIONS if daemon.api_socket else 0
+        )
+
     def _status(self, host: str, followers: int) -> dict[str, Any]:
         """The status document of `qmpwatch status` (`qmpwatch.service.status`)."""
         held = self._supervisor.sessions.items() if self._supervisor is not None else ()
-        return snapshot(host, held, time.time(), followers)
+        doc = snapshot(host, held, time.time(), followers)
+        if self._degradation is not None:
+            doc["degraded"] = {**self._degradation.reasons(), **self._unbound}
+        return doc
 
     def _health(self) -> Health:
         if self._supervisor is None or self._degradation is None:
             return Health(False, {"reason": "starting"})
         vms, connected, firing = self._supervisor.counts()
         detail = {"vms": vms, "connected": connected, "alerts_firing": firing}
-        return Health(True, detail, degraded=self._degradation.reasons())
+        return Health(True, detail, degraded={**self._degradation.reasons(), **self._unbound})
 
     async def _status_forever(self, supervisor: Supervisor, changed: asyncio.Event) -> None:
         """Keep systemd's STATUS= line current: sent when it changes, at most once per
@@ -218,7 +260,7 @@ class Daemon:
                     )
                 self.config = config
                 supervisor.apply(config)
-                check_fd_limit(len(supervisor.sessions), self.log)
+                check_fd_limit(len(supervisor.sessions), self.log, self._clients())
                 self.log.info(
                     "config_reloaded",
                     config=str(self.config_path),
@@ -250,14 +292,16 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     return changed
 
 
-def check_fd_limit(vms: int, log: structlog.typing.FilteringBoundLogger) -> None:
+def check_fd_limit(vms: int, log: structlog.typing.FilteringBoundLogger, clients: int = 0) -> None:
     """Fit RLIMIT_NOFILE to `vms` sockets plus FD_HEADROOM: raise the soft limit, or say why not.
 
     The soft limit goes up to the hard limit when it is below what is needed (`fd_limit_raised`,
     info). A hard limit below the need is `fd_limit_too_low` (error): the VMs beyond it get
     `vm_connect_failed` with reason `fd_limit` and are retried, the others are watched.
+    `clients`: the most HTTP clients the endpoints let in at once (their caps), kept apart so
+    that no number of them takes a VM's descriptor.
     """
-    needed = vms + FD_HEADROOM
+    needed = vms + FD_HEADROOM + clients
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
@@ -308,7 +352,8 @@ def run_tail(sockets: list[str], *, json: bool, no_shutdown: NoShutdown) -> int:
             name = f"{stem}-{n}"
         names.add(name)
         vms.append(VmConfig(name, path, no_shutdown))
-    config = Config(daemon=DaemonConfig(state_dir="", metrics_listen=""), vms=tuple(vms))
+    daemon = DaemonConfig(state_dir="", metrics_listen="", api_socket="")  # asked by nobody
+    config = Config(daemon=daemon, vms=tuple(vms))
     writer = logs.configure("json" if json else "console", sys.stdout.buffer)
     with contextlib.suppress(KeyboardInterrupt):
         return _run_loop(Daemon(config, None, writer))

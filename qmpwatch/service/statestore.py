@@ -1,9 +1,11 @@
 """The last known run status of every VM, in SQLite under `state_dir`, across restarts.
 
 A VM found paused at start-up is only "unexplained" if its status differs from what qmpwatch
-last saw; this is that memory. Memory is authoritative; changes are committed once per
-event-loop turn (`EndOfTurn`), after the alert outboxes. An unusable directory leaves the store
-in memory, said once. docs/architecture.md ("The state store", "One turn, three journals").
+last saw; this is that memory. It also keeps who owns each VM name (`owner`, `pin`: the uid of
+the first QEMU that spoke for it, and its socket for a discovered one). Memory is
+authoritative; changes are committed once per event-loop turn (`EndOfTurn`), after the alert
+outboxes. An unusable directory leaves the store in memory, said once. docs/architecture.md
+("The state store", "One turn, three journals").
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import structlog
 
 from qmpwatch.aio.turns import EndOfTurn
 from qmpwatch.alerts.outbox import flush_all as flush_outboxes
+from qmpwatch.core.pins import Owner
 
 FILE_NAME = "state.sqlite3"
 
@@ -24,6 +27,12 @@ _UPSERT = (
     "INSERT INTO vm_status (vm, status, updated_at, source) VALUES (?, ?, ?, ?) "
     "ON CONFLICT(vm) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, "
     "source = excluded.source"
+)
+
+_PIN = (
+    "INSERT INTO vm_owner (vm, uid, socket, pinned_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(vm) DO UPDATE SET uid = excluded.uid, socket = excluded.socket, "
+    "pinned_at = excluded.pinned_at"
 )
 
 
@@ -47,6 +56,8 @@ class StateStore:
         self.problem: str | None = None
         self._memory: dict[str, str | None] = {}
         self._sources: dict[str, str] = {}
+        self._owners: dict[str, Owner] = {}
+        self._unsaved_owners: set[str] = set()
         self._unsaved: set[str] = set()  # VMs whose status is not written (queued or failed)
         self._db: sqlite3.Connection | None = None
         self._end_of_turn = EndOfTurn(self.flush)
@@ -68,6 +79,12 @@ class StateStore:
                 self._memory[vm] = status
                 if source:
                     self._sources[vm] = source
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS vm_owner (vm TEXT PRIMARY KEY, uid INTEGER NOT NULL, "
+                "socket TEXT NOT NULL, pinned_at REAL NOT NULL)"
+            )
+            for vm, uid, path in db.execute("SELECT vm, uid, socket FROM vm_owner"):
+                self._owners[vm] = Owner(uid, path)
             self._db = db
         except (OSError, sqlite3.Error) as err:
             self.problem = f"{self.path}: {err}"
@@ -85,6 +102,19 @@ class StateStore:
             return
         self._sources[vm] = source
         self._mark(vm)
+
+    def owner(self, vm: str) -> Owner | None:
+        """Who `vm`'s name is pinned to, if anyone spoke for it yet."""
+        return self._owners.get(vm)
+
+    def pin(self, vm: str, owner: Owner) -> None:
+        """Pin `vm`'s name to `owner` (written with the turn's statuses)."""
+        if self._owners.get(vm) == owner:
+            return
+        self._owners[vm] = owner
+        if self._db is not None:
+            self._unsaved_owners.add(vm)
+            self._mark(vm)
 
     def set_status(self, vm: str, status: str | None) -> None:
         """Remember `status` for `vm`; written at the end of this loop turn (or now, outside
@@ -117,10 +147,15 @@ class StateStore:
         rows = [
             (vm, self._memory.get(vm), now, self._sources.get(vm)) for vm in sorted(self._unsaved)
         ]
+        owners = [
+            (vm, self._owners[vm].uid, self._owners[vm].socket, now)
+            for vm in sorted(self._unsaved_owners)
+        ]
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(_UPSERT, rows)
+                db.executemany(_PIN, owners)
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -137,6 +172,7 @@ class StateStore:
             self.problem = f"{self.path}: {err}"
             return  # still unsaved: written with the next write that works
         self._unsaved.clear()
+        self._unsaved_owners.clear()
         if self.problem is not None:
             self.problem = None
             structlog.get_logger().info("state_store_recovered", path=str(self.path))

@@ -2,27 +2,31 @@
 
 `snapshot` is the status document (version 1, a contract: keys are only added): every VM's
 source, connection, run status, why, since when, and its firing alerts. `RecordTap` copies
-the records of VMs to followers (`qmpwatch tail`), each through a bounded queue: a follower
-that cannot keep up loses its oldest records and is told how many.
+the records of VMs to followers (`qmpwatch tail`), each through a queue bounded in records and
+bytes: a follower that stops reading is dropped, with a record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
+import structlog
 
 from qmpwatch import __version__
 from qmpwatch.core.times import iso_from_epoch
 from qmpwatch.session.session import VmSession
 
 STATUS_VERSION = 1
-FOLLOWER_QUEUE = 10_000  # records a slow follower may lag behind; older ones are dropped
+FOLLOWER_QUEUE = 10_000  # records a follower may lag behind before it is dropped
+FOLLOWER_BYTES = 4 * 1024 * 1024  # and bytes
 FOLLOWERS_MAX = 32
+FOLLOWERS_PER_USER = 8  # on the API socket, where SO_PEERCRED tells users apart
 
 
 class Held(Protocol):
@@ -90,25 +94,34 @@ def snapshot(
 
 @dataclass(slots=True)
 class Follower:
-    """One `qmpwatch tail`: the records it gets, and how many it lost by lagging."""
+    """One `qmpwatch tail`: the lines waiting for it, in records and bytes."""
 
     vm: str  # "" for every VM
-    queue: asyncio.Queue[dict[str, Any]]
-    dropped: int = 0
+    uid: int | None = None  # who follows (SO_PEERCRED), when the socket tells
+    lines: collections.deque[bytes] = field(default_factory=collections.deque)
+    queued_bytes: int = 0
+    dropped: bool = False  # it stopped reading: its stream ends
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Ends the follower's connection at once (its writes may be stuck on a full socket).
+    abort: Callable[[], object] | None = None
 
-    async def next_lines(self) -> bytes:
-        """The records waiting (at least one), as JSON lines; first, how many were lost."""
-        batch = [await self.queue.get()]
-        while not self.queue.empty():
-            batch.append(self.queue.get_nowait())
+    async def next_lines(self) -> bytes | None:
+        """The records waiting (at least one), as JSON lines; None once dropped."""
+        while not self.lines and not self.dropped:
+            self.ready.clear()
+            await self.ready.wait()
         if self.dropped:
-            batch.insert(0, {"event": "tail_records_dropped", "dropped": self.dropped})
-            self.dropped = 0
-        return b"".join(orjson.dumps(record, default=str) + b"\n" for record in batch)
+            return None
+        batch = b"".join(self.lines)
+        self.lines.clear()
+        self.queued_bytes = 0
+        return batch
 
 
 class RecordTap:
-    """Copies VM records to the followers that asked for them."""
+    """Copies VM records to the followers that asked for them; a follower more than
+    FOLLOWER_QUEUE records or FOLLOWER_BYTES behind has stopped reading and is dropped
+    (`tail_follower_dropped`)."""
 
     def __init__(self) -> None:
         self._followers: list[Follower] = []
@@ -116,27 +129,56 @@ class RecordTap:
 
     def offer(self, vm: str, record: dict[str, Any]) -> None:
         """A record of `vm` was written (call only while `active`)."""
+        line = b""
         for follower in self._followers:
-            if follower.vm and follower.vm != vm:
+            if (follower.vm and follower.vm != vm) or follower.dropped:
                 continue
-            queue = follower.queue
-            if queue.full():
-                queue.get_nowait()
-                follower.dropped += 1
-            queue.put_nowait(record)
+            line = line or orjson.dumps(record, default=str) + b"\n"
+            if (
+                len(follower.lines) >= FOLLOWER_QUEUE
+                or follower.queued_bytes + len(line) > FOLLOWER_BYTES
+            ):
+                self._drop(follower)
+                continue
+            follower.lines.append(line)
+            follower.queued_bytes += len(line)
+            follower.ready.set()
+
+    @staticmethod
+    def _drop(follower: Follower) -> None:
+        structlog.get_logger().warning(
+            "tail_follower_dropped",
+            uid=follower.uid,
+            follows=follower.vm or "*",
+            queued_records=len(follower.lines),
+            queued_bytes=follower.queued_bytes,
+            reason="stopped_reading",
+        )
+        follower.dropped = True
+        follower.lines.clear()
+        follower.queued_bytes = 0
+        follower.ready.set()
+        if follower.abort is not None:
+            follower.abort()
 
     @property
     def full(self) -> bool:
         return len(self._followers) >= FOLLOWERS_MAX
+
+    def full_for(self, uid: int | None) -> bool:
+        """Whether the user `uid` follows as often as one user may (None: not known)."""
+        if uid is None:
+            return False
+        return sum(1 for f in self._followers if f.uid == uid) >= FOLLOWERS_PER_USER
 
     @property
     def count(self) -> int:
         return len(self._followers)
 
     @contextlib.asynccontextmanager
-    async def follow(self, vm: str = "") -> AsyncIterator[Follower]:
+    async def follow(self, vm: str = "", uid: int | None = None) -> AsyncIterator[Follower]:
         """The records of `vm` (all VMs: "") for the block's duration."""
-        follower = Follower(vm, asyncio.Queue(FOLLOWER_QUEUE))
+        follower = Follower(vm, uid)
         self._followers.append(follower)
         self.active = True
         try:

@@ -18,6 +18,7 @@ import structlog
 
 from qmpwatch.core.alert import Alert, resolved_because, resolved_summary
 from qmpwatch.core.config import Config, NoShutdown, RemediateConfig
+from qmpwatch.core.pins import Owner
 from qmpwatch.service.recorder import DaemonRecorder, Services
 from qmpwatch.session.session import VmSession
 from qmpwatch.sources import registry
@@ -108,6 +109,12 @@ class Supervisor:
 
     def known(self, source: str) -> Mapping[str, str | None]:
         return self.services.store.known(source)
+
+    def owner(self, name: str) -> Owner | None:
+        return self.services.store.owner(name)
+
+    def pin(self, name: str, owner: Owner) -> None:
+        self.services.store.pin(name, owner)
 
     # -- the daemon's ---------------------------------------------------------------------------
 

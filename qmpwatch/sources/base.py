@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from qmpwatch.core.config import Config, NoShutdown, RemediateConfig
+from qmpwatch.core.pins import Owner
 from qmpwatch.session.session import VmSession
 
 
@@ -38,6 +39,12 @@ class SessionHost(Protocol):
 
     def known(self, source: str) -> Mapping[str, str | None]:
         """VMs this source had when qmpwatch last ran, with their last status."""
+
+    def owner(self, name: str) -> Owner | None:
+        """Who the VM name is pinned to (`qmpwatch.core.pins`), kept across restarts."""
+
+    def pin(self, name: str, owner: Owner) -> None:
+        """Pin the VM name to `owner` (the first QEMU that spoke for it)."""
 
 
 class Source(Protocol):

@@ -27,7 +27,13 @@ from qmpwatch.core.errors import ConnectFailed
 from qmpwatch.session.session import VmSession
 from qmpwatch.sources.base import SessionHost
 from qmpwatch.sources.paths import inside
-from qmpwatch.sources.peer import QemuCommandLine, parse_cmdline, peer_pid, read_cmdline
+from qmpwatch.sources.peer import (
+    QemuCommandLine,
+    parse_cmdline,
+    peer_credentials,
+    peer_pid,
+    read_cmdline,
+)
 from qmpwatch.sources.permission import hint_for
 from qmpwatch.sources.qmp import QmpLink
 
@@ -43,6 +49,7 @@ class DialTarget:
     socket: str
     no_shutdown: NoShutdown = "auto"
     confine: str = ""  # discovered: the directory the socket's real path must stay in
+    users: frozenset[int] = frozenset()  # discovered: the uids whose QEMU may serve it
     # What qmpwatch may do to the VM; a change applies to the running session (no redial).
     remediate: RemediateConfig = field(default_factory=RemediateConfig, compare=False)
 
@@ -132,6 +139,7 @@ class Dialer:
                 except BaseException:
                     sock.close()
                     raise
+                self._check_user(sock)
                 peer, pid = self._peer(sock)
                 link = QmpLink(
                     self.target.name,
@@ -144,6 +152,19 @@ class Dialer:
         except (TimeoutError, OSError) as err:
             raise _connect_failure(err, path, timeout) from None
         return link
+
+    def _check_user(self, sock: socket.socket) -> None:
+        """A discovered socket must be served by a QEMU of its glob's `users` (the file's
+        owner was checked when it was found; the process behind it is checked here)."""
+        users = self.target.users
+        cred = peer_credentials(sock) if users else None
+        if cred is not None and cred[1] not in users:
+            sock.close()
+            raise ConnectFailed(
+                "user_not_allowed",
+                f"process {cred[0]} serving {self.target.socket} runs as uid {cred[1]}, "
+                "not one of the glob's users",
+            )
 
     def _peer(self, sock: socket.socket) -> tuple[QemuCommandLine | None, int | None]:
         """QEMU's command line (for `no_shutdown = "auto"`) and PID; None when unknown."""

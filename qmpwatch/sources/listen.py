@@ -1,10 +1,11 @@
 """The `listen` source: QEMU dials in to a socket qmpwatch listens on (the qmeventd style).
 
-Each connection is identified before anything else (SO_PEERCRED, a pidfd pinning the process,
-its /proc/PID/cmdline must be a QEMU's; the name is `-name`, else `-uuid`, else `pid-PID`),
-then negotiated and handed to the VM's session. Refused peers and name conflicts are logged
-once and dropped; a VM that ends cleanly leaves; one watched before a restart that does not
-dial in within `grace_s` is gone. See docs/architecture.md, "The listen source".
+Each connection is identified before anything else (SO_PEERCRED: its uid must be one of the
+entry's `users`; a pidfd pinning the process, its /proc/PID/cmdline must be a QEMU's; the name
+is `-name`, else `-uuid`, else `pid-PID`, and a name pinned to another uid is refused), then
+negotiated and handed to the VM's session. Refused peers and name conflicts are logged at most
+once a minute and dropped; a VM that ends cleanly leaves; one watched before a restart that
+does not dial in within `grace_s` is gone. See docs/architecture.md, "The listen source".
 """
 
 from __future__ import annotations
@@ -26,13 +27,22 @@ import structlog
 
 from qmpwatch.core.config import Config, ConnectConfig, ListenConfig
 from qmpwatch.core.errors import ConnectFailed
+from qmpwatch.core.pins import Owner, refusal
 from qmpwatch.sources.base import SessionHost
-from qmpwatch.sources.peer import QemuCommandLine, parse_cmdline, peer_pid, read_cmdline
+from qmpwatch.sources.peer import (
+    QemuCommandLine,
+    parse_cmdline,
+    peer_credentials,
+    peer_pid,
+    read_cmdline,
+)
 from qmpwatch.sources.qmp import QmpLink
+from qmpwatch.sources.trust import Throttle, allowed_uids
 
 BACKLOG = 128  # QEMUs reconnecting at once after a restart of qmpwatch
 SOCKET_MODE = 0o660
-REPORTED_MAX = 4096  # refused peers remembered (so as not to log them again); then forgotten
+HANG_UP_WAIT_S = 5.0  # for a refused QEMU's greeting before its connection is closed
+HANGING_UP_MAX = 32  # refused connections waiting so at once; more are closed at once
 _QEMU_PROGRAM = re.compile(r"(qemu|kvm)", re.IGNORECASE)
 
 
@@ -138,8 +148,9 @@ class ListenSource:
         self.listeners: dict[str, _Listener] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._graced = False
-        # What was said about a peer: QEMU dials again every second, and one record is enough.
-        self._reported: set[tuple[str, int, str]] = set()
+        # What was said about a peer: QEMU dials again every second; a record a minute is enough.
+        self._reported = Throttle()
+        self._hanging = 0  # refused connections waiting for their greeting (`_hang_up`)
 
     def reconfigure(self, config: Config) -> None:
         self.connect = config.connect
@@ -159,7 +170,8 @@ class ListenSource:
                 continue
             listener.task = self.spawn(listener.accept_forever(), f"listen:{path}")
             self.listeners[path] = listener
-            self.log.info("listening", socket=path, group=entry.group)
+            users = sorted(allowed_uids(entry.users))
+            self.log.info("listening", socket=path, group=entry.group, users=users)
         if not self._graced and config.listen:
             self._graced = True
             self._expect_returning(min(entry.grace_s for entry in config.listen))
@@ -194,12 +206,31 @@ class ListenSource:
 
     async def serve(self, conn: socket.socket, entry: ListenConfig) -> None:
         """Identify one accepted connection, then watch its VM until it hangs up."""
+        cred = peer_credentials(conn)
+        uid = cred[1] if cred is not None else -1
+        if cred is not None and uid not in allowed_uids(entry.users):
+            await self._hang_up(conn)
+            pid = cred[0]
+            why = f"process {pid} runs as uid {uid}, not one of this socket's users"
+            self._once((pid, uid, "user_not_allowed"), "listen_peer_refused", socket=entry.socket,
+                       pid=pid, uid=uid, reason="user_not_allowed", error=why)  # fmt: skip
+            return
         try:
             peer = identify(conn)
         except PeerRefused as err:
             conn.close()
-            self._once(("", 0, str(err)), "listen_peer_refused", socket=entry.socket,
-                       reason=err.reason, error=str(err))  # fmt: skip
+            self._once(("", uid, str(err)), "listen_peer_refused", socket=entry.socket,
+                       pid=cred[0] if cred else None, uid=uid, reason=err.reason,
+                       error=str(err))  # fmt: skip
+            return
+        claim = Owner(uid)
+        owned = refusal(self.host.owner(peer.name), claim)
+        if owned is not None:
+            await self._hang_up(conn)
+            pinned = self.host.owner(peer.name)
+            why = f"{peer.name} belongs to uid {pinned.uid if pinned else '?'}, not {uid}"
+            self._once((peer.pid, uid, owned), "listen_peer_refused", socket=entry.socket,
+                       vm=peer.name, pid=peer.pid, uid=uid, reason=owned, error=why)  # fmt: skip
             return
         link = QmpLink(
             peer.name,
@@ -211,9 +242,9 @@ class ListenSource:
         try:
             await link.negotiate(self.connect.timeout_s)
         except ConnectFailed as err:  # the link has closed the connection
-            self._once((peer.name, peer.pid, err.reason), "listen_peer_refused",
-                       socket=entry.socket, vm=peer.name, pid=peer.pid, reason=err.reason,
-                       error=err.detail)  # fmt: skip
+            self._once((peer.pid, uid, err.reason), "listen_peer_refused",
+                       socket=entry.socket, vm=peer.name, pid=peer.pid, uid=uid,
+                       reason=err.reason, error=err.detail)  # fmt: skip
             return
         session = self.host.open(
             peer.name, self.kind, no_shutdown=entry.no_shutdown, remediate=entry.remediate
@@ -221,7 +252,7 @@ class ListenSource:
         if session is None or session.connected:
             holder = self.host.holder(peer.name)
             self._once(
-                (peer.name, peer.pid, "conflict"),
+                (peer.pid, uid, "conflict"),
                 "listen_name_conflict",
                 vm=peer.name,
                 pid=peer.pid,
@@ -230,6 +261,8 @@ class ListenSource:
             )
             await link.close()
             return
+        if peer.cmdline.name or peer.cmdline.uuid:  # a pid-PID name is this process's alone
+            self.host.pin(peer.name, claim)
         if session.links == 0:
             self.log.info("vm_added", vm=peer.name, socket=entry.socket, pid=peer.pid)
         await session.watch_link(link)
@@ -237,14 +270,28 @@ class ListenSource:
             self.log.info("vm_removed", vm=peer.name, socket=entry.socket)
             self.host.close(peer.name, "its QEMU shut down")
 
-    def _once(self, key: tuple[str, int, str], kind: str, **fields: object) -> None:
-        """Log a refused peer once: QEMU dials again every second."""
-        if key in self._reported:
+    async def _hang_up(self, conn: socket.socket) -> None:
+        """Close a refused QEMU's connection once its greeting is in (or after
+        HANG_UP_WAIT_S): QEMU 7.2 crashes when its dialed monitor is closed while it is still
+        writing it. Beyond HANGING_UP_MAX at once (a flood), at once."""
+        if self._hanging >= HANGING_UP_MAX:
+            conn.close()
             return
-        if len(self._reported) >= REPORTED_MAX:
-            self._reported.clear()
-        self._reported.add(key)
-        self.log.warning(kind, **fields)
+        self._hanging += 1
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(HANG_UP_WAIT_S):
+                await loop.sock_recv(conn, 4096)
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            self._hanging -= 1
+            conn.close()
+
+    def _once(self, key: tuple[object, int, str], kind: str, **fields: object) -> None:
+        """Log a refused peer at most once a minute: QEMU dials again every second."""
+        if self._reported.due(key):
+            self.log.warning(kind, **fields)
 
     async def stop(self) -> None:
         tasks = list(self._tasks)

@@ -29,12 +29,18 @@ class QemuCommandLine:
 
 def peer_pid(sock: socket.socket) -> int | None:
     """The PID of the peer of a connected unix socket, or None when unknown."""
+    cred = peer_credentials(sock)
+    return cred[0] if cred is not None else None
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int] | None:
+    """(pid, uid) of the peer of a connected unix socket (SO_PEERCRED), or None."""
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     except OSError:
         return None
-    pid, _uid, _gid = _UCRED.unpack(raw)
-    return pid if pid > 0 else None
+    pid, uid, _gid = _UCRED.unpack(raw)
+    return (pid, uid) if pid > 0 else None
 
 
 def read_cmdline(pid: int, proc: Path = Path("/proc")) -> list[str]:

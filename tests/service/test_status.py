@@ -17,7 +17,6 @@ import pytest
 
 from qmpwatch.lab import BlkdebugSpec, LabSpec, LabVM
 from tests.support.daemon_harness import DaemonProcess, write_config
-from tests.support.ports import refusing_port
 
 pytestmark = pytest.mark.qemu
 
@@ -102,17 +101,16 @@ async def test_status_says_which_vm_is_paused_why_and_since_when(
 
 
 async def test_status_without_a_daemon_exits_2(tmp_path: Path) -> None:
-    """Nothing listens on the configured address: exit 2 and one line saying so."""
-    with refusing_port() as port:
-        cfg = write_config(
-            tmp_path / "c.toml",
-            state_dir=tmp_path / "state",
-            sections={"daemon": {"metrics_listen": f"127.0.0.1:{port}"}},
-        )
-        code, out, err = await qmpwatch("status", "-c", str(cfg))
+    """Nothing listens on the configured API socket: exit 2 and one line saying so."""
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        sections={"daemon": {"metrics_listen": "127.0.0.1:0"}},
+    )
+    code, out, err = await qmpwatch("status", "-c", str(cfg))
     assert code == 2
     assert out == ""
-    assert "no qmpwatch daemon answers on 127.0.0.1:" in err
+    assert f"no qmpwatch daemon answers on {tmp_path / 'api.sock'}" in err
 
 
 async def test_tail_follows_the_daemon_beside_it(tmp_path: Path, sock_dir: Path) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -50,7 +51,12 @@ def write_config(
 ) -> Path:
     """A config file with fast test timings; `sections`/`arrays` add or override tables."""
     tables: dict[str, dict[str, object]] = {
-        "daemon": {"state_dir": str(state_dir), "metrics_listen": ""},
+        "daemon": {
+            "state_dir": str(state_dir),
+            "metrics_listen": "",
+            # Each daemon its own local API socket (none where the path would be too long).
+            "api_socket": api if len(api := str(state_dir.parent / "api.sock")) < 100 else "",
+        },
         "connect": {"timeout_s": 2.0, "backoff_initial_s": 0.1, "backoff_max_s": 0.5},
     }
     for name, values in (sections or {}).items():
@@ -130,16 +136,24 @@ class DaemonProcess:
         env: Mapping[str, str] | None = None,
         prefix: Sequence[str] = (),
         started: str = "daemon_started",
+        open_files: int | None = None,
     ) -> AsyncIterator[DaemonProcess]:
         """Run the daemon (under the command `prefix`, such as `unshare ...`, when given)
-        until the block ends; it has logged `started` when the block begins."""
+        until the block ends; it has logged `started` when the block begins. `open_files`: the
+        daemon's RLIMIT_NOFILE (soft and hard), as a unit's LimitNOFILE=."""
         full_env = {**os.environ, **(env or {})}
+
+        def limit() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         proc = await asyncio.create_subprocess_exec(
             *prefix, sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=full_env,
             limit=PIPE_LINE_LIMIT,
+            preexec_fn=limit if open_files is not None else None,
         )  # fmt: skip
         daemon = cls(proc, config)
         try:

@@ -10,10 +10,12 @@ does the timeouts, retries and logs (docs/architecture.md, "Sinks").
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from qmpwatch.alerts.outbox import Entry
 from qmpwatch.core.alert import Alert
@@ -81,7 +83,9 @@ def redact_url(url: str) -> str:
 
 
 def scrub(text: str, secrets: Iterable[Secret | str], url: str = "") -> str:
-    """`text` with every secret value, and `url` (beyond scheme://host:port), blanked out."""
+    """`text` with every secret value, `url` (beyond scheme://host:port) and its credentials
+    (as written, decoded, and in the base64 `Basic` form), and any URL's user:password,
+    blanked out. Scrub before truncating: a cut secret is no longer found."""
     if url:
         text = text.replace(url, redact_url(url))
         try:
@@ -93,13 +97,28 @@ def scrub(text: str, secrets: Iterable[Secret | str], url: str = "") -> str:
             for piece in (parts.path + query, parts.path, parts.query):
                 if len(piece) > 1:
                     text = text.replace(piece, "/<redacted>")
-            if parts.password:
-                text = text.replace(parts.password, "<secret>")
+            for value in _credentials(parts.username, parts.password):
+                text = text.replace(value, "<secret>")
     for secret in secrets:
         value = secret.reveal() if isinstance(secret, Secret) else secret
         if value:
             text = text.replace(value, "<secret>")
-    return text
+    return _USERINFO.sub(r"\1<secret>@", text)
+
+
+# scheme://user:password@ in any text (a URL the error names, not only the sink's own).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@")
+
+
+def _credentials(user: str | None, password: str | None) -> list[str]:
+    """What a URL's user:password can look like in an error text, longest first."""
+    if not password:
+        return []
+    found: set[str] = set()
+    for u, p in ((user or "", password), (unquote(user or ""), unquote(password))):
+        pair = f"{u}:{p}"
+        found |= {pair, base64.b64encode(pair.encode()).decode(), p}
+    return sorted((v for v in found if len(v) > 1), key=len, reverse=True)
 
 
 def truncate(text: str, limit: int = 200) -> str:

@@ -18,7 +18,10 @@ from qmpwatch.alerts.sinks import DeliveryError, scrub, truncate
 from qmpwatch.alerts.sinks.payload import VERSION, encode, payload_v1
 from qmpwatch.core.alert import Alert
 from qmpwatch.core.config import ExecConfig, Secret
+from qmpwatch.core.text import printable
 
+# The variables whose values a guest or a local user can choose (VM names, summaries).
+_FROM_PEERS = ("QMPWATCH_KIND", "QMPWATCH_VM", "QMPWATCH_FINGERPRINT", "QMPWATCH_SUMMARY")
 STDERR_KEPT = 4096  # bytes: the tail of standard error kept for the log
 
 
@@ -72,6 +75,8 @@ class ExecSink:
             QMPWATCH_FINGERPRINT=alert.fingerprint,
             QMPWATCH_SUMMARY=alert.summary,
         )
+        for key in _FROM_PEERS:  # a NUL would fail the exec; an escape would reach a terminal
+            env[key] = printable(env[key])
         return env
 
     async def deliver(self, entry: Entry) -> None:
@@ -112,8 +117,8 @@ class ExecSink:
             why = f"exit status {status}"
         tail = errors.result().decode("utf-8", "replace").strip()
         if tail:
-            why = f"{why}: {truncate(tail[-400:], 300)}"
-        raise DeliveryError(scrub(why, self._secrets))
+            why = f"{why}: {truncate(scrub(tail, self._secrets)[-400:], 300)}"
+        raise DeliveryError(why)
 
     async def refresh(self, alerts: Sequence[Alert], now: float) -> None:
         return None

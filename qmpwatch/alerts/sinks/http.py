@@ -61,6 +61,7 @@ async def post(
 ) -> None:
     """POST `body`; returns on 2xx, raises DeliveryError (scrubbed of `secrets`) otherwise."""
     target = redact_url(url)
+    secrets = tuple(secrets)
     try:
         async with session.post(url, data=body, headers=dict(headers)) as response:
             if 200 <= response.status < 300:
@@ -70,7 +71,7 @@ async def post(
             reason = response.reason or ""
             detail = f"HTTP {response.status} {reason}".rstrip()
             if text.strip():
-                detail = f"{detail}: {truncate(text)}"
+                detail = f"{detail}: {truncate(scrub(text, secrets, url))}"
     except aiohttp.ClientConnectorError as err:
         cause = err.os_error
         why = os.strerror(cause.errno) if cause.errno else cause.strerror or type(cause).__name__
@@ -79,7 +80,7 @@ async def post(
         raise DeliveryError(f"{target} closed the connection without answering") from None
     except aiohttp.ClientError as err:
         detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-        raise DeliveryError(scrub(truncate(detail), secrets, url)) from None
+        raise DeliveryError(truncate(scrub(detail, secrets, url))) from None
     except OSError as err:
         raise DeliveryError(f"{target}: {err.strerror or type(err).__name__}") from None
     raise DeliveryError(scrub(detail, secrets, url))
