@@ -74,7 +74,9 @@ async def test_log_file_gets_the_records_and_stdout_none(tmp_path: Path) -> None
         proc.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc.communicate(), 30)
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["event"] for r in records][:2] == ["earlier", "daemon_started"]
+    kinds = [r["event"] for r in records]
+    assert kinds[0] == "earlier"  # appended to, not truncated
+    assert "daemon_started" in kinds[1:]
     assert records[-1]["event"] == "daemon_stopped"
     assert (proc.returncode, out) == (0, b""), err
 
@@ -151,7 +153,9 @@ async def test_a_low_soft_fd_limit_is_raised(tmp_path: Path) -> None:
     async with DaemonProcess.start(cfg, prefix=low) as daemon:
         raised = daemon.find("fd_limit_raised")[0]
     assert (raised["soft"], raised["hard"], raised["new_soft"]) == (FD_HEADROOM, 4096, 4096)
-    assert raised["needed"] == FD_HEADROOM + 10
+    # a socket per VM and FD_HEADROOM, plus the HTTP clients' caps kept apart for them
+    assert raised["vms"] == 10
+    assert raised["needed"] >= FD_HEADROOM + 10
 
 
 async def test_a_hard_fd_limit_too_low_is_an_error_and_the_daemon_runs(tmp_path: Path) -> None:
@@ -162,7 +166,8 @@ async def test_a_hard_fd_limit_too_low_is_an_error_and_the_daemon_runs(tmp_path:
     async with DaemonProcess.start(cfg, prefix=low) as daemon:
         too_low = daemon.find("fd_limit_too_low")[0]
         await daemon.wait_for("vm_connect_failed", vm="fd000")
-    assert (too_low["new_soft"], too_low["needed"]) == (FD_HEADROOM, FD_HEADROOM + 10)
+    assert (too_low["new_soft"], too_low["vms"]) == (FD_HEADROOM, 10)
+    assert too_low["needed"] >= FD_HEADROOM + 10
     assert "LimitNOFILE=" in too_low["summary"]
 
 
