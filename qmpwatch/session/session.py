@@ -21,9 +21,11 @@ import structlog
 
 from qmpwatch.core.alert import Alert, ClientStopSeverity
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig, NoShutdown, RemediateConfig
+from qmpwatch.core.crashcause import CrashCause, libvirt_stop_reason
 from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import Control, Event, decode_object
 from qmpwatch.core.watch import VmWatch
+from qmpwatch.session.deathwatch import Witness, find_cause
 from qmpwatch.session.link import (
     CommandFailed,
     EndCause,
@@ -38,6 +40,7 @@ from qmpwatch.session.storage import disks
 # as opposed to a QEMU that is there but cannot be reached.
 ABSENT_REASONS = frozenset({"missing", "refused", "not_reconnected"})
 STATVFS_TIMEOUT_S = 5.0
+CRASH_CAUSE_WAIT_S = 2.0  # how long a vm_crashed alert waits for the host to say why
 COMMANDS_MAX = 16  # commands of the core waiting to be sent (a few: one resume at a time)
 
 
@@ -134,6 +137,8 @@ class VmSession:
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._deadline_at: float | None = None
         self._changes_at_reply = 0  # watch.run_changes when the latest reply was read
+        self.crash_cause_wait_s = CRASH_CAUSE_WAIT_S
+        self._witness: Witness | None = None  # the live QEMU's PID, cgroup and unit
         recorder.connected(False)  # every VM has its series from the start
 
     @property
@@ -188,6 +193,7 @@ class VmSession:
         self.links += 1
         self._absence_checked = True
         self.where = link.info.where
+        self._witness = Witness.of(link.info.pid) if link.info.pid is not None else None
         if self.no_shutdown == "auto":
             watch.no_shutdown = bool(link.info.no_shutdown)
         else:
@@ -224,7 +230,7 @@ class VmSession:
                     ended = closed  # QEMU had gone already (its socket's removal stopped us)
             self._ended(*ended)
             raise
-        self._ended(cause, error)
+        self._ended(cause, error, await self._crash_cause(cause, error))
 
     # -- one link ------------------------------------------------------------------------------
 
@@ -276,9 +282,23 @@ class VmSession:
             self.since = time.time()
             self.recorder.connected(self.connected)
 
-    def _ended(self, cause: EndCause, error: str) -> None:
+    async def _crash_cause(self, cause: EndCause, error: str) -> CrashCause | None:
+        """For a crash, why QEMU died: the host's reports about its PID (or libvirt's
+        reason), waited for at most `crash_cause_wait_s` (docs/architecture.md)."""
+        if not self.watch.ends_in_crash(cause):
+            return None
+        self._set_state(RunState.CLOSING)
+        try:
+            return await find_cause(
+                self._witness, self.crash_cause_wait_s, libvirt_stop_reason(error)
+            )
+        except Exception as err:  # a reader's bug must not lose the crash alert
+            self.log.error("internal_error", error=repr(err), where="crash cause")
+            return None
+
+    def _ended(self, cause: EndCause, error: str, crash: CrashCause | None = None) -> None:
         self._set_state(RunState.IDLE)
-        self.watch.on_disconnected(time.time(), cause, error)
+        self.watch.on_disconnected(time.time(), cause, error, crash)
         self._store_status()
         self._arm_deadline()  # a crash loop's quiet time goes on between links
 
