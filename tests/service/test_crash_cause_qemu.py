@@ -1,0 +1,69 @@
+"""Why QEMU died, in the vm_crashed alert: real QEMUs killed by the kernel's OOM killer in a
+memory cgroup, and by a person's kill -9 (no OOM blamed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qmpwatch.lab import LabSpec, LabVM
+from tests.support.daemon_harness import DaemonProcess, lab_config
+from tests.support.memcg import MemcgUnavailable, MemoryCgroup
+
+pytestmark = pytest.mark.qemu
+
+LIMIT = 256 << 20
+BALLOON = 1 << 30  # a preallocated RAM backend four times the cgroup's limit
+
+
+async def oom_kill(vm: LabVM) -> None:
+    """Make the kernel OOM-kill `vm`'s QEMU: QMP object-add of 1 GiB of preallocated RAM."""
+    args = {"qom-type": "memory-backend-ram", "id": "oom0", "size": BALLOON, "prealloc": True}
+    try:
+        await vm.execute("object-add", args, timeout=30)
+    except Exception:  # the control monitor goes with QEMU
+        pass
+    assert await vm.wait_exit(30) == -9
+
+
+def memcg() -> MemoryCgroup:
+    try:
+        return MemoryCgroup.make(LIMIT)
+    except MemcgUnavailable as err:
+        pytest.fail(str(err))
+
+
+async def test_oom_kill_is_named_in_vm_crashed(tmp_path: Path) -> None:
+    """A QEMU OOM-killed in its memory cgroup: vm_crashed names the OOM killer, the cgroup and
+    the anon-rss, and status says why."""
+    group = memcg()
+    try:
+        async with LabVM.start(LabSpec(name="oomvm"), tmp_path) as vm:
+            group.add(vm.pid)
+            async with DaemonProcess.start(lab_config(tmp_path, vm)) as daemon:
+                await daemon.wait_for("vm_connected", vm="oomvm", timeout=20)
+                await oom_kill(vm)
+                alert = await daemon.wait_for("alert", alert="vm_crashed", timeout=20)
+    finally:
+        group.remove()
+    details = alert["details"]
+    assert details["crash_cause"] == "oom_kill", alert
+    assert details["memory_cgroup"] == group.path
+    assert details["anon_rss_bytes"] > 100 << 20
+    summary = alert["summary"]
+    assert "killed by the kernel's OOM killer (memory cgroup " + group.path in summary
+    assert "anon-rss " in summary and "MiB" in summary
+
+
+async def test_kill_9_by_a_person_blames_no_oom(tmp_path: Path) -> None:
+    """A QEMU killed with kill -9 by a person: vm_crashed says the cause is unknown, and blames
+    no OOM kill."""
+    async with LabVM.start(LabSpec(name="k9"), tmp_path) as vm:
+        async with DaemonProcess.start(lab_config(tmp_path, vm)) as daemon:
+            await daemon.wait_for("vm_connected", vm="k9", timeout=20)
+            await vm.kill()
+            alert = await daemon.wait_for("alert", alert="vm_crashed", timeout=20)
+    assert alert["details"]["crash_cause"] == "unknown", alert
+    assert "OOM killer" not in alert["summary"]
+    assert "the cause is unknown" in alert["summary"]
