@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from qmpwatch.core.config import Config
+from qmpwatch.core.protection import describe
 from qmpwatch.output.console import renderer
 
 EXIT_FINE = 0  # every VM connected and running
@@ -130,6 +131,9 @@ def format_status(doc: dict[str, Any], now: float) -> str:
         alerts[len(rows) - 1] = [
             f"  ! {a['severity']} {a['alert']} since {_ago(a['since'], now)}: {a['summary']}"
             for a in vm["alerts"]
+        ] + [
+            "  - unprotected: {}: {}".format(*describe(gap))
+            for gap in (vm.get("protection") or {}).get("gaps", ())
         ]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []

@@ -50,6 +50,7 @@ def vm_status(name: str, held: Held) -> dict[str, Any]:
         "status": watch.status or "unknown",
         "status_since": _iso(watch.status_since),
         "why": watch.status_why,
+        "protection": session.protection_view(),
         "alerts": [
             {
                 "alert": a.kind,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from qmpwatch.core.errors import DecodeError
 
@@ -67,6 +67,15 @@ class Link(Protocol):
 
     async def close(self) -> tuple[EndCause, str]:
         """Hang up (bounded in time); how the link had ended, as `wait_closed` says."""
+
+
+@runtime_checkable
+class DomainDescriber(Protocol):
+    """A link whose VM's manager describes its configuration (libvirt's domain XML), so the
+    session asks that instead of sending QMP queries."""
+
+    async def domain_xml(self) -> str:
+        """The domain's XML; raises `LinkClosed` when it cannot be read."""
 
 
 class CommandFailed(Exception):

@@ -24,6 +24,7 @@ from qmpwatch.core.config import FollowupConfig, LifecycleConfig, NoShutdown, Re
 from qmpwatch.core.crashcause import CrashCause, libvirt_stop_reason
 from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import Control, Event, decode_object
+from qmpwatch.core.protection import UNCHECKED, Protection
 from qmpwatch.core.watch import VmWatch
 from qmpwatch.session.deathwatch import Witness, find_cause
 from qmpwatch.session.link import (
@@ -34,6 +35,7 @@ from qmpwatch.session.link import (
     LinkClosed,
     StatusRefused,
 )
+from qmpwatch.session.protectionprobe import probe
 from qmpwatch.session.storage import disks
 
 # Failures that mean no QEMU is behind the VM's socket (it went away while nobody watched),
@@ -139,6 +141,9 @@ class VmSession:
         self._changes_at_reply = 0  # watch.run_changes when the latest reply was read
         self.crash_cause_wait_s = CRASH_CAUSE_WAIT_S
         self._witness: Witness | None = None  # the live QEMU's PID, cgroup and unit
+        self._block: Any = None  # the latest query-block answer
+        self.protection: Protection | None = None  # as found at the latest connect
+        self.protection_ignore: tuple[str, ...] = ()  # gaps the operator accepts
         recorder.connected(False)  # every VM has its series from the start
 
     @property
@@ -211,6 +216,7 @@ class VmSession:
                         tg.create_task(self._status_worker(link)),
                         tg.create_task(self._command_worker(link)),
                         tg.create_task(self._storage_worker()),
+                        tg.create_task(self._protection_worker(link)),
                     ]
                     cause, error = await link.wait_closed()
                     for worker in workers:
@@ -269,11 +275,38 @@ class VmSession:
 
     async def _learn_disks(self, link: Link) -> None:
         """Where the VM's disks live (`query-block`), for the storage of disk alerts."""
+        self._block = None
         try:
             block = await link.execute("query-block", {})
         except (CommandFailed, LinkClosed, TimeoutError):
             return  # a restricted monitor, a link that ends: alerts go without it
+        self._block = block
         self.watch.on_disks(disks(block), time.time())
+
+    async def _protection_worker(self, link: Link) -> None:
+        """Once per link: what the VM has that makes failures visible (`vm_protection`)."""
+        found = await probe(link, self._block)
+        if found is not None:
+            self.protection = found
+            self._note_protection()
+
+    def _note_protection(self) -> None:
+        view = self.protection_view()
+        self.note("vm_protection", "warning" if view["gaps"] else "info", **view)
+
+    def protection_view(self) -> dict[str, Any]:
+        """The `protection` of `status --json` (`checked` false before any connect)."""
+        if self.protection is None:
+            return dict(UNCHECKED)
+        return self.protection.view(self.protection_ignore)
+
+    def ignore_gaps(self, ignore: tuple[str, ...]) -> None:
+        """The operator's accepted gaps (a reload): a changed set is a new record."""
+        if ignore == self.protection_ignore:
+            return
+        self.protection_ignore = ignore
+        if self.protection is not None:
+            self._note_protection()
 
     def _set_state(self, state: RunState) -> None:
         was_connected = self.connected
