@@ -28,7 +28,8 @@ GUARDED = LabSpec(
     extra_args=("-device", "pvpanic", "-action", "panic=pause"),
 )
 DOG_NONE = LabSpec(
-    "dognone", extra_args=("-device", "i6300esb", "-action", "watchdog=none", "-device", "pvpanic-pci")
+    "dognone",
+    extra_args=("-device", "i6300esb", "-action", "watchdog=none", "-device", "pvpanic-pci"),
 )
 
 
@@ -42,9 +43,7 @@ async def qmpwatch(*args: str) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
-async def test_protection_gaps_in_status_record_and_metrics(
-    tmp_path: Path, sock_dir: Path
-) -> None:
+async def test_protection_gaps_in_status_record_and_metrics(tmp_path: Path, sock_dir: Path) -> None:
     """Each VM's gaps (none for the guarded one) in status --json, status, vm_protection and
     the gap metric; a gap ignored for one VM is listed as ignored and has no series."""
     port = free_tcp_port()
