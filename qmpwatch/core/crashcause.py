@@ -75,7 +75,14 @@ def from_kernel_log(lines: Iterable[str], pid: int) -> CrashCause | None:
     for line in lines:
         context = _OOM_CONTEXT.search(line)
         if context is not None and int(context["pid"]) == pid:
+            # Printed before the kill; its "Killed process" line (with anon-rss) follows.
             memcg = context["memcg"]
+            found = CrashCause(
+                "oom_kill",
+                f"killed by the kernel's OOM killer (memory cgroup {memcg})",
+                "kernel_log",
+                {"pid": pid, "memory_cgroup": memcg},
+            )
             continue
         oom = _OOM.search(line)
         if oom is not None and int(oom["pid"]) == pid:
@@ -242,9 +249,12 @@ def decide(found: Iterable[CrashCause | None]) -> CrashCause:
 
 
 def settled(cause: CrashCause) -> bool:
-    """Whether nothing later can explain more (stop waiting for other reports)."""
+    """Whether nothing later can explain more (stop waiting for other reports): an OOM kill
+    with its "Killed process" line, a core dump, or what systemd or the exit status said."""
+    if cause.kind == "oom_kill":
+        return cause.source != "kernel_log" or "anon_rss_bytes" in cause.details
     return (
-        cause.kind in ("oom_kill", "core_dump")
+        cause.kind == "core_dump"
         or cause.source in ("unit", "exit_status")
         or (cause.kind == "segfault" and "core dumped" in cause.words)
     )

@@ -161,14 +161,41 @@ async def _tool(*argv: str) -> str | None:
     return out.decode("utf-8", "replace") if proc.returncode == 0 else None
 
 
+JOURNAL_DIRS = ("/run/log/journal", "/var/log/journal")
+
+
+def journal_present() -> bool:
+    """Whether a journal with files is readable here (journalctl says nothing otherwise)."""
+    for top in JOURNAL_DIRS:
+        with contextlib.suppress(OSError), os.scandir(top) as entries:
+            for sub in entries:
+                if sub.is_dir() and os.access(sub.path, os.R_OK | os.X_OK):
+                    return True
+    return False
+
+
+def exit_state(pid: int) -> tuple[str, int | None]:
+    """("alive" | "zombie" | "gone", the wait status of a zombie) from /proc/PID/stat."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "gone", None
+    fields = text.rpartition(")")[2].split()
+    if not fields or fields[0] != "Z":
+        return ("alive" if fields and fields[0] != "X" else "gone"), None
+    code = fields[49] if len(fields) > 49 else ""
+    return "zombie", int(code) if code.isdigit() else None
+
+
 class _Readers:
     """The host's reports about one dead QEMU, each read as often as it may change."""
 
     def __init__(self, w: Witness) -> None:
         self.w = w
         self.kmsg_readable = True
-        self.journal_usable = True
+        self.journal_usable = journal_present()
         self.unit_cause: CrashCause | None = None
+        self.exited = False  # the process has finished exiting (gone, or a zombie)
 
     async def kernel(self) -> CrashCause | None:
         w = self.w
@@ -217,6 +244,21 @@ class _Readers:
         self.unit_cause = crashcause.from_unit(w.unit, props, w.pid)
         return self.unit_cause
 
+    def exit_status(self) -> CrashCause | None:
+        """A zombie's wait status (a parent that has not reaped it yet, e.g. qmpwatch's own
+        child); also notes whether the process has finished exiting."""
+        state, status = exit_state(self.w.pid)
+        self.exited = state != "alive"
+        if status is None or not status & 0x7F:
+            return None
+        return crashcause.from_exit_status("dumped" if status & 0x80 else "killed", status & 0x7F)
+
+    def nothing_more(self) -> bool:
+        """Whether no report can still come: the kernel log is read as the kernel writes it,
+        no journal can bring a core dump, systemd has spoken, and the process is gone."""
+        unit_done = not self.w.unit or self.unit_cause is not None
+        return self.kmsg_readable and not self.journal_usable and unit_done and self.exited
+
     async def cgroup(self) -> CrashCause | None:
         w = self.w
         if not w.oom_file:
@@ -245,7 +287,9 @@ async def find_cause(
                 )
         except TimeoutError:
             return cause
-        cause = crashcause.decide([base, *found])
-        if crashcause.settled(cause) or time.monotonic() + POLL_S >= deadline:
+        cause = crashcause.decide([base, readers.exit_status(), *found])
+        if crashcause.settled(cause) or readers.nothing_more():
+            return cause
+        if time.monotonic() + POLL_S >= deadline:
             return cause
         await asyncio.sleep(POLL_S)

@@ -148,9 +148,9 @@ class QmpLink:
         try:
             async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
                 await self.client.disconnect()
-        except (EOFError, ConnectionResetError):
-            # A reset is QEMU gone with a command of ours unread (the protection check's
-            # queries right after connect): as much an end of file as a plain EOF.
+        except (EOFError, ConnectionError):
+            # A reset or broken pipe is QEMU gone with a command of ours unread (the
+            # protection check's queries right after connect): as much an end of file as EOF.
             return "eof", ""
         except TimeoutError:
             return "error", "disconnect timed out"

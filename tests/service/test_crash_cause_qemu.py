@@ -57,13 +57,16 @@ async def test_oom_kill_is_named_in_vm_crashed(tmp_path: Path) -> None:
 
 
 async def test_kill_9_by_a_person_blames_no_oom(tmp_path: Path) -> None:
-    """A QEMU killed with kill -9 by a person: vm_crashed says the cause is unknown, and blames
-    no OOM kill."""
+    """A QEMU killed with kill -9 by a person: vm_crashed blames no OOM kill (the cause is
+    unknown, or signal 9 when its exit status could be read)."""
     async with LabVM.start(LabSpec(name="k9"), tmp_path) as vm:  # noqa: SIM117 (the daemon needs vm)
         async with DaemonProcess.start(lab_config(tmp_path, vm)) as daemon:
             await daemon.wait_for("vm_connected", vm="k9", timeout=20)
             await vm.kill()
             alert = await daemon.wait_for("alert", alert="vm_crashed", timeout=20)
-    assert alert["details"]["crash_cause"] == "unknown", alert
+    # The test (QEMU's parent) reaps it at once; a zombie seen first gives its signal.
+    cause = alert["details"]["crash_cause"]
+    assert cause in ("unknown", "signal"), alert
     assert "OOM killer" not in alert["summary"]
-    assert "the cause is unknown" in alert["summary"]
+    words = "the cause is unknown" if cause == "unknown" else "killed by signal 9 (KILL)"
+    assert words in alert["summary"]
