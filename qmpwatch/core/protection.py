@@ -248,7 +248,7 @@ def _writable_disks(block: Any) -> list[tuple[str, list[str]]]:
         qdev_id = qdev.rsplit("/", 1)[-1] if qdev and "peripheral-anon" not in qdev else ""
         keys = [
             k
-            for k in (dev.get("device"), inserted.get("node-name"), qdev_id)
+            for k in (dev.get("device"), qdev_id, inserted.get("node-name"))
             if isinstance(k, str) and k
         ]
         if keys:

@@ -14,8 +14,8 @@ from qmpwatch.alerts.links import RUNBOOK_DIR, Links, external_url, links_for, r
 from qmpwatch.core.alert import KINDS
 from qmpwatch.core.config import AlertConfig, parse_config_text
 from qmpwatch.core.crashcause import KINDS as CAUSE_KINDS
-from qmpwatch.core.protection import GAPS
 from qmpwatch.core.errors import ConfigError
+from qmpwatch.core.protection import GAPS
 from qmpwatch.service.httpserver import Health, HttpServer
 from qmpwatch.service.metrics import Metrics
 
