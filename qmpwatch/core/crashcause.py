@@ -68,9 +68,10 @@ def _gib(kib: int) -> str:
     return f"{kib / 1024:.0f} MiB"
 
 
-def from_kernel_log(lines: Iterable[str], pid: int) -> CrashCause | None:
-    """An OOM kill, segfault or trap of `pid` in kernel log lines (the newest wins)."""
-    memcg = ""
+def from_kernel_log(lines: Iterable[str], pid: int, memcg: str = "") -> CrashCause | None:
+    """An OOM kill, segfault or trap of `pid` in kernel log lines (the newest wins). `memcg`:
+    the memory cgroup QEMU was in, for when the kernel's rate limit dropped its `oom-kill:`
+    line (10 dumps per 5 s) and only `Killed process` says it was a cgroup's OOM."""
     found: CrashCause | None = None
     for line in lines:
         context = _OOM_CONTEXT.search(line)

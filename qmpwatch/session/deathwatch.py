@@ -202,7 +202,7 @@ class _Readers:
         if self.kmsg_readable:
             lines = await asyncio.to_thread(read_kmsg, w.since_mono)
             if lines is not None:
-                return crashcause.from_kernel_log(lines, w.pid)
+                return crashcause.from_kernel_log(lines, w.pid, w.memcg)
             self.kmsg_readable = False
         if not self.journal_usable:
             return None
@@ -213,7 +213,7 @@ class _Readers:
         if out is None:
             self.journal_usable = False
             return None
-        return crashcause.from_kernel_log(out.splitlines(), self.w.pid)
+        return crashcause.from_kernel_log(out.splitlines(), w.pid, w.memcg)
 
     async def coredump(self) -> CrashCause | None:
         if not self.journal_usable:

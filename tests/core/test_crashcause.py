@@ -24,6 +24,14 @@ def test_a_memcg_oom_kill_names_the_cgroup_and_anon_rss() -> None:
     assert cc.settled(cause)
 
 
+def test_a_rate_limited_oom_dump_takes_the_cgroup_qmpwatch_knew() -> None:
+    """Without the kernel's `oom-kill:` line (rate-limited), the cgroup QEMU was in names it."""
+    cause = cc.from_kernel_log(OOM_LINES[1:], PID, "/machine/web01")
+    assert cause is not None
+    assert cause.details["memory_cgroup"] == "/machine/web01"
+    assert "(memory cgroup /machine/web01, anon-rss 4.1 GiB)" in cause.words
+
+
 def test_the_context_line_alone_is_an_oom_kill_not_yet_settled() -> None:
     """The line printed before the kill already names the victim; its anon-rss follows."""
     cause = cc.from_kernel_log(OOM_LINES[:1], PID)
