@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from qmpwatch.lab import LabSpec, LabVM
+from tests.service.test_status import status_doc
+from tests.support.alertmanager import running_alertmanager
 from tests.support.daemon_harness import DaemonProcess, lab_config
 from tests.support.memcg import MemcgUnavailable, MemoryCgroup
+from tests.support.ports import free_tcp_port
 
 pytestmark = pytest.mark.qemu
 
@@ -35,17 +38,36 @@ def memcg() -> MemoryCgroup:
 
 async def test_oom_kill_is_named_in_vm_crashed(tmp_path: Path) -> None:
     """A QEMU OOM-killed in its memory cgroup: vm_crashed names the OOM killer, the cgroup and
-    the anon-rss, and status says why."""
+    the anon-rss, in the record, in a real Alertmanager's annotations and in status's why."""
     group = memcg()
+    port = free_tcp_port()
     try:
-        async with LabVM.start(LabSpec(name="oomvm"), tmp_path) as vm:
+        async with (
+            running_alertmanager(tmp_path / "alertmanager") as alertmanager,
+            LabVM.start(LabSpec(name="oomvm"), tmp_path) as vm,
+        ):
             group.add(vm.pid)
-            async with DaemonProcess.start(lab_config(tmp_path, vm)) as daemon:
+            cfg = lab_config(
+                tmp_path,
+                vm,
+                metrics_port=port,
+                arrays={"alert.alertmanager": [{"url": alertmanager.url}]},
+            )
+            async with DaemonProcess.start(cfg) as daemon:
                 await daemon.wait_for("vm_connected", vm="oomvm", timeout=20)
                 await oom_kill(vm)
                 alert = await daemon.wait_for("alert", alert="vm_crashed", timeout=20)
+                (posted,) = await alertmanager.wait_for(
+                    lambda a: alertmanager.find(a, alertname="vm_crashed", vm="oomvm")
+                )
+                status = await status_doc(port)
     finally:
         group.remove()
+    notes = posted["annotations"]
+    assert notes["summary"] == alert["summary"]
+    assert notes["crash_cause"] == alert["details"]["crash_cause_words"]
+    (entry,) = status["vms"]
+    assert entry["why"] == "QEMU died: " + alert["details"]["crash_cause_words"]
     details = alert["details"]
     assert details["crash_cause"] == "oom_kill", alert
     assert details["memory_cgroup"] == group.path
