@@ -37,6 +37,7 @@ class LinkInfo:
     no_shutdown: bool | None  # from QEMU's command line; None: unknown
     pid: int | None = None
     extra: dict[str, Any] | None = None  # more vm_connected fields (a domain's UUID, ...)
+    argv: tuple[str, ...] | None = None  # QEMU's command line, as read at connect
 
 
 class StatusRefused(Exception):

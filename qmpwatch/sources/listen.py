@@ -51,6 +51,7 @@ class Peer:
     pid: int
     name: str
     cmdline: QemuCommandLine
+    argv: tuple[str, ...] = ()
 
 
 def identify(conn: socket.socket) -> Peer:
@@ -67,7 +68,8 @@ def identify(conn: socket.socket) -> Peer:
         raise PeerRefused("gone", f"process {pid} went away ({err.strerror})") from None
     try:
         try:
-            cmdline = parse_cmdline(read_cmdline(pid))
+            argv = read_cmdline(pid)
+            cmdline = parse_cmdline(argv)
         except OSError as err:
             raise PeerRefused("unreadable", f"/proc/{pid}/cmdline: {err.strerror}") from None
         try:
@@ -78,7 +80,7 @@ def identify(conn: socket.socket) -> Peer:
         os.close(pidfd)
     if not _QEMU_PROGRAM.search(os.path.basename(cmdline.program)):
         raise PeerRefused("not_qemu", f"process {pid} ({cmdline.program}) is not QEMU")
-    return Peer(pid, cmdline.name or cmdline.uuid or f"pid-{pid}", cmdline)
+    return Peer(pid, cmdline.name or cmdline.uuid or f"pid-{pid}", cmdline, tuple(argv))
 
 
 class _Listener:
@@ -207,6 +209,7 @@ class ListenSource:
             where=entry.socket,
             no_shutdown=peer.cmdline.no_shutdown,
             pid=peer.pid,
+            argv=peer.argv,
         )
         try:
             await link.negotiate(self.connect.timeout_s)

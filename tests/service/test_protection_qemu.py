@@ -101,3 +101,27 @@ async def test_protection_gaps_in_status_record_and_metrics(tmp_path: Path, sock
         ("bare", "disk_errors_reported_to_guest:drive0"),
         ("dognone", "watchdog_action_none"),
     }
+
+
+async def test_a_vm_dialing_in_is_checked_from_its_own_command_line(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """A QEMU that dials in to [[listen]]: its disk policies come from the command line the
+    listener read at accept (SO_PEERCRED), its devices from QOM."""
+    listen = sock_dir / "listen.sock"
+    spec = LabSpec(
+        "dialer",
+        dial_in=listen,
+        blkdebug=BlkdebugSpec(rerror="stop", werror="ignore"),
+        extra_args=("-device", "pvpanic"),
+    )
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        sections={"connect": FAST_CONNECT},
+        arrays={"listen": [{"socket": str(listen)}]},
+    )
+    async with DaemonProcess.start(cfg) as daemon, LabVM.start(spec, sock_dir):
+        record = await daemon.wait_for("vm_protection", vm="dialer")
+    assert record["disks"] == [{"disk": "drive0", "rerror": "stop", "werror": "ignore"}]
+    assert record["gaps"] == ["no_watchdog", "disk_errors_ignored:drive0"]
