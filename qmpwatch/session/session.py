@@ -130,6 +130,8 @@ class VmSession:
         )
         self.watch.restore(list(firing), time.time())
         self.state = RunState.IDLE
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.where = ""  # the socket (or URI) of the latest link, or the one dialed
         self.since = time.time()  # when the session last came up or went down
         self.links = 0  # links watched so far
@@ -308,9 +310,17 @@ class VmSession:
         if self.protection is not None:
             self._note_protection()
 
+    async def until_idle(self) -> None:
+        """Wait until the current link has ended (a crash's cause found and alerted)."""
+        await self._idle.wait()
+
     def _set_state(self, state: RunState) -> None:
         was_connected = self.connected
         self.state = state
+        if state is RunState.IDLE:
+            self._idle.set()
+        else:
+            self._idle.clear()
         if self.connected != was_connected:
             self.since = time.time()
             self.recorder.connected(self.connected)

@@ -26,6 +26,7 @@ import structlog
 
 from qmpwatch.core.config import Config, ConnectConfig, ListenConfig
 from qmpwatch.core.errors import ConnectFailed
+from qmpwatch.session.session import CRASH_CAUSE_WAIT_S, RunState
 from qmpwatch.sources.base import SessionHost
 from qmpwatch.sources.peer import QemuCommandLine, parse_cmdline, peer_pid, read_cmdline
 from qmpwatch.sources.qmp import QmpLink
@@ -221,6 +222,12 @@ class ListenSource:
         session = self.host.open(
             peer.name, self.kind, no_shutdown=entry.no_shutdown, remediate=entry.remediate
         )
+        if session is not None and session.state is RunState.CLOSING:
+            # Its previous QEMU died and the crash's cause is being looked for (at most
+            # CRASH_CAUSE_WAIT_S): a QEMU restarted at once is that VM back, not a rival.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CRASH_CAUSE_WAIT_S + 1.0):
+                    await session.until_idle()
         if session is None or session.connected:
             holder = self.host.holder(peer.name)
             self._once(
