@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -107,7 +108,8 @@ async def test_a_vm_dialing_in_is_checked_from_its_own_command_line(
     tmp_path: Path, sock_dir: Path
 ) -> None:
     """A QEMU that dials in to [[listen]]: its disk policies come from the command line the
-    listener read at accept (SO_PEERCRED), its devices from QOM."""
+    listener read at accept (SO_PEERCRED), its devices from QOM; a reload that ignores a gap
+    logs vm_protection again without it."""
     listen = sock_dir / "listen.sock"
     spec = LabSpec(
         "dialer",
@@ -123,5 +125,13 @@ async def test_a_vm_dialing_in_is_checked_from_its_own_command_line(
     )
     async with DaemonProcess.start(cfg) as daemon, LabVM.start(spec, sock_dir):
         record = await daemon.wait_for("vm_protection", vm="dialer")
+        mark = daemon.mark()
+        text = cfg.read_text() + '[protection]\nignore = ["disk_errors_ignored"]\n'
+        cfg.write_text(text)
+        daemon.send_signal(signal.SIGHUP)
+        reloaded = await daemon.wait_for("config_reloaded", after=mark)
+        again = await daemon.wait_for("vm_protection", vm="dialer", after=mark)
     assert record["disks"] == [{"disk": "drive0", "rerror": "stop", "werror": "ignore"}]
     assert record["gaps"] == ["no_watchdog", "disk_errors_ignored:drive0"]
+    assert "protection.ignore" in reloaded["changed"]
+    assert (again["gaps"], again["ignored"]) == (["no_watchdog"], ["disk_errors_ignored:drive0"])
