@@ -18,10 +18,10 @@ PERIPHERALS = ("/machine/peripheral", "/machine/peripheral-anon")
 
 
 async def _query(link: Link, command: str, arguments: dict[str, Any]) -> Any:
-    """A query's answer; None when the monitor refuses it."""
+    """A query's answer; None when the monitor refuses it or does not answer in time."""
     try:
         return await link.execute(command, arguments)
-    except CommandFailed:
+    except (CommandFailed, TimeoutError):
         return None
 
 

@@ -200,7 +200,9 @@ class VmSession:
         self.links += 1
         self._absence_checked = True
         self.where = link.info.where
-        self._witness = Witness.of(link.info.pid) if link.info.pid is not None else None
+        pid = link.info.pid
+        # A monitor served by this very process (a test's fake QEMU) has no QEMU to ask about.
+        self._witness = Witness.of(pid) if pid is not None and pid != os.getpid() else None
         if self.no_shutdown == "auto":
             watch.no_shutdown = bool(link.info.no_shutdown)
         else:
@@ -218,7 +220,6 @@ class VmSession:
                         tg.create_task(self._status_worker(link)),
                         tg.create_task(self._command_worker(link)),
                         tg.create_task(self._storage_worker()),
-                        tg.create_task(self._protection_worker(link)),
                     ]
                     cause, error = await link.wait_closed()
                     for worker in workers:
@@ -260,6 +261,9 @@ class VmSession:
             return False, False, f"resync failed: {err}"
         as_of = self._changes_at_reply
         await self._learn_disks(link)
+        # Before vm_connected, as query-block: queries racing a peer that hangs up at once
+        # could cost the tail of what it sent (a failed write ends qemu.qmp's reader).
+        found = await probe(link, self._block)
         info = link.info
         fields: dict[str, Any] = {
             "socket": info.where,
@@ -271,6 +275,9 @@ class VmSession:
         if info.extra:
             fields.update(info.extra)
         self.watch.on_connected(time.time(), status, fields, as_of)
+        if found is not None:
+            self.protection = found
+            self._note_protection()
         self._store_status()
         self._arm_deadline()
         return True, False, ""
@@ -284,13 +291,6 @@ class VmSession:
             return  # a restricted monitor, a link that ends: alerts go without it
         self._block = block
         self.watch.on_disks(disks(block), time.time())
-
-    async def _protection_worker(self, link: Link) -> None:
-        """Once per link: what the VM has that makes failures visible (`vm_protection`)."""
-        found = await probe(link, self._block)
-        if found is not None:
-            self.protection = found
-            self._note_protection()
 
     def _note_protection(self) -> None:
         view = self.protection_view()
