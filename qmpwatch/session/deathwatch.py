@@ -3,7 +3,7 @@
 While QEMU lives (`Witness.of`, at connect): its PID, the memory cgroup it runs in and that
 cgroup's OOM-kill count, and the systemd unit whose process it is (from /proc/PID/cgroup).
 When it dies without a clean end (`find_cause`), until `wait_s` has passed or a cause is
-settled, every 0.1 s: the kernel log (/dev/kmsg where readable, else `journalctl --dmesg`,
+settled, every 0.2 s: the kernel log (/dev/kmsg where readable, else `journalctl --dmesg`,
 which needs the journal's group: `systemd-journal`), systemd-coredump's journal entries for
 the PID, the unit's `systemctl show` (Result=, ExecMainStatus=) and the cgroup's OOM-kill
 count. File reads run in a thread; journalctl and systemctl are child processes with a
@@ -23,7 +23,8 @@ from qmpwatch.core import crashcause
 from qmpwatch.core.crashcause import CrashCause
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-POLL_S = 0.1
+POLL_S = 0.2
+RECENT_S = 30.0  # reports older than this at the death are about something else
 TOOL_TIMEOUT_S = 1.0  # one journalctl or systemctl run
 KMSG = "/dev/kmsg"
 KMSG_MAX_RECORDS = 20_000  # the ring buffer holds far fewer; a bound all the same
@@ -192,6 +193,10 @@ class _Readers:
 
     def __init__(self, w: Witness) -> None:
         self.w = w
+        # From the connect, but no further back than RECENT_S: what killed QEMU is logged in
+        # the moment before its end, and a journal scan of months could miss its deadline.
+        self.since_mono = max(w.since_mono, time.monotonic() - RECENT_S)
+        self.since_real = max(w.since_real, time.time() - RECENT_S)
         self.kmsg_readable = True
         self.journal_usable = journal_present()
         self.unit_cause: CrashCause | None = None
@@ -200,7 +205,7 @@ class _Readers:
     async def kernel(self) -> CrashCause | None:
         w = self.w
         if self.kmsg_readable:
-            lines = await asyncio.to_thread(read_kmsg, w.since_mono)
+            lines = await asyncio.to_thread(read_kmsg, self.since_mono)
             if lines is not None:
                 return crashcause.from_kernel_log(lines, w.pid, w.memcg)
             self.kmsg_readable = False
@@ -208,7 +213,7 @@ class _Readers:
             return None
         out = await _tool(
             "journalctl", "--dmesg", "-q", "--no-pager", "-o", "cat",
-            f"--since=@{int(w.since_real - SINCE_MARGIN_S)}",
+            f"--since=@{int(self.since_real - SINCE_MARGIN_S)}",
         )  # fmt: skip
         if out is None:
             self.journal_usable = False
@@ -220,7 +225,7 @@ class _Readers:
             return None
         out = await _tool(
             "journalctl", "-q", "--no-pager", "-o", "export", f"COREDUMP_PID={self.w.pid}",
-            f"--since=@{int(self.w.since_real - SINCE_MARGIN_S)}",
+            f"--since=@{int(self.since_real - SINCE_MARGIN_S)}",
         )  # fmt: skip
         if not out:
             return None
