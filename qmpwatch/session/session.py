@@ -239,7 +239,12 @@ class VmSession:
                     ended = closed  # QEMU had gone already (its socket's removal stopped us)
             self._ended(*ended)
             raise
-        self._ended(cause, error, await self._crash_cause(cause, error))
+        try:
+            crash = await self._crash_cause(cause, error)
+        except asyncio.CancelledError:  # stopping while the cause is looked for: the end stands
+            self._ended(cause, error)
+            raise
+        self._ended(cause, error, crash)
 
     # -- one link ------------------------------------------------------------------------------
 
