@@ -26,7 +26,7 @@ GUARDED = LabSpec(
     no_shutdown=True,
     watchdog_action="pause",
     blkdebug=BlkdebugSpec(rerror="stop", werror="stop"),
-    extra_args=("-device", "pvpanic", "-action", "panic=pause"),
+    extra_args=("-device", "pvpanic", "-action", "panic=pause", "-cpu", "qemu64,hv-crash"),
 )
 DOG_NONE = LabSpec(
     "dognone",
@@ -80,7 +80,7 @@ async def test_protection_gaps_in_status_record_and_metrics(tmp_path: Path, sock
     assert doc["bare"]["ignored"] == ["no_watchdog"]
     assert doc["bare"]["disks"] == [{"disk": "drive0", "rerror": "report", "werror": "enospc"}]
     assert doc["guarded"]["gaps"] == []
-    assert doc["guarded"]["panic_devices"] == ["pvpanic"]
+    assert doc["guarded"]["panic_devices"] == ["pvpanic", "hyperv-crash"]
     assert doc["guarded"]["panic_action"] == "pause"
     assert doc["guarded"]["watchdogs"] == ["ib700"]
     assert doc["guarded"]["watchdog_action"] == "pause"
