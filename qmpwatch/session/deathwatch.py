@@ -198,7 +198,7 @@ class _Readers:
         self.since_mono = max(w.since_mono, time.monotonic() - RECENT_S)
         self.since_real = max(w.since_real, time.time() - RECENT_S)
         self.kmsg_readable = True
-        self.journal_usable = journal_present()
+        self.journal_usable = False  # find_cause looks (off the loop: /var is a disk)
         self.unit_cause: CrashCause | None = None
         self.exited = False  # the process has finished exiting (gone, or a zombie)
 
@@ -284,6 +284,11 @@ async def find_cause(
     readers = _Readers(witness)
     deadline = time.monotonic() + wait_s
     cause = crashcause.decide([base])
+    try:
+        async with asyncio.timeout(wait_s):
+            readers.journal_usable = await asyncio.to_thread(journal_present)
+    except TimeoutError:
+        return cause
     while True:
         try:
             async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
