@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from qmpwatch.core.config import Config
+from qmpwatch.core.protection import describe
 from qmpwatch.core.text import printable
 from qmpwatch.output.console import renderer
 
@@ -151,10 +152,17 @@ def format_status(doc: dict[str, Any], now: float) -> str:
                 vm.get("why") or "",
             )
         )
-        alerts[len(rows) - 1] = _agent_line(vm.get("agent_port"), now) + [
-            f"  ! {a['severity']} {a['alert']} since {_ago(a['since'], now)}: {a['summary']}"
-            for a in vm["alerts"]
-        ]
+        alerts[len(rows) - 1] = (
+            _agent_line(vm.get("agent_port"), now)
+            + [
+                f"  ! {a['severity']} {a['alert']} since {_ago(a['since'], now)}: {a['summary']}"
+                for a in vm["alerts"]
+            ]
+            + [
+                "  - unprotected: {}: {}".format(*describe(gap))
+                for gap in (vm.get("protection") or {}).get("gaps", ())
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
     for n, row in enumerate(rows):

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from qmpwatch.core.alert import SEVERITIES, ClientStopSeverity
 from qmpwatch.core.errors import ConfigError
+from qmpwatch.core.protection import GAPS
 
 DEFAULT_PATH = Path("/etc/qmpwatch/config.toml")
 
@@ -203,6 +204,20 @@ class AlertConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProtectionConfig:
+    """Protection gaps the operator accepts ([protection] ignore; [protection.vm.NAME] ignore
+    adds to it for one VM). A gap is named in full (`disk_errors_ignored:drive1`) or by its
+    kind alone (every disk's)."""
+
+    ignore: tuple[str, ...] = ()
+    vms: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (VM name, its own ignore list)
+
+    def ignored_for(self, vm: str) -> tuple[str, ...]:
+        own = next((names for name, names in self.vms if name == vm), ())
+        return self.ignore + tuple(n for n in own if n not in self.ignore)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     connect: ConnectConfig = field(default_factory=ConnectConfig)
@@ -214,6 +229,7 @@ class Config:
     discover: tuple[DiscoverConfig, ...] = ()
     listen: tuple[ListenConfig, ...] = ()
     libvirt: tuple[LibvirtConfig, ...] = ()
+    protection: ProtectionConfig = field(default_factory=ProtectionConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,6 +608,33 @@ def _parse_listen(
     return tuple(out)
 
 
+def _gap_names(problems: list[str]) -> Callable[[str, Any], tuple[str, ...] | None]:
+    def check(key: str, value: Any) -> tuple[str, ...] | None:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{key}: expected an array of gap names, got {_show(value)}")
+            return None
+        for i, name in enumerate(value):
+            if name.partition(":")[0] not in GAPS:
+                known = ", ".join(sorted(GAPS))
+                problems.append(f"{key}[{i}]: unknown gap {_show(name)} (known: {known})")
+                return None
+        return tuple(value)
+
+    return check
+
+
+def _parse_protection(r: _Reader, problems: list[str]) -> ProtectionConfig:
+    ignore: tuple[str, ...] = r.get("ignore", _gap_names(problems), ())
+    per_vm = r.table_at("vm")
+    vms = []
+    for name in per_vm.table:
+        own = per_vm.table_at(name)
+        vms.append((name, own.get("ignore", _gap_names(problems), ())))
+        own.finish()
+    r.finish()
+    return ProtectionConfig(ignore, tuple(vms))
+
+
 def _parse_libvirt(readers: list[_Reader], problems: list[str]) -> tuple[LibvirtConfig, ...]:
     out: list[LibvirtConfig] = []
     seen: dict[str, str] = {}
@@ -739,6 +782,7 @@ def parse_config(table: Mapping[str, Any]) -> Config:
         discover=_parse_discover(root.array_of_tables("discover"), problems, remediate),
         listen=_parse_listen(root.array_of_tables("listen"), problems, remediate),
         libvirt=_parse_libvirt(root.array_of_tables("libvirt"), problems),
+        protection=_parse_protection(root.table_at("protection"), problems),
     )
     root.finish()
     if problems:

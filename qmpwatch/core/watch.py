@@ -29,6 +29,7 @@ from qmpwatch.core.alert import (
     resolved_summary,
 )
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig, RemediateConfig
+from qmpwatch.core.crashcause import CrashCause
 from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import (
     BlockIoError,
@@ -322,9 +323,19 @@ class VmWatch:
         """qmpwatch stops watching this VM for good: every firing alert resolves, saying why."""
         self._resolve(now, lambda a: True, reason)
 
-    def on_disconnected(self, now: float, cause: str, error: str = "") -> None:
+    def ends_in_crash(self, cause: str) -> bool:
+        """Whether a session ending with `cause` now would be a crash (`vm_crashed`): the
+        session asks before it looks for the crash's cause."""
+        if cause in ("closed", "exited") or self.saw_shutdown:
+            return False
+        return not any(e.rule.expected == QEMU_EXIT for e in self.tracker.pending)
+
+    def on_disconnected(
+        self, now: float, cause: str, error: str = "", crash: CrashCause | None = None
+    ) -> None:
         """The session ended: `cause` is "eof", "error", "closed" (qmpwatch closed it) or
-        "exited" (QEMU's manager says it ended on purpose: a clean end, SHUTDOWN or not)."""
+        "exited" (QEMU's manager says it ended on purpose: a clean end, SHUTDOWN or not);
+        `crash`: why QEMU died, as the host reported it (for a crash)."""
         self.tick(now)  # a deadline already over is missed, even if no tick() came in time
         exited = self.tracker.satisfy(QEMU_EXIT, now) if cause != "closed" else []
         self._ended(exited)
@@ -348,14 +359,21 @@ class VmWatch:
             else:
                 self._set_status(None, now)
                 self._incident(now, "crash")
+                gone = error or "end of file on the monitor"
+                details: dict[str, Any] = {"error": error}
+                if crash is None:
+                    summary = f"went away without a SHUTDOWN event (crashed or killed): {gone}"
+                else:
+                    summary = f"went away without a SHUTDOWN event: {crash.words}"
+                    details.update(crash.fields())
+                    self.status_why = f"QEMU died: {crash.words}"
                 self._raise(
                     now,
                     "vm_crashed",
                     "critical",
-                    f"QEMU of VM {self.vm} went away without a SHUTDOWN event "
-                    f"(crashed or killed): {error or 'end of file on the monitor'}",
+                    f"QEMU of VM {self.vm} {summary}",
                     cause="EOF",
-                    details={"error": error},
+                    details=details,
                 )
         self.saw_shutdown = False
         self.stopped = None

@@ -124,6 +124,25 @@ class _StatusGauges(Collector):
         yield running
 
 
+class _ProtectionGaps(Collector):
+    """`qmpwatch_vm_protection_gap{vm,gap}`: 1 for each gap the VM's latest `vm_protection`
+    record named; a gap closed (or silenced) has no series."""
+
+    def __init__(self) -> None:
+        self.gaps_of_vm: dict[str, tuple[str, ...]] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "qmpwatch_vm_protection_gap",
+            "1 for each protection gap of the VM (a failure QEMU would not report).",
+            labels=["vm", "gap"],
+        )
+        for vm, gaps in list(self.gaps_of_vm.items()):
+            for gap in gaps:
+                family.add_metric([vm, gap], 1)
+        yield family
+
+
 class _EventCounter(Collector):
     """`qmpwatch_events_total{vm,event}`, read from the VMs' `EventMeter`s at scrape time."""
 
@@ -196,6 +215,8 @@ class Metrics:
         self._statuses = _StatusGauges()
         r.register(self._statuses)
         self._status_of_vm = self._statuses.status_of_vm
+        self._gaps = _ProtectionGaps()
+        r.register(self._gaps)
         self._disconnects = Counter(
             "qmpwatch_disconnects",
             "QMP sessions ended, by cause (shutdown, eof, error, closed).",
@@ -269,6 +290,8 @@ class Metrics:
         elif kind == "vm_disconnected":
             self.set_connected(vm, False)
             self._child(self._disconnects, vm, fields.get("cause", "unknown")).inc()
+        elif kind == "vm_protection":
+            self._gaps.gaps_of_vm[vm] = tuple(fields.get("gaps", ()))
 
     # -- setters --------------------------------------------------------------------------
 
@@ -308,6 +331,7 @@ class Metrics:
             metric.remove(*labels)
             self._children.pop((metric, labels), None)
         self._status_of_vm.pop(vm, None)
+        self._gaps.gaps_of_vm.pop(vm, None)
         self._events.meters.pop(vm, None)
 
     # -- output ---------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def vm_status(name: str, held: Held) -> dict[str, Any]:
         "status_since": _iso(watch.status_since),
         "why": watch.status_why,
         "agent_port": _agent_port(watch.agent.fields()),
+        "protection": session.protection_view(),
         "alerts": [
             {
                 "alert": a.kind,

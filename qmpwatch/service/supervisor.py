@@ -47,10 +47,11 @@ class Supervisor:
         """Reconcile every source with `config` (or the current one)."""
         if config is not None:
             self.config = config
-            for held in self.sessions.values():
+            for name, held in self.sessions.items():
                 held.session.reconfigure(
                     config.followup, config.lifecycle, config.alert.client_stop_severity
                 )
+                held.session.ignore_gaps(config.protection.ignored_for(name))
         for kind in registry.SOURCES:
             source = self.sources.get(kind)
             if source is None:
@@ -84,6 +85,7 @@ class Supervisor:
             firing=self._restored.pop(name, ()),
             remediate=remediate if remediate is not None else config.remediate,
         )
+        session.ignore_gaps(config.protection.ignored_for(name))
         self.services.store.set_source(name, source)
         self.sessions[name] = _Held(session, source)
         self._changed()

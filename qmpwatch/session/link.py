@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from qmpwatch.core.errors import DecodeError
 
@@ -37,6 +37,7 @@ class LinkInfo:
     no_shutdown: bool | None  # from QEMU's command line; None: unknown
     pid: int | None = None
     extra: dict[str, Any] | None = None  # more vm_connected fields (a domain's UUID, ...)
+    argv: tuple[str, ...] | None = None  # QEMU's command line, as read at connect
 
 
 class StatusRefused(Exception):
@@ -67,6 +68,15 @@ class Link(Protocol):
 
     async def close(self) -> tuple[EndCause, str]:
         """Hang up (bounded in time); how the link had ended, as `wait_closed` says."""
+
+
+@runtime_checkable
+class DomainDescriber(Protocol):
+    """A link whose VM's manager describes its configuration (libvirt's domain XML), so the
+    session asks that instead of sending QMP queries."""
+
+    async def domain_xml(self) -> str:
+        """The domain's XML; raises `LinkClosed` when it cannot be read."""
 
 
 class CommandFailed(Exception):

@@ -22,10 +22,13 @@ import structlog
 from qmpwatch.core import agent
 from qmpwatch.core.alert import Alert, ClientStopSeverity
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig, NoShutdown, RemediateConfig
+from qmpwatch.core.crashcause import CrashCause, libvirt_stop_reason
 from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import Control, Event, decode_object
+from qmpwatch.core.protection import UNCHECKED, Protection
 from qmpwatch.core.watch import VmWatch
 from qmpwatch.session.agentports import agent_ports
+from qmpwatch.session.deathwatch import Witness, find_cause
 from qmpwatch.session.link import (
     CommandFailed,
     EndCause,
@@ -34,12 +37,14 @@ from qmpwatch.session.link import (
     LinkClosed,
     StatusRefused,
 )
+from qmpwatch.session.protectionprobe import probe
 from qmpwatch.session.storage import disks, filling
 
 # Failures that mean no QEMU is behind the VM's socket (it went away while nobody watched),
 # as opposed to a QEMU that is there but cannot be reached.
 ABSENT_REASONS = frozenset({"missing", "refused", "not_reconnected"})
 STATVFS_TIMEOUT_S = 5.0
+CRASH_CAUSE_WAIT_S = 2.0  # how long a vm_crashed alert waits for the host to say why
 COMMANDS_MAX = 16  # commands of the core waiting to be sent (a few: one resume at a time)
 
 
@@ -127,6 +132,8 @@ class VmSession:
         )
         self.watch.restore(list(firing), time.time())
         self.state = RunState.IDLE
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.where = ""  # the socket (or URI) of the latest link, or the one dialed
         self.since = time.time()  # when the session last came up or went down
         self.links = 0  # links watched so far
@@ -136,6 +143,11 @@ class VmSession:
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._deadline_at: float | None = None
         self._changes_at_reply = 0  # watch.run_changes when the latest reply was read
+        self.crash_cause_wait_s = CRASH_CAUSE_WAIT_S
+        self._witness: Witness | None = None  # the live QEMU's PID, cgroup and unit
+        self._block: Any = None  # the latest query-block answer
+        self.protection: Protection | None = None  # as found at the latest connect
+        self.protection_ignore: tuple[str, ...] = ()  # gaps the operator accepts
         recorder.connected(False)  # every VM has its series from the start
 
     @property
@@ -190,6 +202,9 @@ class VmSession:
         self.links += 1
         self._absence_checked = True
         self.where = link.info.where
+        pid = link.info.pid
+        # A monitor served by this very process (a test's fake QEMU) has no QEMU to ask about.
+        self._witness = Witness.of(pid) if pid is not None and pid != os.getpid() else None
         if self.no_shutdown == "auto":
             watch.no_shutdown = bool(link.info.no_shutdown)
         else:
@@ -226,7 +241,12 @@ class VmSession:
                     ended = closed  # QEMU had gone already (its socket's removal stopped us)
             self._ended(*ended)
             raise
-        self._ended(cause, error)
+        try:
+            crash = await self._crash_cause(cause, error)
+        except asyncio.CancelledError:  # stopping while the cause is looked for: the end stands
+            self._ended(cause, error)
+            raise
+        self._ended(cause, error, crash)
 
     # -- one link ------------------------------------------------------------------------------
 
@@ -249,6 +269,9 @@ class VmSession:
         as_of = self._changes_at_reply
         await self._learn_disks(link)
         ports = await self._agent_ports(link)
+        # Before vm_connected, as query-block: queries racing a peer that hangs up at once
+        # could cost the tail of what it sent (a failed write ends qemu.qmp's reader).
+        found = await probe(link, self._block)
         info = link.info
         fields: dict[str, Any] = {
             "socket": info.where,
@@ -262,6 +285,9 @@ class VmSession:
         self.watch.on_connected(time.time(), status, fields, as_of)
         if ports is not None:
             agent.learned(self.watch, ports, time.time())
+        if found is not None:
+            self.protection = found
+            self._note_protection()
         self._store_status()
         self._arm_deadline()
         return True, False, ""
@@ -269,10 +295,12 @@ class VmSession:
     async def _learn_disks(self, link: Link, *, if_changed: bool = False) -> None:
         """Where the VM's disks live (`query-block`), for the storage of disk alerts (with
         `if_changed`, told to the core only when an image or a size changed)."""
+        self._block = None
         try:
             block = await link.execute("query-block", {})
         except (CommandFailed, LinkClosed, TimeoutError):
             return  # a restricted monitor, a link that ends: alerts go without it
+        self._block = block
         found = disks(block)
         if not if_changed or found != self.watch.disks:
             self.watch.on_disks(found, time.time())
@@ -285,16 +313,56 @@ class VmSession:
         except (CommandFailed, LinkClosed, TimeoutError):
             return None  # a restricted monitor, a link that ends: known from its next change
 
+    def _note_protection(self) -> None:
+        view = self.protection_view()
+        self.note("vm_protection", "warning" if view["gaps"] else "info", **view)
+
+    def protection_view(self) -> dict[str, Any]:
+        """The `protection` of `status --json` (`checked` false before any connect)."""
+        if self.protection is None:
+            return dict(UNCHECKED)
+        return self.protection.view(self.protection_ignore)
+
+    def ignore_gaps(self, ignore: tuple[str, ...]) -> None:
+        """The operator's accepted gaps (a reload): a changed set is a new record."""
+        if ignore == self.protection_ignore:
+            return
+        self.protection_ignore = ignore
+        if self.protection is not None:
+            self._note_protection()
+
+    async def until_idle(self) -> None:
+        """Wait until the current link has ended (a crash's cause found and alerted)."""
+        await self._idle.wait()
+
     def _set_state(self, state: RunState) -> None:
         was_connected = self.connected
         self.state = state
+        if state is RunState.IDLE:
+            self._idle.set()
+        else:
+            self._idle.clear()
         if self.connected != was_connected:
             self.since = time.time()
             self.recorder.connected(self.connected)
 
-    def _ended(self, cause: EndCause, error: str) -> None:
+    async def _crash_cause(self, cause: EndCause, error: str) -> CrashCause | None:
+        """For a crash, why QEMU died: the host's reports about its PID (or libvirt's
+        reason), waited for at most `crash_cause_wait_s` (docs/architecture.md)."""
+        if not self.watch.ends_in_crash(cause):
+            return None
+        self._set_state(RunState.CLOSING)
+        try:
+            return await find_cause(
+                self._witness, self.crash_cause_wait_s, libvirt_stop_reason(error)
+            )
+        except Exception as err:  # a reader's bug must not lose the crash alert
+            self.log.error("internal_error", error=repr(err), where="crash cause")
+            return None
+
+    def _ended(self, cause: EndCause, error: str, crash: CrashCause | None = None) -> None:
         self._set_state(RunState.IDLE)
-        self.watch.on_disconnected(time.time(), cause, error)
+        self.watch.on_disconnected(time.time(), cause, error, crash)
         self._store_status()
         self._arm_deadline()  # a crash loop's quiet time goes on between links
 

@@ -140,13 +140,14 @@ class Dialer:
                     sock.close()
                     raise
                 self._check_user(sock)
-                peer, pid = self._peer(sock)
+                peer, pid, argv = self._peer(sock)
                 link = QmpLink(
                     self.target.name,
                     sock,
                     where=path,
                     no_shutdown=peer.no_shutdown if peer is not None else None,
                     pid=pid if peer is not None else None,
+                    argv=argv,
                 )
                 await link.negotiate(timeout)  # resets the link if the time runs out
         except (TimeoutError, OSError) as err:
@@ -166,13 +167,16 @@ class Dialer:
                 "not one of the glob's users",
             )
 
-    def _peer(self, sock: socket.socket) -> tuple[QemuCommandLine | None, int | None]:
-        """QEMU's command line (for `no_shutdown = "auto"`) and PID; None when unknown."""
+    def _peer(
+        self, sock: socket.socket
+    ) -> tuple[QemuCommandLine | None, int | None, tuple[str, ...] | None]:
+        """QEMU's command line (for `no_shutdown = "auto"`), PID and argv; None when unknown."""
         pid = peer_pid(sock)
         if pid is None:
-            return None, None
+            return None, None, None
         try:
-            return parse_cmdline(read_cmdline(pid)), pid
+            argv = read_cmdline(pid)
+            return parse_cmdline(argv), pid, tuple(argv)
         except OSError as err:
             if not self._cmdline_warned:
                 self._cmdline_warned = True
@@ -182,7 +186,7 @@ class Dialer:
                     error=err.strerror or str(err),
                     no_shutdown=self.target.no_shutdown is True,
                 )
-            return None, pid
+            return None, pid, None
 
 
 def _connect_failure(err: TimeoutError | OSError, path: str, timeout: float) -> ConnectFailed:

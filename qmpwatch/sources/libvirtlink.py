@@ -200,6 +200,13 @@ class DomainLink:
         (`custom-monitor`). So no query-block and no remediation for libvirt domains."""
         raise CommandFailed(f"{command}: qmpwatch sends no QMP through libvirt (it taints)")
 
+    async def domain_xml(self) -> str:
+        """The domain's XML, for its protections (reading it does not taint the domain)."""
+        try:
+            return str(self.dom.XMLDesc(0))
+        except libvirt.libvirtError as err:
+            raise LinkClosed(libvirt_words(err)) from None
+
     async def query_status(self) -> str:
         if self._end is not None:
             raise LinkClosed(self._end[1] or "the link has ended")

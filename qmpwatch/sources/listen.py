@@ -28,6 +28,7 @@ import structlog
 from qmpwatch.core.config import Config, ConnectConfig, ListenConfig
 from qmpwatch.core.errors import ConnectFailed
 from qmpwatch.core.pins import Owner, refusal
+from qmpwatch.session.session import CRASH_CAUSE_WAIT_S, RunState
 from qmpwatch.sources.base import SessionHost
 from qmpwatch.sources.peer import (
     QemuCommandLine,
@@ -61,6 +62,7 @@ class Peer:
     pid: int
     name: str
     cmdline: QemuCommandLine
+    argv: tuple[str, ...] = ()
 
 
 def identify(conn: socket.socket) -> Peer:
@@ -77,7 +79,8 @@ def identify(conn: socket.socket) -> Peer:
         raise PeerRefused("gone", f"process {pid} went away ({err.strerror})") from None
     try:
         try:
-            cmdline = parse_cmdline(read_cmdline(pid))
+            argv = read_cmdline(pid)
+            cmdline = parse_cmdline(argv)
         except OSError as err:
             raise PeerRefused("unreadable", f"/proc/{pid}/cmdline: {err.strerror}") from None
         try:
@@ -88,7 +91,7 @@ def identify(conn: socket.socket) -> Peer:
         os.close(pidfd)
     if not _QEMU_PROGRAM.search(os.path.basename(cmdline.program)):
         raise PeerRefused("not_qemu", f"process {pid} ({cmdline.program}) is not QEMU")
-    return Peer(pid, cmdline.name or cmdline.uuid or f"pid-{pid}", cmdline)
+    return Peer(pid, cmdline.name or cmdline.uuid or f"pid-{pid}", cmdline, tuple(argv))
 
 
 class _Listener:
@@ -238,6 +241,7 @@ class ListenSource:
             where=entry.socket,
             no_shutdown=peer.cmdline.no_shutdown,
             pid=peer.pid,
+            argv=peer.argv,
         )
         try:
             await link.negotiate(self.connect.timeout_s)
@@ -249,6 +253,12 @@ class ListenSource:
         session = self.host.open(
             peer.name, self.kind, no_shutdown=entry.no_shutdown, remediate=entry.remediate
         )
+        if session is not None and session.state is RunState.CLOSING:
+            # Its previous QEMU died and the crash's cause is being looked for (at most
+            # CRASH_CAUSE_WAIT_S): a QEMU restarted at once is that VM back, not a rival.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CRASH_CAUSE_WAIT_S + 1.0):
+                    await session.until_idle()
         if session is None or session.connected:
             holder = self.host.holder(peer.name)
             self._once(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -44,13 +45,14 @@ class QmpLink:
         where: str,
         no_shutdown: bool | None,
         pid: int | None,
+        argv: tuple[str, ...] | None = None,
     ) -> None:
         self._sock = sock
         self._early: list[tuple[dict[str, Any], float] | DecodeError] = []
         self.client = WatchClient(
             name, on_event=self._early_event, on_decode_error=self._early_error
         )
-        self.info = LinkInfo(where, "", no_shutdown, pid)
+        self.info = LinkInfo(where, "", no_shutdown, pid, argv=argv)
         self._end: tuple[EndCause, str] | None = None
 
     # Events that arrive with the negotiation's reply, before the session takes over.
@@ -83,9 +85,7 @@ class QmpLink:
         except Exception as err:  # qemu.qmp can raise a bare AssertionError here
             await self._reset()
             raise ConnectFailed("error", f"{type(err).__name__}: {err}") from None
-        self.info = LinkInfo(
-            self.info.where, _version(self.client), self.info.no_shutdown, self.info.pid
-        )
+        self.info = dataclasses.replace(self.info, qemu_version=_version(self.client))
 
     async def _reset(self) -> None:
         """Bring a failed client back to IDLE and close the socket, whatever state it is in."""
@@ -148,7 +148,9 @@ class QmpLink:
         try:
             async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
                 await self.client.disconnect()
-        except EOFError:
+        except (EOFError, ConnectionError):
+            # A reset or broken pipe is QEMU gone with a command of ours unread (the
+            # protection check's queries right after connect): as much an end of file as EOF.
             return "eof", ""
         except TimeoutError:
             return "error", "disconnect timed out"

@@ -13,7 +13,9 @@ import pytest
 from qmpwatch.alerts.links import RUNBOOK_DIR, Links, external_url, links_for, runbook_path
 from qmpwatch.core.alert import KINDS
 from qmpwatch.core.config import AlertConfig, parse_config_text
+from qmpwatch.core.crashcause import KINDS as CAUSE_KINDS
 from qmpwatch.core.errors import ConfigError
+from qmpwatch.core.protection import GAPS
 from qmpwatch.service.httpserver import Health, HttpServer
 from qmpwatch.service.metrics import Metrics
 
@@ -31,6 +33,27 @@ def test_every_alert_kind_has_a_runbook(kind: str) -> None:
     assert text.startswith(f"# {kind}\n")
     for section in ("## What it means", "## Check", "## Fix"):
         assert section in text, f"{path.name}: no {section!r}"
+
+
+@pytest.mark.parametrize("gap", sorted(GAPS))
+def test_every_protection_gap_has_a_runbook(gap: str) -> None:
+    """docs/runbooks/<gap>.md exists for every protection gap, is served like an alert's, and
+    names the QEMU option, the libvirt XML and the Proxmox setting that close it."""
+    path = DOCS / f"{gap}.md"
+    assert path.is_file(), f"write docs/runbooks/{gap}.md: status and vm_protection name it"
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith(f"# {gap}\n")
+    for section in ("## What it means", "## Check", "## Fix", "**QEMU**", "**libvirt**"):
+        assert section in text, f"{path.name}: no {section!r}"
+    assert "**Proxmox VE**" in text
+    assert runbook_path(gap) == RUNBOOK_DIR / f"{gap}.md"
+
+
+@pytest.mark.parametrize("cause", [*CAUSE_KINDS, "unknown"])
+def test_the_crash_runbook_covers_every_cause(cause: str) -> None:
+    """vm_crashed.md has a row for every crash cause qmpwatch can name."""
+    text = (DOCS / "vm_crashed.md").read_text(encoding="utf-8")
+    assert f"| `{cause}` |" in text
 
 
 def test_the_package_ships_the_runbooks() -> None:

@@ -572,3 +572,22 @@ def test_datetime_value_is_reported_not_crashed() -> None:
     found = problems_of("[connect]\ntimeout_s = 2024-01-01T00:00:00Z")
     when = datetime(2024, 1, 1, tzinfo=UTC)
     assert found == [f"connect.timeout_s: expected a number, got {when}"]
+
+
+def test_protection_ignore_per_vm_and_bad_names() -> None:
+    """[protection] ignore and [protection.vm.NAME] ignore add up for that VM; an unknown gap
+    is named with its key and the VM."""
+    cfg = parse_config_text(
+        '[protection]\nignore = ["no_watchdog"]\n'
+        '[protection.vm.web01]\nignore = ["disk_errors_reported_to_guest:drive0"]\n'
+    )
+    assert cfg.protection.ignored_for("web01") == (
+        "no_watchdog",
+        "disk_errors_reported_to_guest:drive0",
+    )
+    assert cfg.protection.ignored_for("db01") == ("no_watchdog",)
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text('[protection.vm.web01]\nignore = ["no_wdog"]\n')
+    assert caught.value.problems[0].startswith(
+        'protection.vm.web01.ignore[0]: unknown gap "no_wdog" (known: disk_errors_ignored,'
+    )

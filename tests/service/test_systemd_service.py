@@ -118,7 +118,7 @@ def test_make_install_puts_everything_where_the_unit_and_readme_say(svc: Service
     config = ns.path("/etc/qmpwatch/config.toml").stat()
     assert stat.S_IMODE(config.st_mode) == 0o640
     unit = ns.path(UNIT_PATH).read_text()
-    assert "SupplementaryGroups=kvm\n" in unit
+    assert "SupplementaryGroups=kvm systemd-journal\n" in unit
     assert svc.show("FragmentPath")["FragmentPath"] == UNIT_PATH
 
 
@@ -189,6 +189,28 @@ def test_a_stop_through_a_second_monitor_alerts_and_cont_resolves(svc: ServiceHo
     assert resolved["summary"] == alert["summary"]
     assert resolved["resolved_summary"].startswith(f"Resolved: {alert['summary']}; ended: ")
     assert resolved["reason"] in resolved["resolved_summary"]
+
+
+def test_a_qemu_unit_killed_is_named_by_its_unit_result(svc: ServiceHost) -> None:
+    """kill -9 of the QEMU that runs as qemu@web01: vm_crashed names the unit's Result= and
+    signal, as the unprivileged service reads them (systemctl over D-Bus, as on any host)."""
+    svc.ns.run("systemctl", "start", "dbus.socket")
+    mark = svc.journal.mark()
+    svc.ns.run("kill", "-KILL", str(svc.qemu_pid()))
+    alert = svc.journal.wait("alert", after=mark, vm="web01", alert="vm_crashed")
+    details = alert["details"]
+    assert details["crash_cause"] == "signal", alert
+    assert details["crash_cause_source"] == "unit"
+    assert (details["unit"], details["unit_result"], details["signal"]) == (
+        "qemu@web01.service",
+        "signal",
+        9,
+    )
+    assert alert["summary"].endswith("killed by signal 9 (KILL) (systemd unit qemu@web01.service)")
+    svc.ns.run("systemctl", "reset-failed", "qemu@web01.service")
+    mark = svc.journal.mark()
+    svc.start_qemu("web01")
+    svc.journal.wait("alert_resolved", after=mark, vm="web01", alert="vm_crashed")
 
 
 def test_reload_applies_a_changed_config_and_refuses_an_invalid_one(svc: ServiceHost) -> None:

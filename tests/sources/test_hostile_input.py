@@ -76,13 +76,23 @@ event_objects = st.fixed_dictionaries(
 )  # fmt: skip
 
 
+# The resync's commands: query-status, query-block, and the protection check's qom-list (x2)
+# and query-pci (__qmp#0 to __qmp#4).
+RESYNC_COMMANDS = 6
+
+
 def issued_by_resync(value: object) -> bool:
-    """An id of resync's commands (__qmp#0..2: query-status, query-block, qom-list for the guest
-    agent's port): a reply to it now is late, dropped quietly."""
+    """An id of resync's commands (__qmp#0 ...: query-status, query-block, the guest
+    agent's port, the protection check): a reply to it now is late, dropped quietly."""
     if not isinstance(value, str) or not value.startswith("__qmp#"):
         return False
     number = value.removeprefix("__qmp#")
-    return 0 < len(number) <= 20 and number.isascii() and number.isdigit() and int(number) < 3
+    return (
+        0 < len(number) <= 20
+        and number.isascii()
+        and number.isdigit()
+        and int(number) < RESYNC_COMMANDS
+    )
 
 
 reply_ids = (

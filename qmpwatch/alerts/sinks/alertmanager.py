@@ -43,6 +43,9 @@ def am_annotations(alert: Alert, links: Links) -> dict[str, str]:
         "cause": alert.cause,
         "fingerprint": alert.fingerprint,
     }
+    words = alert.details.get("crash_cause_words")
+    if isinstance(words, str):  # vm_crashed: why QEMU died, for templates that show one line
+        notes["crash_cause"] = words
     if runbook := links.runbook_url(alert.kind):
         notes["runbook_url"] = runbook
     return notes
