@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -30,6 +31,7 @@ from qmpwatch.alerts.sinks.webhook import WebhookSink
 from qmpwatch.core.alert import RESOLVABLE_KINDS, Alert
 from qmpwatch.core.backoff import Backoff
 from qmpwatch.core.config import AlertConfig
+from qmpwatch.core.times import iso_from_epoch
 
 # The kinds the watch core resolves (it keeps them in `VmWatch.firing`); the others are
 # one-shot and never resolved, so they are not kept active for Alertmanager re-posts.
@@ -159,6 +161,8 @@ class AlertDispatcher:
         self._tg: asyncio.TaskGroup | None = None  # run()'s, for sinks added by a reload
         self._stopped = asyncio.Event()
         self.failing: dict[str, SinkFailing] = {}  # sink name -> since when it fails
+        self.last_success: dict[str, float] = {}  # sink name -> its latest success
+        self.last_error: dict[str, str] = {}  # sink name -> its latest failure
 
     @property
     def durability_problem(self) -> str | None:
@@ -216,6 +220,24 @@ class AlertDispatcher:
     def owed_by_sink(self) -> dict[str, int]:
         """Entries each sink still has to get, by sink name (`webhook[0]`, ...)."""
         return {s.name: self.outbox.owed_to(s.sink_id) for s in self.sinks}
+
+    def sink_report(self) -> list[dict[str, Any]]:
+        """How each sink fares, for `qmpwatch status`: `sink` (its name and host), `ok`
+        (its latest attempt worked, or none failed yet), `pending` (notifications it is
+        owed), `last_error`, `last_success` (ISO 8601; null: none yet)."""
+        report = []
+        for sink in self.sinks:
+            success = self.last_success.get(sink.name)
+            report.append(
+                {
+                    "sink": sink_label(sink),
+                    "ok": sink.name not in self.failing,
+                    "pending": self.outbox.owed_to(sink.sink_id),
+                    "last_error": self.last_error.get(sink.name),
+                    "last_success": None if success is None else iso_from_epoch(success),
+                }
+            )
+        return report
 
     def recently_resolved(self, sink_id: str, now: float) -> list[tuple[Alert, float]]:
         """(alert, resolved at) of the alerts resolved within RESOLVED_RETENTION_S before
@@ -388,7 +410,7 @@ class AlertDispatcher:
         except Exception as err:  # a bug or an unforeseen library error: retry, do not die
             error = scrub(truncate(f"{type(err).__name__}: {err}"), self._secrets)
         else:
-            self.failing.pop(sink.name, None)
+            self._note_success(sink)
             self.outbox.delivered(sink.sink_id, entry.seq)
             alert = entry.alert
             if self._on_result is not None:
@@ -432,7 +454,7 @@ class AlertDispatcher:
         except Exception as err:
             error = scrub(truncate(f"{type(err).__name__}: {err}"), self._secrets)
         else:
-            self.failing.pop(sink.name, None)
+            self._note_success(sink)
             return True
         finally:
             self._inflight.pop(sink.sink_id, None)
@@ -447,7 +469,12 @@ class AlertDispatcher:
         )
         return False
 
+    def _note_success(self, sink: Sink) -> None:
+        self.failing.pop(sink.name, None)
+        self.last_success[sink.name] = self._clock()
+
     def _note_failure(self, sink: Sink, error: str) -> None:
+        self.last_error[sink.name] = error
         failing = self.failing.get(sink.name)
         if failing is None:
             self.failing[sink.name] = SinkFailing(self._clock(), error)
@@ -480,6 +507,14 @@ class AlertDispatcher:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._closing.wait()
+
+
+def sink_label(sink: Sink) -> str:
+    """A sink as people name it: `webhook[0] (alerts.example)`: its index and the host of its
+    URL (the program of an exec sink); never a URL path or a secret."""
+    target = sink.target
+    host = urlsplit(target).hostname if "://" in target else target
+    return f"{sink.name} ({host})" if host else sink.name
 
 
 def _attempt_fields(sink: Sink, entry: Entry, attempt: int) -> dict[str, Any]:

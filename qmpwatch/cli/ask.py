@@ -18,6 +18,7 @@ from qmpwatch.output.console import renderer
 EXIT_FINE = 0  # every VM connected and running
 EXIT_ATTENTION = 1  # something needs attention
 EXIT_UNREACHABLE = 2  # no daemon answers
+EXIT_UNKNOWN_VM = 3  # `status NAME` of a VM the daemon does not watch
 TIMEOUT_S = 5.0
 
 
@@ -138,6 +139,13 @@ def format_status(doc: dict[str, Any], now: float) -> str:
             "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5]
         )
         lines.extend(alerts.get(n, []))
+    for sink in doc.get("sinks", []):
+        if not sink["ok"]:
+            since = f", last success {_ago(sink['last_success'], now)}"
+            lines.append(
+                f"  ! sink {sink['sink']} FAILING ({sink['pending']} pending{since}): "
+                f"{sink['last_error']}"
+            )
     firing = sum(len(vm["alerts"]) for vm in doc["vms"])
     attention = doc["attention"]
     lines.append(
@@ -160,14 +168,15 @@ def status(config: Config, vms: Sequence[str], *, as_json: bool, out: TextIO) ->
             print(
                 f"qmpwatch status: the daemon watches no VM {', '.join(unknown)}", file=sys.stderr
             )
-            return EXIT_ATTENTION
+            return EXIT_UNKNOWN_VM
         doc["vms"] = [vm for vm in doc["vms"] if vm["vm"] in vms]
         doc["attention"] = [name for name in doc["attention"] if name in vms]
     if as_json:
         out.write(json.dumps(doc, indent=2) + "\n")
     else:
         out.write(format_status(doc, time.time()) + "\n")
-    return EXIT_ATTENTION if doc["attention"] else EXIT_FINE
+    failing = any(not sink["ok"] for sink in doc.get("sinks", []))
+    return EXIT_ATTENTION if doc["attention"] or failing else EXIT_FINE
 
 
 def tail(config: Config, vm: str, *, as_json: bool, out: TextIO) -> int:

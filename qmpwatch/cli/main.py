@@ -97,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
         help="ask the running daemon which VMs are connected, their status, why, and alerts",
         description="Ask the running daemon (through daemon.metrics_listen of FILE) for every "
         "VM: its source, whether it is connected and since when, its run status, why and since "
-        "when, and its firing alerts. Exit 0 when every VM is connected and running, 1 when "
-        "something needs attention, 2 when the daemon cannot be reached.",
+        "when, and its firing alerts; and how each alert sink fares. Exit 0 when every VM is "
+        "connected and running and every sink delivers, 1 when something needs attention, 2 "
+        "when the daemon cannot be reached, 3 when a VM named is not watched.",
     )
     config_arg(status)
     status.add_argument("vms", nargs="*", metavar="VM", help="only these VMs (default: all)")

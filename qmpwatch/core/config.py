@@ -86,6 +86,7 @@ class LifecycleConfig:
     crash_loop_window_s: float = 600.0
     crash_loop_quiet_s: float = 900.0  # no incident this long: the loop alert resolves
     transient_state_max_s: float = 300.0  # inmigrate, prelaunch, save-vm, ... longer: alert
+    unreachable_after_s: float = 60.0  # not connected this long: vm_unreachable (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +415,9 @@ def _parse_lifecycle(r: _Reader) -> LifecycleConfig:
         crash_loop_window_s=r.get("crash_loop_window_s", r.number(), d.crash_loop_window_s),
         crash_loop_quiet_s=r.get("crash_loop_quiet_s", r.number(), d.crash_loop_quiet_s),
         transient_state_max_s=r.get("transient_state_max_s", r.number(), d.transient_state_max_s),
+        unreachable_after_s=r.get(
+            "unreachable_after_s", r.number(positive=False), d.unreachable_after_s
+        ),
     )
     r.finish()
     return cfg

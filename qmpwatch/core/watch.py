@@ -35,6 +35,7 @@ from qmpwatch.core.events import (
     Shutdown,
     Watchdog,
 )
+from qmpwatch.core.presence import UNREACHABLE, Presence
 from qmpwatch.core.remedy import SETTLE_S, Resumer
 from qmpwatch.core.tracker import QEMU_EXIT, Ended, FollowUpTracker, Rules
 
@@ -130,6 +131,7 @@ class VmWatch:
         # end of the session a clean exit (libvirt reboots a -no-shutdown VM with SHUTDOWN,
         # STOP, system_reset and cont, and the VM runs on).
         self.saw_shutdown = False
+        self.shutdown_reason = ""  # that SHUTDOWN's reason (host-signal, guest-shutdown, ...)
         # STOP/RESUME events handled so far. An answer to query-status carries the count at
         # the moment it was read (`as_of`); if a STOP/RESUME was handled since, the answer is
         # older than what the events said, and is not applied.
@@ -144,6 +146,7 @@ class VmWatch:
         self.resumer = Resumer(remediate if remediate is not None else RemediateConfig())
         self.disks: dict[str, DiskInfo] = {}  # device or node-name -> image (query-block)
         self.thresholds: dict[str, float] = {}  # node-name -> write threshold armed, percent
+        self.presence = Presence(self.lifecycle.unreachable_after_s)  # connected, gone, since
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -175,6 +178,7 @@ class VmWatch:
             or self.loop_quiet_at is not None
             or self.transient_due is not None
             or self.resumer.due() is not None
+            or self.presence.due() is not None
         )
 
     def tick(self, now: float) -> None:
@@ -188,10 +192,14 @@ class VmWatch:
         due = self.resumer.due()
         if due is not None and due <= now:
             self._remedy(now)
+        due = self.presence.due()
+        if due is not None and due <= now:
+            self._unreachable(now)
 
     def next_deadline(self) -> float | None:
         deadline = self.tracker.next_deadline()
-        for other in (self.loop_quiet_at, self.transient_due, self.resumer.due()):
+        others = (self.loop_quiet_at, self.transient_due, self.resumer.due(), self.presence.due())
+        for other in others:
             if other is not None and (deadline is None or other < deadline):
                 deadline = other
         return deadline
@@ -218,6 +226,7 @@ class VmWatch:
         self.rules = Rules(followup)
         self.client_stop_severity = client_stop_severity
         if lifecycle != self.lifecycle:
+            self.presence.unreachable_after_s = lifecycle.unreachable_after_s
             self.lifecycle = lifecycle
             self.incidents = deque(self.incidents, maxlen=lifecycle.crash_loop_count)
 
@@ -240,7 +249,16 @@ class VmWatch:
         `as_of`, None: just now; a status of None: the monitor did not tell); `fields` go
         into `vm_connected`."""
         self.out.record("vm_connected", "info", now, {**fields, "status": status or "unknown"})
-        self._resolve(now, lambda a: a.kind in ABSENT_KINDS, "QEMU's monitor answers again")
+        pid = fields.get("pid")
+        self.presence.connected(
+            now, str(fields.get("socket", "")), pid if isinstance(pid, int) else None
+        )
+        self.presence.fired = False
+        self._resolve(
+            now,
+            lambda a: a.kind in ABSENT_KINDS or a.kind == UNREACHABLE,
+            "QEMU's monitor answers again",
+        )
         if status is None:
             return  # nothing to decide on: a STOP of this session is still classified
         if as_of is not None and as_of != self.run_changes:
@@ -312,6 +330,10 @@ class VmWatch:
         )
         self._set_status(None, now)
 
+    def on_connect_failed(self, now: float, reason: str, detail: str) -> None:
+        """An attempt to reach QEMU failed (`reason`: a vm_connect_failed reason)."""
+        self.presence.failed(now, reason, detail)
+
     def retire(self, now: float, reason: str) -> None:
         """qmpwatch stops watching this VM for good: every firing alert resolves, saying why."""
         self._resolve(now, lambda a: True, reason)
@@ -327,7 +349,11 @@ class VmWatch:
         clean = cause == "exited" or (cause != "closed" and (self.saw_shutdown or bool(exited)))
         logged_cause = "shutdown" if clean else cause
         level = "info" if clean or cause == "closed" else "warning"
-        self.out.record("vm_disconnected", level, now, {"cause": logged_cause, "error": error})
+        ending = clean_end_words(cause, self.shutdown_reason, bool(exited)) if clean else ""
+        fields = {"cause": logged_cause, "error": error}
+        if clean:
+            fields["reason"] = ending
+        self.out.record("vm_disconnected", level, now, fields)
         self._ended(self.tracker.abandon(now))
         if self.pending_stop is not None and (cause == "closed" or clean):
             # qmpwatch itself closed the session (stopping, reload): nothing happened to the
@@ -338,8 +364,12 @@ class VmWatch:
             self._classify_stop(self.pending_stop, None, now, "the session ended")
         if cause != "closed":
             if clean:
-                self._set_status("shutdown", now)
+                self._resolve(
+                    now, lambda a: a.kind in STOPPED_KINDS, f"QEMU ended cleanly: {ending}"
+                )
+                self._set_status("shutdown", now, f"QEMU is gone: {ending}")
             else:
+                crash = self.presence.crash_details(now, self.status, error)
                 self._set_status(None, now)
                 self._incident(now, "crash")
                 self._raise(
@@ -349,9 +379,11 @@ class VmWatch:
                     f"QEMU of VM {self.vm} went away without a SHUTDOWN event "
                     f"(crashed or killed): {error or 'end of file on the monitor'}",
                     cause="EOF",
-                    details={"error": error},
+                    details=crash,
                 )
+        self.presence.ended(now, ending)
         self.saw_shutdown = False
+        self.shutdown_reason = ""
         self.stopped = None
         self.resumer.stop()  # the next session starts over, if the VM is still paused
 
@@ -509,6 +541,24 @@ class VmWatch:
         assert resumer.next_at is not None
         fields["retry_in_s"] = round(resumer.next_at - now, 3)
         self.out.record("vm_resume_attempted", "warning", now, fields)
+
+    def _unreachable(self, now: float) -> None:
+        """Not connected for `unreachable_after_s`: a warning with the last failure, unless
+        an alert already says QEMU is gone (a crash: one incident, one alert)."""
+        presence = self.presence
+        presence.fired = True
+        if any(a.kind in ABSENT_KINDS for a in self.firing.values()):
+            return
+        details = presence.unreachable_details(now)
+        failure = presence.failure or "no connection made yet"
+        self._raise(
+            now,
+            UNREACHABLE,
+            "warning",
+            f"VM {self.vm} has not been reachable for {details['unreachable_s']:.0f} s: {failure}",
+            cause="unreachable",
+            details=details,
+        )
 
     def _stuck(self, now: float) -> None:
         self.transient_due = None
@@ -713,6 +763,17 @@ class VmWatch:
         )
 
 
+def clean_end_words(cause: str, shutdown_reason: str, exited: bool) -> str:
+    """How QEMU ended cleanly, in words: "it shut down (host-signal)"."""
+    if cause == "exited":
+        return "it ended on purpose, as its manager says"
+    if shutdown_reason:
+        return f"it shut down ({shutdown_reason})"
+    if exited:
+        return "it exited, as its watchdog's action poweroff says"
+    return "it shut down"
+
+
 def _disk_name(event: BlockIoError) -> str:
     """The failing disk: its device, or (a -blockdev disk reports device "") its node-name."""
     node = event.data.get("node-name")
@@ -800,6 +861,7 @@ def on_reset(watch: VmWatch, event: Event, now: float) -> None:
 def on_shutdown(watch: VmWatch, event: Event, now: float) -> None:
     """Remember the SHUTDOWN, so that the end of the session is a clean exit."""
     watch.saw_shutdown = True
+    watch.shutdown_reason = (event.reason or "") if isinstance(event, Shutdown) else ""
 
 
 def on_watchdog(watch: VmWatch, event: Event, now: float) -> None:

@@ -62,6 +62,7 @@ class Daemon:
         self._signals = 0
         self._supervisor: Supervisor | None = None
         self._degradation: Degradation | None = None
+        self._dispatcher: AlertDispatcher | None = None
 
     def _on_stop_signal(self, signame: str) -> None:
         self._signals += 1
@@ -85,7 +86,7 @@ class Daemon:
         if store.problem:
             self.log.error("state_store_unavailable", error=store.problem)
         metrics = Metrics()
-        dispatcher = AlertDispatcher(
+        dispatcher = self._dispatcher = AlertDispatcher(
             self.config.alert,
             Path(state_dir) if state_dir else None,
             host=self.config.alert.host,
@@ -169,7 +170,8 @@ class Daemon:
     def _status(self, host: str, followers: int) -> dict[str, Any]:
         """The status document of `qmpwatch status` (`qmpwatch.service.status`)."""
         held = self._supervisor.sessions.items() if self._supervisor is not None else ()
-        return snapshot(host, held, time.time(), followers)
+        sinks = self._dispatcher.sink_report() if self._dispatcher is not None else []
+        return snapshot(host, held, time.time(), followers, sinks)
 
     def _health(self) -> Health:
         if self._supervisor is None or self._degradation is None:

@@ -124,6 +124,7 @@ class VmSession:
             last_status=store.last_status(name),
         )
         self.watch.restore(list(firing), time.time())
+        self.watch.presence.start(time.time(), self.watch.status)
         self.state = RunState.IDLE
         self.where = ""  # the socket (or URI) of the latest link, or the one dialed
         self.since = time.time()  # when the session last came up or went down
@@ -146,6 +147,8 @@ class VmSession:
         """An attempt to reach QEMU failed. The first one, before any link since qmpwatch
         started: a VM last seen alive that has no QEMU now went away while nobody watched."""
         self.recorder.connect_failed(reason)
+        self.watch.on_connect_failed(time.time(), reason, detail)
+        self._arm_deadline()  # vm_unreachable, if it stays so
         if self._absence_checked or self.links:
             return
         self._absence_checked = True
