@@ -363,10 +363,11 @@ class VmWatch:
         elif self.pending_stop is not None:
             self._classify_stop(self.pending_stop, None, now, "the session ended")
         if cause != "closed":
-            if clean:
+            if clean and self.shutdown_reason != "guest-panic":  # a panic's end stays one
                 self._resolve(
                     now, lambda a: a.kind in STOPPED_KINDS, f"QEMU ended cleanly: {ending}"
                 )
+            if clean:
                 self._set_status("shutdown", now, f"QEMU is gone: {ending}")
             else:
                 crash = self.presence.crash_details(now, self.status, error)
