@@ -84,5 +84,6 @@ async def test_a_resolution_reaches_the_webhook_a_reload_moved_away_from(
     assert failing["last_success"] is not None  # the firing went through
     current = sinks[f"webhook[0] (127.0.0.1:{b.port})"]
     assert (current["ok"], current["pending"], current["last_error"]) == (True, 0, None)
-    assert code == 1 and "FAILING" in out
+    assert code == 1
+    assert "FAILING" in out
     assert daemon.proc.returncode == 0, daemon.stderr_text()

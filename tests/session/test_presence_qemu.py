@@ -75,10 +75,13 @@ async def test_a_configured_vm_never_reached_pages_and_resolves_when_it_connects
     assert alert["details"]["reason"] == "missing"
     assert f"{sock} does not exist" in alert["summary"]
     late = entry(doc, "late01")
-    assert late is not None and not late["connected"]
+    assert late is not None
+    assert not late["connected"]
     assert f"{sock} does not exist" in late["why"]
-    assert code == 1 and "has not been reachable" in out
-    assert unknown == 3 and "nosuch" in unknown_err
+    assert code == 1
+    assert "has not been reachable" in out
+    assert unknown == 3
+    assert "nosuch" in unknown_err
     assert resolved["fingerprint"] == alert["fingerprint"]
     assert resolved["reason"] == "QEMU's monitor answers again"
 
@@ -134,7 +137,9 @@ async def test_a_clean_end_resolves_the_pause_and_says_qemu_is_gone(
     assert (ended["cause"], ended["reason"]) == ("shutdown", "it shut down (host-signal)")
     end = entry(doc, "end01")
     if source == "vm":
-        assert end is not None and not end["connected"] and not end["alerts"]
+        assert end is not None
+        assert not end["connected"]
+        assert not end["alerts"]
         assert (end["status"], end["why"]) == (
             "shutdown",
             "QEMU is gone: it shut down (host-signal)",
