@@ -97,7 +97,7 @@ async def test_a_clean_end_resolves_the_pause_and_says_qemu_is_gone(
     listen = sock_dir / "qw.sock"
     found = sock_dir / "found"
     found.mkdir()
-    ghost = {"name": "ghost01", "socket": str(sock_dir / "ghost01.qmp")}
+    ghost: dict[str, object] = {"name": "ghost01", "socket": str(sock_dir / "ghost01.qmp")}
     watch_socket: Path | None = None
     spec = LabSpec("end01")
     vms: list[dict[str, object]] = []
