@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -50,6 +50,16 @@ STOPPED_KINDS = frozenset(
         "vm_stuck_transient",
     }
 )
+
+
+def stop_alert_firing(firing: Iterable[Alert], status: str, kind: str = "") -> bool:
+    """Whether an alert of another kind than `kind` about the VM being stopped in `status`
+    fires already (one found at connect): a new stop in that status is the same incident."""
+    return any(
+        a.kind in STOPPED_KINDS and a.kind != kind and a.details.get("status") == status
+        for a in firing
+    )
+
 
 # Alerts that stay firing until their condition ends (the others are one-shot).
 RESOLVABLE_KINDS = STOPPED_KINDS | {

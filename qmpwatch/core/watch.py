@@ -25,6 +25,7 @@ from qmpwatch.core.alert import (
     describe_status,
     resolved_because,
     resolved_summary,
+    stop_alert_firing,
 )
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig, RemediateConfig
 from qmpwatch.core.errors import DecodeError
@@ -497,15 +498,19 @@ class VmWatch:
                 return self.disks[key].fields()
         return {}
 
+    def on_space(self, free: Mapping[str, int], now: float) -> bool:
+        """Free bytes where the writable images live, while a resume waits on a full disk:
+        True when space came back and `cont` is due now."""
+        return self.resumer.space(free, now)
+
     def _remedy(self, now: float) -> None:
         """The resume plan is due: the VM ran long enough, or give up, or try `cont`."""
         resumer = self.resumer
         attempts = resumer.attempts
         if resumer.settle_until is not None:
+            fields = {"attempt": attempts, "outcome": "resumed", "trigger": resumer.trigger}
             resumer.stop()
-            self.out.record(
-                "vm_resume_attempted", "info", now, {"attempt": attempts, "outcome": "resumed"}
-            )
+            self.out.record("vm_resume_attempted", "info", now, fields)
             self._resolve(
                 now,
                 lambda a: a.kind in STOPPED_KINDS,
@@ -535,7 +540,11 @@ class VmWatch:
 
     def _resume_failed(self, now: float, outcome: str, error: str) -> None:
         resumer = self.resumer
-        fields: dict[str, Any] = {"attempt": resumer.attempts, "outcome": outcome}
+        fields: dict[str, Any] = {
+            "attempt": resumer.attempts,
+            "outcome": outcome,
+            "trigger": resumer.trigger,
+        }
         if error:
             fields["error"] = error
         resumer.failed(now)
@@ -707,7 +716,10 @@ class VmWatch:
 
     def _alert_for_satisfied(self, kind: str, cause: Event, now: float) -> None:
         if isinstance(cause, BlockIoError):
+            self.resumer.nospace = cause.nospace
             self._set_status("io-error", now, _io_error_words(cause))
+            if stop_alert_firing(self.firing.values(), "io-error", kind):
+                return  # the pause found at connect, paused again: one incident, one page
             self._raise(
                 now,
                 kind,
@@ -745,9 +757,13 @@ class VmWatch:
     def _classify_stop(self, stop: Event, status: str | None, now: float, why: str = "") -> None:
         self.pending_stop = None
         cls = classify_status(status, self.client_stop_severity)
-        if cls is None or any(
-            a.kind == cls.kind or (status is None and a.kind in STOPPED_KINDS)
-            for a in self.firing.values()
+        firing = self.firing.values()
+        if (
+            cls is None
+            or (status is not None and stop_alert_firing(firing, status))
+            or any(
+                a.kind == cls.kind or (status is None and a.kind in STOPPED_KINDS) for a in firing
+            )
         ):
             return  # no alert due, or the event that stopped the VM raised it: one incident
         details: dict[str, Any] = {"status": status, "cause_event": "STOP"}

@@ -14,7 +14,7 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -38,6 +38,7 @@ from qmpwatch.session.storage import disks
 # as opposed to a QEMU that is there but cannot be reached.
 ABSENT_REASONS = frozenset({"missing", "refused", "not_reconnected"})
 STATVFS_TIMEOUT_S = 5.0
+SPACE_POLL_S = 0.25  # free space looked at this often while a resume waits on a full disk
 COMMANDS_MAX = 16  # commands of the core waiting to be sent (a few: one resume at a time)
 
 
@@ -131,6 +132,7 @@ class VmSession:
         self.links = 0  # links watched so far
         self._absence_checked = False
         self._status_wanted = asyncio.Event()
+        self._space_wanted = asyncio.Event()
         self._commands: asyncio.Queue[tuple[str, Mapping[str, Any]]] = asyncio.Queue(COMMANDS_MAX)
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._deadline_at: float | None = None
@@ -208,6 +210,7 @@ class VmSession:
                         tg.create_task(self._status_worker(link)),
                         tg.create_task(self._command_worker(link)),
                         tg.create_task(self._storage_worker()),
+                        tg.create_task(self._space_worker()),
                     ]
                     cause, error = await link.wait_closed()
                     for worker in workers:
@@ -374,19 +377,27 @@ class VmSession:
         while True:
             config = self.watch.resumer.config
             if config.storage_free_percent > 0:
-                free: dict[str, float] = {}
-                for mount in self.watch.storages():
-                    try:
-                        async with asyncio.timeout(STATVFS_TIMEOUT_S):
-                            st = await asyncio.to_thread(os.statvfs, mount)
-                    except (OSError, TimeoutError):
-                        continue  # unreachable now: said by the disk's own errors, if any
-                    if st.f_blocks:
-                        free[mount] = 100.0 * st.f_bavail / st.f_blocks
+                found = await _statvfs(self.watch.storages())
+                free = {m: 100.0 * st.f_bavail / st.f_blocks for m, st in found.items()}
                 self.watch.on_storage_free(free, time.time())
             await asyncio.sleep(config.storage_check_interval_s)
 
+    async def _space_worker(self) -> None:
+        """While a resume waits on a full disk, look at the free bytes where the writable
+        images live every `SPACE_POLL_S`, so that `cont` follows the space coming back."""
+        while True:
+            await self._space_wanted.wait()
+            self._space_wanted.clear()
+            while self.watch.resumer.wants_space():
+                found = await _statvfs(self.watch.storages())
+                free = {m: st.f_bavail * st.f_frsize for m, st in found.items()}
+                if self.watch.on_space(free, time.time()):
+                    self._arm_deadline()
+                await asyncio.sleep(SPACE_POLL_S)
+
     def _arm_deadline(self) -> None:
+        if self.watch.resumer.wants_space():
+            self._space_wanted.set()
         deadline = self.watch.next_deadline()
         if deadline == self._deadline_at:
             return
@@ -413,3 +424,18 @@ class VmSession:
     def _store_status(self) -> None:
         self.store.set_status(self.name, self.watch.status)
         self.recorder.status(self.watch.status)
+
+
+async def _statvfs(mounts: Iterable[str]) -> dict[str, os.statvfs_result]:
+    """statvfs of each mount, off the loop and bounded (NFS can hang); a mount that cannot
+    be read now is left out (the disk's own errors say so, if any)."""
+    found: dict[str, os.statvfs_result] = {}
+    for mount in mounts:
+        try:
+            async with asyncio.timeout(STATVFS_TIMEOUT_S):
+                st = await asyncio.to_thread(os.statvfs, mount)
+        except (OSError, TimeoutError):
+            continue
+        if st.f_blocks:
+            found[mount] = st
+    return found
