@@ -30,19 +30,21 @@ async def test_a_vm_paused_on_a_full_disk_is_resumed_when_space_comes_back(
     it at once (`trigger` space), and the pause's alert resolves."""
     async with small_tmpfs(tmp_path / "store", "1m") as store:
         spec = LabSpec("full01", blkdebug=DISK)
-        async with LabVM.start(spec, sock_dir, disk_image=store / "disk.img") as vm:
-            async with DaemonProcess.start(config(tmp_path, vm, **SLOW_BACKOFF)) as daemon:
-                await daemon.wait_for("vm_connected", vm="full01")
-                filler = fill(store)
-                await ata_write_sector(vm, 7000)  # a page the full tmpfs cannot give
-                paused = await daemon.wait_for("alert", vm="full01", alert="vm_stopped_io_error")
-                mark = vm.mark()
-                freed = time.monotonic()
-                filler.unlink()
-                resumed = await vm.wait_event("RESUME", after=mark)
-                attempt = await daemon.wait_for("vm_resume_attempted", vm="full01")
-                resolved = await daemon.wait_for("alert_resolved", vm="full01")
-                assert await vm.query_status() == "running"
+        async with (
+            LabVM.start(spec, sock_dir, disk_image=store / "disk.img") as vm,
+            DaemonProcess.start(config(tmp_path, vm, **SLOW_BACKOFF)) as daemon,
+        ):
+            await daemon.wait_for("vm_connected", vm="full01")
+            filler = fill(store)
+            await ata_write_sector(vm, 7000)  # a page the full tmpfs cannot give
+            paused = await daemon.wait_for("alert", vm="full01", alert="vm_stopped_io_error")
+            mark = vm.mark()
+            freed = time.monotonic()
+            filler.unlink()
+            resumed = await vm.wait_event("RESUME", after=mark)
+            attempt = await daemon.wait_for("vm_resume_attempted", vm="full01")
+            resolved = await daemon.wait_for("alert_resolved", vm="full01")
+            assert await vm.query_status() == "running"
     assert paused["details"]["nospace"] is True
     assert (attempt["outcome"], attempt["trigger"], attempt["attempt"]) == ("resumed", "space", 1)
     assert resolved["fingerprint"] == paused["fingerprint"]
