@@ -157,6 +157,7 @@ def _check_config(path: Path, *, probe: bool = False) -> int:
     sinks = len(cfg.alert.webhook) + len(cfg.alert.alertmanager) + len(cfg.alert.exec)
     print(
         f"{path}: OK ({len(cfg.vms)} VM(s), {len(cfg.discover)} discovery glob(s), "
+        f"{len(cfg.listen)} listen socket(s), {len(cfg.libvirt)} libvirt connection(s), "
         f"{sinks} alert sink(s))"
     )
     if not probe:

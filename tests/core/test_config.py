@@ -516,7 +516,10 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
     path.write_text(DESIGN_EXAMPLE)
     done = check_config(path, _env(QMPWATCH_WEBHOOK_TOKEN=TOKEN))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == (f"{path}: OK (1 VM(s), 1 discovery glob(s), 3 alert sink(s))")
+    assert done.stdout.strip() == (
+        f"{path}: OK (1 VM(s), 1 discovery glob(s), 0 listen socket(s), "
+        "0 libvirt connection(s), 3 alert sink(s))"
+    )
     assert TOKEN not in done.stdout + done.stderr
 
 
