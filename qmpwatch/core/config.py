@@ -8,6 +8,7 @@ deadline is a silent bug otherwise.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tomllib
@@ -246,9 +247,12 @@ class _Reader:
         return default if value is None else value
 
     def finish(self, allowed_extra: tuple[str, ...] = ()) -> None:
+        known = sorted(self.seen | set(allowed_extra))
         for name in self.table:
             if name not in self.seen and name not in allowed_extra:
-                self.problems.append(f"{self.key(name)}: unknown key")
+                close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self.problems.append(f"{self.key(name)}: unknown key{hint}")
 
     # checks: return the value, or record the problem and return None
     def number(
