@@ -194,7 +194,8 @@ def test_values_other_than_the_defaults_are_read() -> None:
         ),
         pytest.param(
             "[followup]\nstop_after_block_io_eror_s = 5.0",
-            "followup.stop_after_block_io_eror_s: unknown key (did you mean stop_after_block_io_error_s?)",
+            "followup.stop_after_block_io_eror_s: unknown key "
+            "(did you mean stop_after_block_io_error_s?)",
             id="typo-in-deadline",
         ),
         pytest.param(
