@@ -131,6 +131,7 @@ class Daemon:
                 async with asyncio.TaskGroup() as tg:
                     supervisor = Supervisor(self.config, services, tg)
                     self._supervisor = supervisor
+                    metrics.vms_from(supervisor.metric_views)
                     supervisor.apply()  # opens the sessions; their tasks run from the next await
                     self.log.info(
                         "daemon_started",
@@ -169,7 +170,7 @@ class Daemon:
 
     def _status(self, host: str, followers: int) -> dict[str, Any]:
         """The status document of `qmpwatch status` (`qmpwatch.service.status`)."""
-        held = self._supervisor.sessions.items() if self._supervisor is not None else ()
+        held = self._supervisor.watched() if self._supervisor is not None else []
         sinks = self._dispatcher.sink_report() if self._dispatcher is not None else []
         return snapshot(host, held, time.time(), followers, sinks)
 
@@ -224,7 +225,7 @@ class Daemon:
                 self.log.info(
                     "config_reloaded",
                     config=str(self.config_path),
-                    vms=len(supervisor.sessions),
+                    vms=supervisor.counts()[0],  # as status and /healthz count them
                     changed=sorted(dict.fromkeys(changed)),
                 )
             sdnotify.ready(sdnotify.status_line(*supervisor.counts()))

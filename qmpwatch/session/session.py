@@ -130,6 +130,9 @@ class VmSession:
         self.where = ""  # the socket (or URI) of the latest link, or the one dialed
         self.since = time.time()  # when the session last came up or went down
         self.links = 0  # links watched so far
+        # Why qmpwatch ends this VM's link, when a source ends it for good ("" otherwise: the
+        # daemon stopping, a reload restarting it): the VM is no longer counted as watched.
+        self.stopping_reason = ""
         self._absence_checked = False
         self._status_wanted = asyncio.Event()
         self._space_wanted = asyncio.Event()
@@ -138,6 +141,11 @@ class VmSession:
         self._deadline_at: float | None = None
         self._changes_at_reply = 0  # watch.run_changes when the latest reply was read
         recorder.connected(False)  # every VM has its series from the start
+
+    @property
+    def leaving(self) -> bool:
+        """A source ends this VM for good; its link is still ending."""
+        return bool(self.stopping_reason)
 
     @property
     def connected(self) -> bool:
@@ -223,7 +231,7 @@ class VmSession:
                 if unresponsive and cause == "error":
                     cause = "closed"  # qmpwatch hung up; QEMU did not go away
         except asyncio.CancelledError:
-            ended: tuple[EndCause, str] = ("closed", "qmpwatch is stopping")
+            ended: tuple[EndCause, str] = ("closed", self.stopping_reason or "qmpwatch is stopping")
             with contextlib.suppress(Exception):
                 closed = await link.close()
                 if closed[0] == "eof":
