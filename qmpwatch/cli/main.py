@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         help="follow the running daemon's VM records, or attach to monitor sockets ad hoc",
         description="Without SOCKET: follow the records of the daemon that FILE configures "
         "(events, follow-ups, alerts), one line each (coloured on a terminal), beside it and "
-        "without a monitor of its own. With SOCKET...: attach to those QMP monitors directly "
+        "without a monitor of its own, across restarts of the daemon, until Ctrl-C (exit 2 "
+        "when no daemon answers at the start). With SOCKET...: attach to those QMP monitors directly "
         "(VM name = socket file name without extension); a monitor that another client, such "
         "as the daemon, holds is refused at once.",
     )
