@@ -113,9 +113,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Without SOCKET: follow the records of the daemon that FILE configures "
         "(events, follow-ups, alerts), one line each (coloured on a terminal), beside it and "
         "without a monitor of its own, across restarts of the daemon, until Ctrl-C (exit 2 "
-        "when no daemon answers at the start). With SOCKET...: attach to those QMP monitors directly "
-        "(VM name = socket file name without extension); a monitor that another client, such "
-        "as the daemon, holds is refused at once.",
+        "when no daemon answers at the start). With SOCKET...: attach to those QMP monitors "
+        "directly (VM name = socket file name without extension); a monitor that another "
+        "client, such as the daemon, holds is refused at once.",
     )
     config_arg(tail)
     tail.add_argument(
