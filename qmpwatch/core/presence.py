@@ -25,6 +25,7 @@ class Presence:
     failure_reason: str = ""  # the latest failed attempt: a vm_connect_failed reason
     failure: str = ""  # ... and its sentence
     attempts: int = 0  # failed attempts since the VM was last connected
+    lost: str = ""  # how the last link ended, when not cleanly ("closed: ...")
     fired: bool = False  # vm_unreachable is firing
     connected_at: float | None = None  # when the current (or last) link came up
     where: str = ""  # its socket or URI
@@ -41,15 +42,17 @@ class Presence:
     def connected(self, now: float, where: str, pid: int | None) -> None:
         self.down_since = None
         self.ended_cleanly = ""
-        self.failure_reason = self.failure = ""
+        self.failure_reason = self.failure = self.lost = ""
         self.attempts = 0
         self.connected_at = now
         self.where = where
         self.pid = pid
 
-    def ended(self, now: float, clean: str) -> None:
-        """The link ended; `clean`: the words of a clean end, "" otherwise."""
+    def ended(self, now: float, clean: str, lost: str = "") -> None:
+        """The link ended; `clean`: the words of a clean end, "" otherwise; `lost`: how it
+        ended otherwise, in words."""
         self.ended_cleanly = clean
+        self.lost = "" if clean else lost
         self.down_since = None if clean else now
 
     def failed(self, now: float, reason: str, detail: str) -> None:
@@ -71,6 +74,8 @@ class Presence:
             return f"QEMU is gone: {self.ended_cleanly}"
         if self.failure:
             return f"cannot connect ({self.failure_reason}): {self.failure}"
+        if self.lost:
+            return f"not connected since its link ended ({self.lost})"
         return ""
 
     def unreachable_details(self, now: float) -> dict[str, Any]:

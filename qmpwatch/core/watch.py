@@ -383,7 +383,7 @@ class VmWatch:
                     cause="EOF",
                     details=crash,
                 )
-        self.presence.ended(now, ending)
+        self.presence.ended(now, ending, f"{cause}: {error}" if error else cause)
         self.saw_shutdown = False
         self.shutdown_reason = ""
         self.stopped = None
@@ -560,7 +560,7 @@ class VmWatch:
         if any(a.kind in ABSENT_KINDS for a in self.firing.values()):
             return
         details = presence.unreachable_details(now)
-        failure = presence.failure or "no connection made yet"
+        failure = presence.why() or "no connection made yet"
         self._raise(
             now,
             UNREACHABLE,
