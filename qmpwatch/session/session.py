@@ -156,14 +156,19 @@ class VmSession:
     def unreachable(self, reason: str, detail: str) -> None:
         """An attempt to reach QEMU failed. The first one, before any link since qmpwatch
         started: a VM last seen alive that has no QEMU now went away while nobody watched."""
-        self.recorder.connect_failed(reason)
-        self.watch.on_connect_failed(time.time(), reason, detail)
-        self._arm_deadline()  # vm_unreachable, if it stays so
+        self.attempt_failed(reason, detail)
         if self._absence_checked or self.links:
             return
         self._absence_checked = True
         if reason in ABSENT_REASONS:
             self.absent(reason, detail)
+
+    def attempt_failed(self, reason: str, detail: str) -> None:
+        """An attempt to reach QEMU failed (counted, and said by `status`), with no bearing on
+        whether QEMU went away while nobody watched."""
+        self.recorder.connect_failed(reason)
+        self.watch.on_connect_failed(time.time(), reason, detail)
+        self._arm_deadline()  # vm_unreachable, if it stays so
 
     def absent(self, reason: str, detail: str) -> None:
         """QEMU is gone and qmpwatch did not see it end (it was not watching then): a VM

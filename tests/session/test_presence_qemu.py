@@ -6,8 +6,10 @@ runs it. Absence of a record is asserted only after the daemon has stopped.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +153,45 @@ async def test_a_clean_end_resolves_the_pause_and_says_qemu_is_gone(
     assert not daemon.find("alert", vm="end01", alert="vm_crashed")
     assert daemon.proc.returncode == 0, daemon.stderr_text()
     assert not daemon.find("internal_error")
+
+
+async def test_a_refused_peer_claiming_a_watched_vm_is_the_why(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """A VM that dialed in before qmpwatch restarted is not back yet; a program calling
+    itself its QEMU dials in and sends garbage: status says the VM's QEMU was refused, and
+    the VM is still reported gone when its grace ends."""
+    port = free_tcp_port()
+    listen = sock_dir / "qw.sock"
+    talker = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.connect(sys.argv[1])\n"
+        "s.sendall(b'garbage, not a greeting\\r\\n')\n"
+        "s.recv(1)\n"
+    )
+    fake_qemu = tmp_path / "qemu-system-x86_64"
+    fake_qemu.symlink_to(sys.executable)
+    async with receiving() as hook:
+        cfg = presence_config(
+            tmp_path, port, hook, arrays={"listen": [{"socket": str(listen), "grace_s": 8.0}]}
+        )
+        async with LabVM.start(LabSpec("back01", dial_in=listen), sock_dir) as vm:
+            async with DaemonProcess.start(cfg) as first:
+                await first.wait_for("vm_connected", vm="back01")
+            await vm.kill()  # while qmpwatch is down: it never comes back
+        async with DaemonProcess.start(cfg) as daemon:
+            posing = await asyncio.create_subprocess_exec(
+                fake_qemu, "-c", talker, str(listen), "-name", "back01"
+            )
+            refused = await daemon.wait_for("listen_peer_refused", vm="back01")
+            doc = await status_doc(port)
+            gone = await daemon.wait_for("vm_gone", vm="back01", timeout=20)
+            async with asyncio.timeout(10):
+                await posing.wait()
+    assert refused["reason"] == "bad_greeting"
+    back = entry(doc, "back01")
+    assert back is not None
+    assert not back["connected"]
+    assert back["why"].startswith("cannot connect (bad_greeting): its QEMU (pid ")
+    assert gone["reason"] == "not_reconnected"
