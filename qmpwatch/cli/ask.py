@@ -147,7 +147,8 @@ def format_status(doc: dict[str, Any], now: float) -> str:
         lines.extend(alerts.get(n, []))
     for sink in doc.get("sinks", []):
         if not sink["ok"]:
-            since = f", last success {_ago(sink['last_success'], now)}"
+            last = sink["last_success"]
+            since = f", last success {_ago(last, now)}" if last else ", never delivered"
             lines.append(
                 f"  ! sink {sink['sink']} FAILING ({sink['pending']} pending{since}): "
                 f"{sink['last_error']}"
