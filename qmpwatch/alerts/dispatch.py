@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -30,6 +31,7 @@ from qmpwatch.alerts.sinks.webhook import WebhookSink
 from qmpwatch.core.alert import RESOLVABLE_KINDS, Alert
 from qmpwatch.core.backoff import Backoff
 from qmpwatch.core.config import AlertConfig
+from qmpwatch.core.times import iso_from_epoch
 
 # The kinds the watch core resolves (it keeps them in `VmWatch.firing`); the others are
 # one-shot and never resolved, so they are not kept active for Alertmanager re-posts.
@@ -159,6 +161,13 @@ class AlertDispatcher:
         self._tg: asyncio.TaskGroup | None = None  # run()'s, for sinks added by a reload
         self._stopped = asyncio.Event()
         self.failing: dict[str, SinkFailing] = {}  # sink name -> since when it fails
+        # By sink id (a retiring sink may share its name with the one that replaced it):
+        self.last_success: dict[str, float] = {}  # its latest success
+        self.last_error: dict[str, str] = {}  # its latest failure
+        self._failing_ids: set[str] = set()  # its latest attempt failed
+        # Sinks a reload removed or replaced by another receiver, still delivering the
+        # resolutions of alerts they received (by sink id; `Outbox.retains`).
+        self.retiring: dict[str, Sink] = {}
 
     @property
     def durability_problem(self) -> str | None:
@@ -216,6 +225,25 @@ class AlertDispatcher:
     def owed_by_sink(self) -> dict[str, int]:
         """Entries each sink still has to get, by sink name (`webhook[0]`, ...)."""
         return {s.name: self.outbox.owed_to(s.sink_id) for s in self.sinks}
+
+    def sink_report(self) -> list[dict[str, Any]]:
+        """How each sink fares, for `qmpwatch status`: `sink` (its name and host), `ok`
+        (its latest attempt worked, or none failed yet), `pending` (notifications it is
+        owed), `last_error`, `last_success` (ISO 8601; null: none yet)."""
+        report = []
+        retiring = list(self.retiring.values())
+        for sink in [*self.sinks, *self.retiring.values()]:
+            success = self.last_success.get(sink.sink_id)
+            report.append(
+                {
+                    "sink": sink_label(sink) + (" (removed)" if sink in retiring else ""),
+                    "ok": sink.sink_id not in self._failing_ids,
+                    "pending": self.outbox.owed_to(sink.sink_id),
+                    "last_error": self.last_error.get(sink.sink_id),
+                    "last_success": None if success is None else iso_from_epoch(success),
+                }
+            )
+        return report
 
     def recently_resolved(self, sink_id: str, now: float) -> list[tuple[Alert, float]]:
         """(alert, resolved at) of the alerts resolved within RESOLVED_RETENTION_S before
@@ -311,15 +339,20 @@ class AlertDispatcher:
                 sinks.append(before)
                 continue
             sinks.append(sink)
-            changed.append(sink.name)
+            changed.append(sink_label(sink))
         kept = {id(sink) for sink in sinks}
-        changed += [s.name + " (removed)" for s in self.sinks if s.sink_id not in
-                    {n.sink_id for n in sinks}]  # fmt: skip
-        for sink in self.sinks:
-            if id(sink) not in kept:
-                self._wake[sink.sink_id].set()  # its loop sees it is retired, and ends
-        self.sinks = sinks
+        new_ids = {n.sink_id for n in sinks}
+        changed += [sink_label(s) + " (removed)" for s in self.sinks if s.sink_id not in new_ids]
         self.outbox.set_sinks(s.sink_id for s in sinks)
+        for sink in self.sinks:
+            if id(sink) in kept:
+                continue
+            if sink.sink_id not in new_ids and self.outbox.retains(sink.sink_id):
+                self.retiring[sink.sink_id] = sink  # still owes resolutions; then it ends
+            self._wake[sink.sink_id].set()  # its loop sees it is retired, and ends
+        for ident in new_ids:
+            self.retiring.pop(ident, None)  # back in the configuration: the new one serves
+        self.sinks = sinks
         for sink in sinks:
             if sink.sink_id not in self._wake:
                 self._wake[sink.sink_id] = asyncio.Event()
@@ -328,8 +361,14 @@ class AlertDispatcher:
         return changed
 
     def _retired(self, sink: Sink) -> bool:
-        """Whether a reload replaced or removed `sink`."""
-        return all(s is not sink for s in self.sinks)
+        """Whether a reload replaced or removed `sink` and it owes nothing more."""
+        if any(s is sink for s in self.sinks):
+            return False
+        if self.retiring.get(sink.sink_id) is sink and self.outbox.retains(sink.sink_id):
+            return False
+        if self.retiring.get(sink.sink_id) is sink:
+            del self.retiring[sink.sink_id]
+        return True
 
     async def _serve(self, sink: Sink) -> None:
         await sink.start()
@@ -351,6 +390,8 @@ class AlertDispatcher:
             entry, due = self.outbox.next_for(sink.sink_id, now)
             if entry is None and closing:
                 return
+            if next_refresh is not None and sink.sink_id in self.retiring:
+                next_refresh = None  # a removed Alertmanager gets its resolutions, no re-posts
             if entry is None and next_refresh is not None and next_refresh <= now:
                 assert sink.resend_interval_s is not None
                 if await self._refresh(sink, failures):
@@ -388,7 +429,7 @@ class AlertDispatcher:
         except Exception as err:  # a bug or an unforeseen library error: retry, do not die
             error = truncate(scrub(f"{type(err).__name__}: {err}", self._secrets))
         else:
-            self.failing.pop(sink.name, None)
+            self._note_success(sink)
             self.outbox.delivered(sink.sink_id, entry.seq)
             alert = entry.alert
             if self._on_result is not None:
@@ -432,7 +473,7 @@ class AlertDispatcher:
         except Exception as err:
             error = truncate(scrub(f"{type(err).__name__}: {err}", self._secrets))
         else:
-            self.failing.pop(sink.name, None)
+            self._note_success(sink)
             return True
         finally:
             self._inflight.pop(sink.sink_id, None)
@@ -447,7 +488,14 @@ class AlertDispatcher:
         )
         return False
 
+    def _note_success(self, sink: Sink) -> None:
+        self.failing.pop(sink.name, None)
+        self.last_success[sink.sink_id] = self._clock()
+        self._failing_ids.discard(sink.sink_id)
+
     def _note_failure(self, sink: Sink, error: str) -> None:
+        self.last_error[sink.sink_id] = error
+        self._failing_ids.add(sink.sink_id)
         failing = self.failing.get(sink.name)
         if failing is None:
             self.failing[sink.name] = SinkFailing(self._clock(), error)
@@ -480,6 +528,14 @@ class AlertDispatcher:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._closing.wait()
+
+
+def sink_label(sink: Sink) -> str:
+    """A sink as people name it: `webhook[0] (alerts.example:443)`: its index and the host
+    (and port) of its URL, or the program of an exec sink; never a URL path or a secret."""
+    target = sink.target  # already redacted: scheme://host[:port]
+    host = urlsplit(target).netloc if "://" in target else target
+    return f"{sink.name} ({host})" if host else sink.name
 
 
 def _attempt_fields(sink: Sink, entry: Entry, attempt: int) -> dict[str, Any]:

@@ -92,6 +92,9 @@ class _State:
     keys: dict[str, int] = field(default_factory=dict)  # idempotency key -> seq
     owed: dict[str, dict[int, _Owed]] = field(default_factory=dict)  # sink -> seq -> state
     active: dict[str, Alert] = field(default_factory=dict)  # fingerprint -> alert
+    # fingerprint -> the sinks its firing went to: its resolution goes to each of them, even
+    # after a reload removed or changed one (in memory: after a restart, the sinks then).
+    fired_to: dict[str, set[str]] = field(default_factory=dict)
 
 
 def alert_to_json(alert: Alert) -> bytes:
@@ -133,6 +136,9 @@ class Outbox:
         self.path = state_dir / DB_NAME if state_dir is not None else None
         self.max_entries = max_entries
         self.sinks = tuple(dict.fromkeys(sinks))
+        # Sinks a reload removed (or whose receiver changed) that are still owed resolutions
+        # of alerts they received: served until delivered (not across a restart).
+        self.retained: set[str] = set()
         self._over_capacity = False
         self._closed = False
         self.problem: str | None = None  # why the last commit failed, until one works again
@@ -206,6 +212,7 @@ class Outbox:
             state.owed[sink][seq] = _Owed(attempts, 0.0)
         for fingerprint, alert in db.execute("SELECT fingerprint, alert FROM active"):
             state.active[fingerprint] = alert_from_json(alert)
+            state.fired_to[fingerprint] = set(self.sinks)
         return state
 
     def close(self) -> None:
@@ -238,27 +245,53 @@ class Outbox:
     # -- adding ----------------------------------------------------------------------------
 
     def set_sinks(self, sinks: Iterable[str]) -> None:
-        """The configured sinks changed (a reload): notifications owed to a sink that is gone
-        are forgotten (as at start-up); a new sink is owed the notifications from now on."""
+        """The configured sinks changed (a reload): a new sink is owed the notifications from
+        now on; a sink that is gone is owed no firing any more, but keeps (is `retained` for)
+        the resolutions of the alerts it received, until they are delivered."""
         new = tuple(dict.fromkeys(sinks))
         state = self._state
-        gone = [sink for sink in self.sinks if sink not in new]
+        entries = state.entries
+        gone = [sink for sink in (*self.sinks, *self.retained) if sink not in new]
+        unowed: list[tuple[int, str]] = []  # (seq, sink) no longer owed
         for sink in gone:
-            _log.info("alert_outbox_pruned", sink_id=sink, entries=len(state.owed.pop(sink)))
+            owed = state.owed.get(sink, {})
+            firing = [seq for seq in owed if entries[seq].status == "firing"]
+            for seq in firing:
+                del owed[seq]  # never delivered: it never saw the alert fire
+                state.fired_to.get(entries[seq].alert.fingerprint, set()).discard(sink)
+            unowed += [(seq, sink) for seq in firing]
+            self.retained.add(sink)
         for sink in new:
             state.owed.setdefault(sink, {})
+            self.retained.discard(sink)
         self.sinks = new
-        done = [seq for seq in state.entries if not any(seq in o for o in state.owed.values())]
+        self._release_retained()
+        done = [seq for seq in entries if not any(seq in o for o in state.owed.values())]
         for seq in done:
             self._forget(seq)
-        if self._db is None or not (gone or done):
+        if self._db is None or not (unowed or done):
             return
 
         def write(db: sqlite3.Connection) -> None:
-            db.executemany("DELETE FROM pending WHERE sink = ?", [(sink,) for sink in gone])
+            db.executemany("DELETE FROM pending WHERE seq = ? AND sink = ?", unowed)
             db.executemany("DELETE FROM entry WHERE seq = ?", [(seq,) for seq in done])
 
         self._write("set_sinks", write)
+
+    def retains(self, sink: str) -> bool:
+        """Whether `sink`, gone from the configuration, is still owed or due resolutions."""
+        return sink in self.retained
+
+    def _release_retained(self) -> None:
+        """Forget the retained sinks that are owed nothing and received no firing alert."""
+        state = self._state
+        for sink in list(self.retained):
+            owed = state.owed.get(sink, {})
+            if owed or any(sink in sinks for sinks in state.fired_to.values()):
+                continue
+            self.retained.discard(sink)
+            state.owed.pop(sink, None)
+            _log.info("alert_outbox_pruned", sink_id=sink, entries=0)
 
     def add(
         self, alert: Alert, status: Status, at: float, key: str, *, active: bool | None = None
@@ -270,11 +303,17 @@ class Outbox:
         """
         state = self._state
         fingerprint = alert.fingerprint
+        targets = self.sinks
+        if status == "firing" and active is True and key not in state.keys:
+            state.fired_to[fingerprint] = set(self.sinks)
+        elif status == "resolved":
+            fired = state.fired_to.pop(fingerprint, set())
+            targets = (*self.sinks, *sorted(s for s in fired if s in self.retained))
         if active is True:
             state.active[fingerprint] = alert
         elif active is False:
             state.active.pop(fingerprint, None)
-        if key in state.keys or not self.sinks:
+        if key in state.keys or not targets:
             if active is not None and self._db is not None:
                 active_json = alert_to_json(alert) if active else b""
                 self._write(
@@ -285,7 +324,7 @@ class Outbox:
         self._next_seq += 1
         state.entries[entry.seq] = entry
         state.keys[key] = entry.seq
-        for sink in self.sinks:
+        for sink in targets:
             state.owed[sink][entry.seq] = _Owed()
         dropped = self._enforce_bound(entry)
         kept = entry.seq in state.entries
@@ -293,7 +332,7 @@ class Outbox:
             return entry if kept else None
         # Serialized now, so that the queued write holds plain values only.
         alert_json = alert_to_json(alert) if kept or active else b""
-        pending = [(entry.seq, sink) for sink in self.sinks] if kept else []
+        pending = [(entry.seq, sink) for sink in targets] if kept else []
         gone = [(e.seq,) for e in dropped if e is not entry]
         if not kept and not gone and active is None:
             return None
@@ -398,6 +437,8 @@ class Outbox:
         done = not any(seq in owed for owed in self._state.owed.values())
         if done:
             self._forget(seq)
+        if sink in self.retained:
+            self._release_retained()
 
         def write(db: sqlite3.Connection) -> None:
             if done:

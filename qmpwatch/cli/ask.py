@@ -21,7 +21,9 @@ from qmpwatch.output.console import renderer
 EXIT_FINE = 0  # every VM connected and running
 EXIT_ATTENTION = 1  # something needs attention
 EXIT_UNREACHABLE = 2  # no daemon answers
+EXIT_UNKNOWN_VM = 3  # `status NAME` of a VM the daemon does not watch
 TIMEOUT_S = 5.0
+FOLLOW_AGAIN_S = 1.0  # while the daemon is away, `tail` asks again this often
 
 
 class Unreachable(Exception):
@@ -88,9 +90,14 @@ def fetch_status(config: Config) -> dict[str, Any]:
 
 
 def follow(config: Config, vm: str = "") -> Iterator[dict[str, Any]]:
-    """The daemon's records (of `vm`, or all VMs) as they are written, until it stops."""
+    """The daemon's records (of `vm`, or all VMs) as they are written, until it stops.
+    Connects at once: raises `Unreachable` here, not when iterated."""
     path = "/api/v1/records" + (f"?vm={vm}" if vm else "")
     conn, response = _get(config, path)
+    return _records(conn, response)
+
+
+def _records(conn: http.client.HTTPConnection, response: Any) -> Iterator[dict[str, Any]]:
     try:
         if conn.sock is not None:
             conn.sock.settimeout(None)  # records come when they come
@@ -170,6 +177,14 @@ def format_status(doc: dict[str, Any], now: float) -> str:
             "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5]
         )
         lines.extend(alerts.get(n, []))
+    for sink in doc.get("sinks", []):
+        if not sink["ok"]:
+            last = sink["last_success"]
+            since = f", last success {_ago(last, now)}" if last else ", never delivered"
+            lines.append(
+                f"  ! sink {sink['sink']} FAILING ({sink['pending']} pending{since}): "
+                f"{sink['last_error']}"
+            )
     firing = sum(len(vm["alerts"]) for vm in doc["vms"])
     attention = doc["attention"]
     lines.append(
@@ -193,34 +208,54 @@ def status(config: Config, vms: Sequence[str], *, as_json: bool, out: TextIO) ->
             print(
                 f"qmpwatch status: the daemon watches no VM {', '.join(unknown)}", file=sys.stderr
             )
-            return EXIT_ATTENTION
+            return EXIT_UNKNOWN_VM
         doc["vms"] = [vm for vm in doc["vms"] if vm["vm"] in vms]
         doc["attention"] = [name for name in doc["attention"] if name in vms]
     if as_json:
         out.write(json.dumps(doc, indent=2) + "\n")
     else:
         out.write(format_status(doc, time.time()) + "\n")
-    return EXIT_ATTENTION if doc["attention"] else EXIT_FINE
+    failing = any(not sink["ok"] for sink in doc.get("sinks", []))
+    return EXIT_ATTENTION if doc["attention"] or failing else EXIT_FINE
 
 
 def tail(config: Config, vm: str, *, as_json: bool, out: TextIO) -> int:
-    """`qmpwatch tail -c FILE`: print the daemon's VM records as they are written."""
+    """`qmpwatch tail -c FILE`: print the daemon's VM records as they are written, across
+    restarts of the daemon (followed again when it is back), until interrupted. Exit 2 when
+    no daemon answers at the start."""
     render = renderer(colours=out.isatty())
+    gone = ""  # why the daemon went away, while it is away
+    first = True
     try:
-        for record in follow(config, vm):
-            if as_json:
-                out.write(json.dumps(record, separators=(",", ":")) + "\n")
-            else:
-                out.write(render(None, "", dict(record)) + "\n")
-            out.flush()
-    except Unreachable as err:
-        print(f"qmpwatch tail: {err}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except (OSError, http.client.HTTPException) as err:
-        print(f"qmpwatch tail: the daemon went away ({err})", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    print("qmpwatch tail: the daemon stopped", file=sys.stderr)
-    return EXIT_FINE
+        while True:
+            try:
+                records = follow(config, vm)
+            except Unreachable as err:
+                if first:
+                    print(f"qmpwatch tail: {err}", file=sys.stderr)
+                    return EXIT_UNREACHABLE
+                time.sleep(FOLLOW_AGAIN_S)
+                continue
+            if gone:
+                print("qmpwatch tail: the daemon is back; following it again", file=sys.stderr)
+            first, gone = False, ""
+            try:
+                for record in records:
+                    if as_json:
+                        out.write(json.dumps(record, separators=(",", ":")) + "\n")
+                    else:
+                        out.write(render(None, "", dict(record)) + "\n")
+                    out.flush()
+                gone = "it stopped"
+            except (OSError, http.client.HTTPException) as err:
+                gone = str(err) or type(err).__name__
+            print(
+                f"qmpwatch tail: the daemon went away ({gone}); following again when it is "
+                "back (Ctrl-C ends)",
+                file=sys.stderr,
+            )
+    except KeyboardInterrupt:
+        return EXIT_FINE
 
 
 def monitor_is_free(path: str, timeout: float = 2.0) -> bool:

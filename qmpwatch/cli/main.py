@@ -98,8 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Ask the running daemon (through daemon.api_socket of FILE, a unix "
         "socket; never a TCP port) for every "
         "VM: its source, whether it is connected and since when, its run status, why and since "
-        "when, and its firing alerts. Exit 0 when every VM is connected and running, 1 when "
-        "something needs attention, 2 when the daemon cannot be reached.",
+        "when, and its firing alerts; and how each alert sink fares. Exit 0 when every VM is "
+        "connected and running and every sink delivers, 1 when something needs attention, 2 "
+        "when the daemon cannot be reached, 3 when a VM named is not watched.",
     )
     config_arg(status)
     status.add_argument("vms", nargs="*", metavar="VM", help="only these VMs (default: all)")
@@ -113,9 +114,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Without SOCKET: follow the records of the daemon that FILE configures "
         "(events, follow-ups, alerts; through its daemon.api_socket), one line each (coloured "
         "on a terminal, control characters escaped), beside it and "
-        "without a monitor of its own. With SOCKET...: attach to those QMP monitors directly "
-        "(VM name = socket file name without extension); a monitor that another client, such "
-        "as the daemon, holds is refused at once.",
+        "without a monitor of its own, across restarts of the daemon, until Ctrl-C (exit 2 "
+        "when no daemon answers at the start). With SOCKET...: attach to those QMP monitors "
+        "directly (VM name = socket file name without extension); a monitor that another "
+        "client, such as the daemon, holds is refused at once.",
     )
     config_arg(tail)
     tail.add_argument(
@@ -171,6 +173,7 @@ def _check_config(path: Path, *, probe: bool = False) -> int:
     sinks = len(cfg.alert.webhook) + len(cfg.alert.alertmanager) + len(cfg.alert.exec)
     print(
         f"{path}: OK ({len(cfg.vms)} VM(s), {len(cfg.discover)} discovery glob(s), "
+        f"{len(cfg.listen)} listen socket(s), {len(cfg.libvirt)} libvirt connection(s), "
         f"{sinks} alert sink(s))"
     )
     if not probe:

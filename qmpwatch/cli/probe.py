@@ -1,8 +1,10 @@
 """`qmpwatch check-config --probe`: does the world match a valid configuration?
 
 `probe(config)` checks, with the permissions of the user it runs as, that each socket accepts
-a connection (tried once, closed at once), that `daemon.state_dir` is writable, that each
-sink's host answers and each exec command is executable. Each problem is one line naming what
+a connection (tried once, closed at once), that each `[[listen]]` socket can be made in its
+directory and given its group, that each `[[libvirt]]` URI answers a read-only connection
+(listing the matching domains), that `daemon.state_dir` is writable, that each sink's host
+answers and each exec command is executable. Each problem is one line naming what
 it is about. docs/architecture.md ("check-config --probe") says why it probes as it does.
 """
 
@@ -10,22 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import grp
+import importlib
 import os
 import pwd
 import shutil
 import socket
 import stat
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from qmpwatch.alerts.sinks import redact_url
-from qmpwatch.core.config import Config
+from qmpwatch.core.config import Config, LibvirtConfig, ListenConfig
 from qmpwatch.sources.discover import discover
 
 PROBE_TIMEOUT_S = 3.0  # longest wait for a sink's host to answer a TCP connect
+LIBVIRT_TIMEOUT_S = 10.0  # longest wait for libvirtd to connect and list its domains
 STATE_FILES = ("state.sqlite3", "outbox.sqlite3", "outbox.lock")  # with -wal and -shm
 
 
@@ -48,7 +55,22 @@ async def probe(config: Config) -> ProbeReport:
     for label, path in sockets:
         if (problem := probe_socket(path)) is not None:
             report.problems.append(f"{label}: socket: {problem}")
-    report.checked.append(f"{len(sockets)} socket(s)")
+    report.checked.append(
+        f"{len(config.vms)} [[vm]] and {len(sockets) - len(config.vms)} discovered socket(s)"
+        if config.discover
+        else f"{len(sockets)} [[vm]] socket(s)"
+    )
+    for i, entry in enumerate(config.listen):
+        for problem in probe_listen(entry):
+            report.problems.append(f"listen[{i}]: {problem}")
+        report.checked.append(f"[[listen]] {entry.socket}")
+    for i, lv in enumerate(config.libvirt):
+        problem, domains = await probe_libvirt(lv)
+        if problem is not None:
+            report.problems.append(f"libvirt[{i}]: uri: {problem}")
+            report.checked.append(f"[[libvirt]] {lv.uri}")
+        else:
+            report.checked.append(f"[[libvirt]] {lv.uri}: {len(domains)} domain(s)")
 
     if (problem := probe_state_dir(Path(config.daemon.state_dir))) is not None:
         report.problems.append(f"daemon.state_dir: {problem}")
@@ -103,6 +125,88 @@ def probe_socket(path: str) -> str | None:
     finally:
         sock.close()
     return None
+
+
+def probe_listen(entry: ListenConfig) -> list[str]:
+    """Why the daemon, run as this user, could not make `entry`'s socket (in its directory,
+    given its group), or nothing."""
+    problems: list[str] = []
+    path = Path(entry.socket)
+    folder = path.parent
+    if not folder.is_dir():
+        problems.append(f"socket: the directory {folder} does not exist (create it, or use "
+                        "RuntimeDirectory=qmpwatch under systemd)")  # fmt: skip
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problems.append(f"socket: cannot create a socket in {folder}{_who()}")
+    elif path.exists() and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        problems.append(f"socket: {path} exists and is not a socket; qmpwatch will not replace it")
+    if entry.group:
+        try:
+            gid = grp.getgrnam(entry.group).gr_gid
+        except KeyError:
+            problems.append(f"group: no such group: {entry.group}")
+        else:
+            if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+                problems.append(
+                    f"group: {entry.group}: not a group of this user{_who()}, who cannot give "
+                    "the socket to it"
+                )
+    return problems
+
+
+async def probe_libvirt(entry: LibvirtConfig) -> tuple[str | None, list[str]]:
+    """Connect to `entry.uri` read-only and list the domains `entry.domains` match: (why
+    not, or None; their names). libvirt's calls block: they run on a thread of their own,
+    given up after LIBVIRT_TIMEOUT_S."""
+    try:
+        libvirt = importlib.import_module("libvirt")
+    except ImportError:
+        return "libvirt-python is not installed: pip install 'qmpwatch[libvirt]'", []
+
+    def look() -> list[str]:
+        conn = libvirt.openReadOnly(entry.uri)
+        try:
+            names = [dom.name() for dom in conn.listAllDomains()]
+        finally:
+            conn.close()
+        return sorted(n for n in names if any(fnmatch.fnmatchcase(n, g) for g in entry.domains))
+
+    try:
+        async with asyncio.timeout(LIBVIRT_TIMEOUT_S):
+            return None, await _on_own_thread(look)
+    except TimeoutError:
+        return f"{entry.uri}: libvirtd did not answer within {LIBVIRT_TIMEOUT_S:g} s", []
+    except libvirt.libvirtError as err:
+        words = err.get_error_message() or str(err)
+        return f"{entry.uri}: cannot connect read-only{_who()}: {words}", []
+
+
+async def _on_own_thread(call: Callable[[], list[str]]) -> list[str]:
+    """`call()` on a daemon thread (one that hangs does not keep the process alive)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[list[str]] = loop.create_future()
+
+    def settle(result: list[str] | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert result is not None
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = call()
+        except BaseException as err:  # handed to the awaiting task
+            outcome: tuple[list[str] | None, BaseException | None] = (None, err)
+        else:
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="probe-libvirt", daemon=True).start()
+    return await future
 
 
 def probe_state_dir(path: Path) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -37,6 +37,7 @@ KINDS = (
     "vm_disk_filling",
     "storage_space_low",
     "vm_agent_absent",
+    "vm_unreachable",
 )
 
 # Alerts about a VM that is not running; they resolve when it runs again.
@@ -51,6 +52,16 @@ STOPPED_KINDS = frozenset(
     }
 )
 
+
+def stop_alert_firing(firing: Iterable[Alert], status: str, kind: str = "") -> bool:
+    """Whether an alert of another kind than `kind` about the VM being stopped in `status`
+    fires already (one found at connect): a new stop in that status is the same incident."""
+    return any(
+        a.kind in STOPPED_KINDS and a.kind != kind and a.details.get("status") == status
+        for a in firing
+    )
+
+
 # Alerts that stay firing until their condition ends (the others are one-shot).
 RESOLVABLE_KINDS = STOPPED_KINDS | {
     "vm_crashed",
@@ -59,6 +70,7 @@ RESOLVABLE_KINDS = STOPPED_KINDS | {
     "vm_disk_filling",
     "storage_space_low",
     "vm_agent_absent",
+    "vm_unreachable",
 }
 
 # Alerts of the incidents a crash loop is made of; while a VM's vm_crash_loop fires they are

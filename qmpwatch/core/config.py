@@ -8,6 +8,7 @@ deadline is a silent bug otherwise.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import pwd
@@ -96,6 +97,7 @@ class LifecycleConfig:
     crash_loop_quiet_s: float = 900.0  # no incident this long: the loop alert resolves
     transient_state_max_s: float = 300.0  # inmigrate, prelaunch, save-vm, ... longer: alert
     agent_absent_after_s: float = 0.0  # 0: off; a running VM's agent port closed longer: alert
+    unreachable_after_s: float = 60.0  # not connected this long: vm_unreachable (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,9 +274,12 @@ class _Reader:
         return default if value is None else value
 
     def finish(self, allowed_extra: tuple[str, ...] = ()) -> None:
+        known = sorted(self.seen | set(allowed_extra))
         for name in self.table:
             if name not in self.seen and name not in allowed_extra:
-                self.problems.append(f"{self.key(name)}: unknown key")
+                close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                self.problems.append(f"{self.key(name)}: unknown key{hint}")
 
     # checks: return the value, or record the problem and return None
     def number(
@@ -485,6 +490,9 @@ def _parse_lifecycle(r: _Reader) -> LifecycleConfig:
         transient_state_max_s=r.get("transient_state_max_s", r.number(), d.transient_state_max_s),
         agent_absent_after_s=r.get(
             "agent_absent_after_s", r.number(minimum=0.0, positive=False), d.agent_absent_after_s
+        ),
+        unreachable_after_s=r.get(
+            "unreachable_after_s", r.number(positive=False), d.unreachable_after_s
         ),
     )
     r.finish()

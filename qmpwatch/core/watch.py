@@ -27,6 +27,7 @@ from qmpwatch.core.alert import (
     describe_status,
     resolved_because,
     resolved_summary,
+    stop_alert_firing,
 )
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig, RemediateConfig
 from qmpwatch.core.crashcause import CrashCause
@@ -38,6 +39,7 @@ from qmpwatch.core.events import (
     Shutdown,
     Watchdog,
 )
+from qmpwatch.core.presence import UNREACHABLE, Presence
 from qmpwatch.core.remedy import SETTLE_S, Resumer
 from qmpwatch.core.tracker import QEMU_EXIT, Ended, FollowUpTracker, Rules
 
@@ -133,6 +135,7 @@ class VmWatch:
         # end of the session a clean exit (libvirt reboots a -no-shutdown VM with SHUTDOWN,
         # STOP, system_reset and cont, and the VM runs on).
         self.saw_shutdown = False
+        self.shutdown_reason = ""  # that SHUTDOWN's reason (host-signal, guest-shutdown, ...)
         # STOP/RESUME events handled so far. An answer to query-status carries the count at
         # the moment it was read (`as_of`); if a STOP/RESUME was handled since, the answer is
         # older than what the events said, and is not applied.
@@ -148,6 +151,7 @@ class VmWatch:
         self.disks: dict[str, DiskInfo] = {}  # device or node-name -> image (query-block)
         self.thresholds: dict[str, float] = {}  # node-name -> write threshold armed, percent
         self.agent = AgentPort(self.lifecycle.agent_absent_after_s)  # the guest agent's port
+        self.presence = Presence(self.lifecycle.unreachable_after_s)  # connected, gone, since
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -180,6 +184,7 @@ class VmWatch:
             or self.transient_due is not None
             or self.resumer.due() is not None
             or self.agent.due is not None
+            or self.presence.due() is not None
         )
 
     def tick(self, now: float) -> None:
@@ -194,10 +199,20 @@ class VmWatch:
         if due is not None and due <= now:
             self._remedy(now)
         agent_port.tick(self, now)
+        due = self.presence.due()
+        if due is not None and due <= now:
+            self._unreachable(now)
 
     def next_deadline(self) -> float | None:
         deadline = self.tracker.next_deadline()
-        for other in (self.loop_quiet_at, self.transient_due, self.resumer.due(), self.agent.due):
+        others = (
+            self.loop_quiet_at,
+            self.transient_due,
+            self.resumer.due(),
+            self.agent.due,
+            self.presence.due(),
+        )
+        for other in others:
             if other is not None and (deadline is None or other < deadline):
                 deadline = other
         return deadline
@@ -225,6 +240,7 @@ class VmWatch:
         self.client_stop_severity = client_stop_severity
         if lifecycle != self.lifecycle:
             self.agent.absent_after_s = lifecycle.agent_absent_after_s  # from its next change
+            self.presence.unreachable_after_s = lifecycle.unreachable_after_s
             self.lifecycle = lifecycle
             self.incidents = deque(self.incidents, maxlen=lifecycle.crash_loop_count)
 
@@ -247,7 +263,16 @@ class VmWatch:
         `as_of`, None: just now; a status of None: the monitor did not tell); `fields` go
         into `vm_connected`."""
         self.out.record("vm_connected", "info", now, {**fields, "status": status or "unknown"})
-        self._resolve(now, lambda a: a.kind in ABSENT_KINDS, "QEMU's monitor answers again")
+        pid = fields.get("pid")
+        self.presence.connected(
+            now, str(fields.get("socket", "")), pid if isinstance(pid, int) else None
+        )
+        self.presence.fired = False
+        self._resolve(
+            now,
+            lambda a: a.kind in ABSENT_KINDS or a.kind == UNREACHABLE,
+            "QEMU's monitor answers again",
+        )
         if status is None:
             return  # nothing to decide on: a STOP of this session is still classified
         if as_of is not None and as_of != self.run_changes:
@@ -319,6 +344,10 @@ class VmWatch:
         )
         self._set_status(None, now)
 
+    def on_connect_failed(self, now: float, reason: str, detail: str) -> None:
+        """An attempt to reach QEMU failed (`reason`: a vm_connect_failed reason)."""
+        self.presence.failed(now, reason, detail)
+
     def retire(self, now: float, reason: str) -> None:
         """qmpwatch stops watching this VM for good: every firing alert resolves, saying why."""
         self._resolve(now, lambda a: True, reason)
@@ -344,7 +373,11 @@ class VmWatch:
         clean = cause == "exited" or (cause != "closed" and (self.saw_shutdown or bool(exited)))
         logged_cause = "shutdown" if clean else cause
         level = "info" if clean or cause == "closed" else "warning"
-        self.out.record("vm_disconnected", level, now, {"cause": logged_cause, "error": error})
+        ending = clean_end_words(cause, self.shutdown_reason, bool(exited)) if clean else ""
+        fields = {"cause": logged_cause, "error": error}
+        if clean:
+            fields["reason"] = ending
+        self.out.record("vm_disconnected", level, now, fields)
         self._ended(self.tracker.abandon(now))
         if self.pending_stop is not None and (cause == "closed" or clean):
             # qmpwatch itself closed the session (stopping, reload): nothing happened to the
@@ -354,13 +387,17 @@ class VmWatch:
         elif self.pending_stop is not None:
             self._classify_stop(self.pending_stop, None, now, "the session ended")
         if cause != "closed":
+            if clean and self.shutdown_reason != "guest-panic":  # a panic's end stays one
+                self._resolve(
+                    now, lambda a: a.kind in STOPPED_KINDS, f"QEMU ended cleanly: {ending}"
+                )
             if clean:
-                self._set_status("shutdown", now)
+                self._set_status("shutdown", now, f"QEMU is gone: {ending}")
             else:
+                details = self.presence.crash_details(now, self.status, error)
                 self._set_status(None, now)
                 self._incident(now, "crash")
                 gone = error or "end of file on the monitor"
-                details: dict[str, Any] = {"error": error}
                 if crash is None:
                     summary = f"went away without a SHUTDOWN event (crashed or killed): {gone}"
                 else:
@@ -375,7 +412,9 @@ class VmWatch:
                     cause="EOF",
                     details=details,
                 )
+        self.presence.ended(now, ending, f"{cause}: {error}" if error else cause)
         self.saw_shutdown = False
+        self.shutdown_reason = ""
         self.stopped = None
         agent_port.ended(self, now, cause)
         self.resumer.stop()  # the next session starts over, if the VM is still paused
@@ -491,15 +530,19 @@ class VmWatch:
                 return self.disks[key].fields()
         return {}
 
+    def on_space(self, free: Mapping[str, int], now: float) -> bool:
+        """Free bytes where the writable images live, while a resume waits on a full disk:
+        True when space came back and `cont` is due now."""
+        return self.resumer.space(free, now)
+
     def _remedy(self, now: float) -> None:
         """The resume plan is due: the VM ran long enough, or give up, or try `cont`."""
         resumer = self.resumer
         attempts = resumer.attempts
         if resumer.settle_until is not None:
+            fields = {"attempt": attempts, "outcome": "resumed", "trigger": resumer.trigger}
             resumer.stop()
-            self.out.record(
-                "vm_resume_attempted", "info", now, {"attempt": attempts, "outcome": "resumed"}
-            )
+            self.out.record("vm_resume_attempted", "info", now, fields)
             self._resolve(
                 now,
                 lambda a: a.kind in STOPPED_KINDS,
@@ -529,13 +572,35 @@ class VmWatch:
 
     def _resume_failed(self, now: float, outcome: str, error: str) -> None:
         resumer = self.resumer
-        fields: dict[str, Any] = {"attempt": resumer.attempts, "outcome": outcome}
+        fields: dict[str, Any] = {
+            "attempt": resumer.attempts,
+            "outcome": outcome,
+            "trigger": resumer.trigger,
+        }
         if error:
             fields["error"] = error
         resumer.failed(now)
         assert resumer.next_at is not None
         fields["retry_in_s"] = round(resumer.next_at - now, 3)
         self.out.record("vm_resume_attempted", "warning", now, fields)
+
+    def _unreachable(self, now: float) -> None:
+        """Not connected for `unreachable_after_s`: a warning with the last failure, unless
+        an alert already says QEMU is gone (a crash: one incident, one alert)."""
+        presence = self.presence
+        presence.fired = True
+        if any(a.kind in ABSENT_KINDS for a in self.firing.values()):
+            return
+        details = presence.unreachable_details(now)
+        failure = presence.why() or "no connection made yet"
+        self._raise(
+            now,
+            UNREACHABLE,
+            "warning",
+            f"VM {self.vm} has not been reachable for {details['unreachable_s']:.0f} s: {failure}",
+            cause="unreachable",
+            details=details,
+        )
 
     def _stuck(self, now: float) -> None:
         self.transient_due = None
@@ -683,7 +748,10 @@ class VmWatch:
 
     def _alert_for_satisfied(self, kind: str, cause: Event, now: float) -> None:
         if isinstance(cause, BlockIoError):
+            self.resumer.nospace = cause.nospace
             self._set_status("io-error", now, _io_error_words(cause))
+            if stop_alert_firing(self.firing.values(), "io-error", kind):
+                return  # the pause found at connect, paused again: one incident, one page
             self._raise(
                 now,
                 kind,
@@ -721,9 +789,13 @@ class VmWatch:
     def _classify_stop(self, stop: Event, status: str | None, now: float, why: str = "") -> None:
         self.pending_stop = None
         cls = classify_status(status, self.client_stop_severity)
-        if cls is None or any(
-            a.kind == cls.kind or (status is None and a.kind in STOPPED_KINDS)
-            for a in self.firing.values()
+        firing = self.firing.values()
+        if (
+            cls is None
+            or (status is not None and stop_alert_firing(firing, status))
+            or any(
+                a.kind == cls.kind or (status is None and a.kind in STOPPED_KINDS) for a in firing
+            )
         ):
             return  # no alert due, or the event that stopped the VM raised it: one incident
         details: dict[str, Any] = {"status": status, "cause_event": "STOP"}
@@ -738,6 +810,17 @@ class VmWatch:
             details=details,
             qemu_time=stop.qemu_time,
         )
+
+
+def clean_end_words(cause: str, shutdown_reason: str, exited: bool) -> str:
+    """How QEMU ended cleanly, in words: "it shut down (host-signal)"."""
+    if cause == "exited":
+        return "it ended on purpose, as its manager says"
+    if shutdown_reason:
+        return f"it shut down ({shutdown_reason})"
+    if exited:
+        return "it exited, as its watchdog's action poweroff says"
+    return "it shut down"
 
 
 def _disk_name(event: BlockIoError) -> str:
@@ -827,6 +910,7 @@ def on_reset(watch: VmWatch, event: Event, now: float) -> None:
 def on_shutdown(watch: VmWatch, event: Event, now: float) -> None:
     """Remember the SHUTDOWN, so that the end of the session is a clean exit."""
     watch.saw_shutdown = True
+    watch.shutdown_reason = (event.reason or "") if isinstance(event, Shutdown) else ""
 
 
 def on_watchdog(watch: VmWatch, event: Event, now: float) -> None:

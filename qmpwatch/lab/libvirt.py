@@ -295,6 +295,8 @@ class DomainSpec:
     watchdog_action: str | None = None  # <watchdog model='ib700' action=.../>
     panic: bool = False  # <panic model='isa'/> (pvpanic)
     blkdebug: BlkdebugSpec | None = None  # an IDE disk behind blkdebug (adds -drive/-device)
+    extra_args: tuple[str, ...] = ()  # more of QEMU's options, as <qemu:commandline> adds them
+    extra_devices: tuple[str, ...] = ()  # more <devices> elements, as XML
 
     def xml(self, lab: LibvirtLab) -> str:
         devices = [
@@ -306,7 +308,8 @@ class DomainSpec:
             devices.append(f"<watchdog model='ib700' action='{self.watchdog_action}'/>")
         if self.panic:
             devices.append("<panic model='isa'/>")
-        extra = ""
+        devices += self.extra_devices
+        args = list(self.extra_args)
         if self.blkdebug is not None:
             # libvirt's XML has no blkdebug source: the drive goes on QEMU's command line
             # (which taints the domain custom-argv, as the port writes that drive it do).
@@ -318,7 +321,9 @@ class DomainSpec:
                 f"file=blkdebug:{conf}:{image},if=none,format=raw,id=drive0,"
                 f"rerror={self.blkdebug.rerror},werror={self.blkdebug.werror}"
             )
-            args = ["-drive", drive, "-device", "ide-hd,drive=drive0,bus=ide.0"]
+            args += ["-drive", drive, "-device", "ide-hd,drive=drive0,bus=ide.0"]
+        extra = ""
+        if args:
             extra = (
                 "<qemu:commandline>"
                 + "".join(f"<qemu:arg value='{escape(a)}'/>" for a in args)

@@ -66,6 +66,7 @@ class Daemon:
         self._supervisor: Supervisor | None = None
         self._degradation: Degradation | None = None
         self._unbound: dict[str, str] = {}  # an endpoint that cannot listen: degraded reason
+        self._dispatcher: AlertDispatcher | None = None
 
     def _on_stop_signal(self, signame: str) -> None:
         self._signals += 1
@@ -89,7 +90,7 @@ class Daemon:
         if store.problem:
             self.log.error("state_store_unavailable", error=store.problem)
         metrics = Metrics()
-        dispatcher = AlertDispatcher(
+        dispatcher = self._dispatcher = AlertDispatcher(
             self.config.alert,
             Path(state_dir) if state_dir else None,
             host=self.config.alert.host,
@@ -120,6 +121,7 @@ class Daemon:
                 await asyncio.gather(*(event.wait() for event in tried))  # bound, or said why
                 supervisor = Supervisor(self.config, services, tg)
                 self._supervisor = supervisor
+                metrics.vms_from(supervisor.metric_views)
                 supervisor.apply()  # opens the sessions; their tasks run from the next await
                 self.log.info(
                     "daemon_started",
@@ -207,8 +209,9 @@ class Daemon:
 
     def _status(self, host: str, followers: int) -> dict[str, Any]:
         """The status document of `qmpwatch status` (`qmpwatch.service.status`)."""
-        held = self._supervisor.sessions.items() if self._supervisor is not None else ()
-        doc = snapshot(host, held, time.time(), followers)
+        held = self._supervisor.watched() if self._supervisor is not None else []
+        sinks = self._dispatcher.sink_report() if self._dispatcher is not None else []
+        doc = snapshot(host, held, time.time(), followers, sinks)
         if self._degradation is not None:
             doc["degraded"] = {**self._degradation.reasons(), **self._unbound}
         return doc
@@ -264,7 +267,7 @@ class Daemon:
                 self.log.info(
                     "config_reloaded",
                     config=str(self.config_path),
-                    vms=len(supervisor.sessions),
+                    vms=supervisor.counts()[0],  # as status and /healthz count them
                     changed=sorted(dict.fromkeys(changed)),
                 )
             sdnotify.ready(sdnotify.status_line(*supervisor.counts()))

@@ -143,6 +143,35 @@ class _ProtectionGaps(Collector):
         yield family
 
 
+# (vm, why it is paused or None while it runs, alerts firing), one per watched VM
+VmView = tuple[str, str | None, int]
+
+
+class _VmViews(Collector):
+    """`qmpwatch_vm_pause_reason{vm,reason}` and `qmpwatch_vm_alerts_firing{vm}`, read from the
+    sessions at scrape time (`Metrics.vms_from`)."""
+
+    def __init__(self) -> None:
+        self.views: Callable[[], list[VmView]] = list
+
+    def collect(self) -> Iterable[Metric]:
+        paused = GaugeMetricFamily(
+            "qmpwatch_vm_pause_reason",
+            "1 while the VM is stopped, with why as a label (nospace, io-error, watchdog, "
+            "guest-panicked, client, shutdown, or another run status).",
+            labels=["vm", "reason"],
+        )
+        firing = GaugeMetricFamily(
+            "qmpwatch_vm_alerts_firing", "Alerts firing for the VM now.", labels=["vm"]
+        )
+        for vm, reason, count in self.views():
+            if reason is not None:
+                paused.add_metric([vm, reason], 1)
+            firing.add_metric([vm], count)
+        yield paused
+        yield firing
+
+
 class _EventCounter(Collector):
     """`qmpwatch_events_total{vm,event}`, read from the VMs' `EventMeter`s at scrape time."""
 
@@ -213,7 +242,9 @@ class Metrics:
             registry=r,
         )
         self._statuses = _StatusGauges()
+        self._views = _VmViews()
         r.register(self._statuses)
+        r.register(self._views)
         self._status_of_vm = self._statuses.status_of_vm
         self._gaps = _ProtectionGaps()
         r.register(self._gaps)
@@ -320,6 +351,11 @@ class Metrics:
     def alert_delivery(self, kind: str, sink: str, result: str) -> None:
         """One delivery of an alert of `kind` to `sink` ("webhook", ...) ended in `result`."""
         self._child(self._deliveries, kind, sink, result, per_vm=False).inc()
+
+    def vms_from(self, views: Callable[[], list[VmView]]) -> None:
+        """Each watched VM's pause reason and firing alerts are `views()`, read at every
+        scrape."""
+        self._views.views = views
 
     def outbox_depth_from(self, depth: Callable[[], int]) -> None:
         """The outbox depth (alerts waiting for a sink) is `depth()`, read at every scrape."""

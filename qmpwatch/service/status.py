@@ -19,6 +19,7 @@ import orjson
 import structlog
 
 from qmpwatch import __version__
+from qmpwatch.core.alert import SEVERITIES, Alert
 from qmpwatch.core.times import iso_from_epoch
 from qmpwatch.session.session import VmSession
 
@@ -58,7 +59,7 @@ def vm_status(name: str, held: Held) -> dict[str, Any]:
         "connected_since" if session.connected else "disconnected_since": _iso(session.since),
         "status": watch.status or "unknown",
         "status_since": _iso(watch.status_since),
-        "why": watch.status_why,
+        "why": why(session, alerts),
         "agent_port": _agent_port(watch.agent.fields()),
         "protection": session.protection_view(),
         "alerts": [
@@ -74,10 +75,39 @@ def vm_status(name: str, held: Held) -> dict[str, Any]:
     }
 
 
+# Alerts that say QEMU is not there: while one fires, it is the reason a VM is not connected.
+_ABSENT = ("vm_crashed", "vm_gone_while_unmonitored", "vm_unreachable")
+
+
+def why(session: VmSession, alerts: list[Alert]) -> str:
+    """Why a VM needs attention, in words ("" when it does not): a crash, a clean end, the
+    last connect failure, its run status, else its most severe firing alert."""
+    watch = session.watch
+    if not session.connected:
+        gone = [a for a in alerts if a.kind in _ABSENT]
+        if gone:
+            return gone[0].summary
+        presence = watch.presence
+        if presence.ended_cleanly:
+            return watch.status_why or presence.why()
+        if presence.failure:
+            return presence.why()
+    if watch.status_why:
+        return watch.status_why
+    if alerts:
+        return min(alerts, key=lambda a: SEVERITIES.index(a.severity)).summary
+    return "" if session.connected else "not connected yet"
+
+
 def snapshot(
-    host: str, sessions: Iterable[tuple[str, Held]], now: float, followers: int = 0
+    host: str,
+    sessions: Iterable[tuple[str, Held]],
+    now: float,
+    followers: int = 0,
+    sinks: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The status document: every VM, and whether any needs attention."""
+    """The status document: every VM, and whether any needs attention; `sinks`: how each
+    alert sink fares (`AlertDispatcher.sink_report`)."""
     vms = [vm_status(name, held) for name, held in sorted(sessions, key=lambda p: p[0])]
     attention = [
         vm["vm"] for vm in vms if not vm["connected"] or vm["status"] != "running" or vm["alerts"]
@@ -90,6 +120,7 @@ def snapshot(
         "vms": vms,
         "attention": attention,
         "followers": followers,  # `qmpwatch tail`s following the daemon now
+        "sinks": sinks or [],
     }
 
 

@@ -19,6 +19,7 @@ import structlog
 from qmpwatch.core.alert import Alert, resolved_because, resolved_summary
 from qmpwatch.core.config import Config, NoShutdown, RemediateConfig
 from qmpwatch.core.pins import Owner
+from qmpwatch.core.watch import VmWatch
 from qmpwatch.service.recorder import DaemonRecorder, Services
 from qmpwatch.session.session import VmSession
 from qmpwatch.sources import registry
@@ -152,7 +153,28 @@ class Supervisor:
 
     def counts(self) -> tuple[int, int, int]:
         """(VMs, connected, alerts firing) for the status line and /healthz."""
-        held = self.sessions.values()
+        held = [h for h in self.sessions.values() if not h.session.leaving]
         connected = sum(1 for h in held if h.session.connected)
         firing = sum(len(h.session.watch.firing) for h in held)
-        return len(self.sessions), connected, firing
+        return len(held), connected, firing
+
+    def metric_views(self) -> list[tuple[str, str | None, int]]:
+        """(vm, pause reason or None, alerts firing) of each watched VM, for /metrics."""
+        return [
+            (name, pause_reason(h.session.watch), len(h.session.watch.firing))
+            for name, h in self.watched()
+        ]
+
+    def watched(self) -> list[tuple[str, _Held]]:
+        """The VMs watched now (not those a reload removed whose link is still ending)."""
+        return [(name, h) for name, h in self.sessions.items() if not h.session.leaving]
+
+
+def pause_reason(watch: VmWatch) -> str | None:
+    """Why a VM is stopped, as a metric label (None while it runs or is unknown)."""
+    status = watch.status
+    if status is None or status == "running":
+        return None
+    if status == "io-error":
+        return "nospace" if watch.resumer.nospace else "io-error"
+    return "client" if status == "paused" else status

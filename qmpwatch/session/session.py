@@ -14,7 +14,7 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -45,6 +45,7 @@ from qmpwatch.session.storage import disks, filling
 ABSENT_REASONS = frozenset({"missing", "refused", "not_reconnected"})
 STATVFS_TIMEOUT_S = 5.0
 CRASH_CAUSE_WAIT_S = 2.0  # how long a vm_crashed alert waits for the host to say why
+SPACE_POLL_S = 0.25  # free space looked at this often while a resume waits on a full disk
 COMMANDS_MAX = 16  # commands of the core waiting to be sent (a few: one resume at a time)
 
 
@@ -131,14 +132,19 @@ class VmSession:
             last_status=store.last_status(name),
         )
         self.watch.restore(list(firing), time.time())
+        self.watch.presence.start(time.time(), self.watch.status)
         self.state = RunState.IDLE
         self._idle = asyncio.Event()
         self._idle.set()
         self.where = ""  # the socket (or URI) of the latest link, or the one dialed
         self.since = time.time()  # when the session last came up or went down
         self.links = 0  # links watched so far
+        # Why qmpwatch ends this VM's link, when a source ends it for good ("" otherwise: the
+        # daemon stopping, a reload restarting it): the VM is no longer counted as watched.
+        self.stopping_reason = ""
         self._absence_checked = False
         self._status_wanted = asyncio.Event()
+        self._space_wanted = asyncio.Event()
         self._commands: asyncio.Queue[tuple[str, Mapping[str, Any]]] = asyncio.Queue(COMMANDS_MAX)
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._deadline_at: float | None = None
@@ -151,6 +157,11 @@ class VmSession:
         recorder.connected(False)  # every VM has its series from the start
 
     @property
+    def leaving(self) -> bool:
+        """A source ends this VM for good; its link is still ending."""
+        return bool(self.stopping_reason)
+
+    @property
     def connected(self) -> bool:
         return self.state is not RunState.IDLE
 
@@ -159,12 +170,19 @@ class VmSession:
     def unreachable(self, reason: str, detail: str) -> None:
         """An attempt to reach QEMU failed. The first one, before any link since qmpwatch
         started: a VM last seen alive that has no QEMU now went away while nobody watched."""
-        self.recorder.connect_failed(reason)
+        self.attempt_failed(reason, detail)
         if self._absence_checked or self.links:
             return
         self._absence_checked = True
         if reason in ABSENT_REASONS:
             self.absent(reason, detail)
+
+    def attempt_failed(self, reason: str, detail: str) -> None:
+        """An attempt to reach QEMU failed (counted, and said by `status`), with no bearing on
+        whether QEMU went away while nobody watched."""
+        self.recorder.connect_failed(reason)
+        self.watch.on_connect_failed(time.time(), reason, detail)
+        self._arm_deadline()  # vm_unreachable, if it stays so
 
     def absent(self, reason: str, detail: str) -> None:
         """QEMU is gone and qmpwatch did not see it end (it was not watching then): a VM
@@ -222,6 +240,7 @@ class VmSession:
                         tg.create_task(self._status_worker(link)),
                         tg.create_task(self._command_worker(link)),
                         tg.create_task(self._storage_worker(link)),
+                        tg.create_task(self._space_worker()),
                     ]
                     cause, error = await link.wait_closed()
                     for worker in workers:
@@ -234,7 +253,7 @@ class VmSession:
                 if unresponsive and cause == "error":
                     cause = "closed"  # qmpwatch hung up; QEMU did not go away
         except asyncio.CancelledError:
-            ended: tuple[EndCause, str] = ("closed", "qmpwatch is stopping")
+            ended: tuple[EndCause, str] = ("closed", self.stopping_reason or "qmpwatch is stopping")
             with contextlib.suppress(Exception):
                 closed = await link.close()
                 if closed[0] == "eof":
@@ -459,19 +478,27 @@ class VmSession:
             if filling(self.watch.firing.values()):
                 await self._learn_disks(link, if_changed=True)
             if config.storage_free_percent > 0:
-                free: dict[str, float] = {}
-                for mount in self.watch.storages():
-                    try:
-                        async with asyncio.timeout(STATVFS_TIMEOUT_S):
-                            st = await asyncio.to_thread(os.statvfs, mount)
-                    except (OSError, TimeoutError):
-                        continue  # unreachable now: said by the disk's own errors, if any
-                    if st.f_blocks:
-                        free[mount] = 100.0 * st.f_bavail / st.f_blocks
+                found = await _statvfs(self.watch.storages())
+                free = {m: 100.0 * st.f_bavail / st.f_blocks for m, st in found.items()}
                 self.watch.on_storage_free(free, time.time())
             await asyncio.sleep(config.storage_check_interval_s)
 
+    async def _space_worker(self) -> None:
+        """While a resume waits on a full disk, look at the free bytes where the writable
+        images live every `SPACE_POLL_S`, so that `cont` follows the space coming back."""
+        while True:
+            await self._space_wanted.wait()
+            self._space_wanted.clear()
+            while self.watch.resumer.wants_space():
+                found = await _statvfs(self.watch.storages())
+                free = {m: st.f_bavail * st.f_frsize for m, st in found.items()}
+                if self.watch.on_space(free, time.time()):
+                    self._arm_deadline()
+                await asyncio.sleep(SPACE_POLL_S)
+
     def _arm_deadline(self) -> None:
+        if self.watch.resumer.wants_space():
+            self._space_wanted.set()
         deadline = self.watch.next_deadline()
         if deadline == self._deadline_at:
             return
@@ -498,3 +525,18 @@ class VmSession:
     def _store_status(self) -> None:
         self.store.set_status(self.name, self.watch.status)
         self.recorder.status(self.watch.status)
+
+
+async def _statvfs(mounts: Iterable[str]) -> dict[str, os.statvfs_result]:
+    """statvfs of each mount, off the loop and bounded (NFS can hang); a mount that cannot
+    be read now is left out (the disk's own errors say so, if any)."""
+    found: dict[str, os.statvfs_result] = {}
+    for mount in mounts:
+        try:
+            async with asyncio.timeout(STATVFS_TIMEOUT_S):
+                st = await asyncio.to_thread(os.statvfs, mount)
+        except (OSError, TimeoutError):
+            continue
+        if st.f_blocks:
+            found[mount] = st
+    return found

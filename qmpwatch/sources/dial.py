@@ -210,6 +210,7 @@ def _connect_failure(err: TimeoutError | OSError, path: str, timeout: float) -> 
 class _Running:
     target: DialTarget
     task: asyncio.Task[None]
+    session: VmSession
 
 
 class DialTargets:
@@ -264,15 +265,18 @@ class DialTargets:
     ) -> None:
         session.no_shutdown = target.no_shutdown
         session.where = target.socket
+        session.stopping_reason = ""  # watched again (a VM leaving and back at once)
         if after is not None:
             session.forgo_absence_check()  # watched until now, on the old socket
         dialer = Dialer(target, session, self.connect, after)
         task = self._tg.create_task(dialer.run(), name=f"vm:{target.name}")
-        self.running[target.name] = _Running(target, task)
+        self.running[target.name] = _Running(target, task, session)
         structlog.get_logger().info("vm_added", vm=target.name, socket=target.socket)
 
     def _stop(self, name: str, *, leaving: bool) -> asyncio.Task[None]:
         entry = self.running.pop(name)
+        if leaving:  # why its link ends (vm_disconnected.error); no longer counted as watched
+            entry.session.stopping_reason = self._leave_reason
         entry.task.cancel()
         self._ending.add(entry.task)
         entry.task.add_done_callback(self._ending.discard)

@@ -207,6 +207,17 @@ class ListenSource:
 
             self.spawn(grace(), f"listen:grace:{name}")
 
+    def _refused_for(self, name: str, pid: int, err: ConnectFailed) -> None:
+        """A QEMU claiming a VM this source watches (not connected now) was refused: the VM
+        is not reached, and `status` says why."""
+        if self.host.holder(name) != self.kind:
+            return
+        held = self.host.open(name, self.kind, no_shutdown="auto")
+        if held is not None and not held.connected:
+            held.attempt_failed(
+                err.reason, f"its QEMU (pid {pid}) dialed in, refused: {err.detail}"
+            )
+
     async def serve(self, conn: socket.socket, entry: ListenConfig) -> None:
         """Identify one accepted connection, then watch its VM until it hangs up."""
         cred = peer_credentials(conn)
@@ -249,6 +260,7 @@ class ListenSource:
             self._once((peer.pid, uid, err.reason), "listen_peer_refused",
                        socket=entry.socket, vm=peer.name, pid=peer.pid, uid=uid,
                        reason=err.reason, error=err.detail)  # fmt: skip
+            self._refused_for(peer.name, peer.pid, err)
             return
         session = self.host.open(
             peer.name, self.kind, no_shutdown=entry.no_shutdown, remediate=entry.remediate

@@ -7,6 +7,7 @@ import asyncio
 import grp
 import os
 import pwd
+import secrets
 import socket
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from qmpwatch.cli.main import main
 from qmpwatch.cli.probe import probe_state_dir, probe_tcp
 from qmpwatch.lab import LabSpec, LabVM
+from qmpwatch.lab.libvirt import LAB_PREFIX, URI, DomainSpec, LabDomain, LibvirtLab, virsh
 from tests.support.alert_fixtures import receiving
 from tests.support.daemon_harness import DaemonProcess, lab_config, write_config
 from tests.support.ports import refusing_port
@@ -90,7 +92,7 @@ async def test_probe_of_a_good_world_passes_and_leaves_nothing_behind(
         before = sorted(os.listdir(tmp_path))
         status, out, err = await check_config(cfg)
         assert (status, err) == (0, "")
-        assert out.splitlines()[-1] == f"{cfg}: probe OK (1 socket(s), state_dir, 3 sink(s))"
+        assert out.splitlines()[-1] == f"{cfg}: probe OK (1 [[vm]] socket(s), state_dir, 3 sink(s))"
         assert sorted(os.listdir(tmp_path)) == before
         assert hook.requests == []  # a TCP connect, no request
         assert am.requests == []
@@ -216,3 +218,67 @@ def test_state_dir_probe_creates_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "file").write_text("x")
     assert probe_state_dir(tmp_path / "file") == f"{tmp_path}/file is not a directory"
+
+
+async def test_probe_checks_listen_directories_groups_and_libvirt(tmp_path: Path) -> None:
+    """A [[listen]] in a directory that does not exist, one with a group that does not exist,
+    and a [[libvirt]] URI nobody answers: each is a problem naming its entry; the summary on
+    success names every source."""
+    good = tmp_path / "run"
+    good.mkdir()
+    cfg = write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        arrays={
+            "listen": [
+                {"socket": str(tmp_path / "nowhere" / "qmp.sock")},
+                {"socket": str(good / "qmp.sock"), "group": "no-such-group-qw"},
+            ],
+            "libvirt": [{"uri": f"qemu+unix:///system?socket={tmp_path}/no-libvirt-sock"}],
+        },
+    )
+    status, _, err = await check_config(cfg)
+    assert status == 1, err
+    found = problems(err)
+    assert found[0] == (
+        f"listen[0]: socket: the directory {tmp_path / 'nowhere'} does not exist (create it, "
+        "or use RuntimeDirectory=qmpwatch under systemd)"
+    )
+    assert found[1] == "listen[1]: group: no such group: no-such-group-qw"
+    assert found[2].startswith("libvirt[0]: uri: qemu+unix:///system?socket=")
+    assert "cannot connect read-only" in found[2]
+    assert len(found) == 3
+    ok = write_config(
+        tmp_path / "ok.toml",
+        state_dir=tmp_path / "state",
+        arrays={"listen": [{"socket": str(good / "qmp.sock"), "group": "root"}]},
+    )
+    status, out, err = await check_config(ok)
+    assert status == 0, err
+    assert out.splitlines()[-1] == (
+        f"{ok}: probe OK (0 [[vm]] socket(s), [[listen]] {good / 'qmp.sock'}, state_dir)"
+    )
+
+
+@pytest.mark.libvirt
+async def test_probe_lists_the_libvirt_domains_it_would_watch(
+    tmp_path: Path, libvirt_lab: LibvirtLab
+) -> None:
+    """A real libvirtd: the probe connects read-only and names the URI with the number of
+    domains its globs match (one of two running domains)."""
+    run = f"{LAB_PREFIX}{secrets.token_hex(3)}-"
+    doms = [await LabDomain(libvirt_lab, DomainSpec(f"{run}{n}")).create() for n in ("a", "b")]
+    try:
+        cfg = write_config(
+            tmp_path / "c.toml",
+            state_dir=tmp_path / "state",
+            arrays={"libvirt": [{"uri": URI, "domains": [f"{run}a"]}]},
+        )
+        status, out, err = await check_config(cfg)
+    finally:
+        for dom in doms:
+            await virsh("destroy", dom.name)
+    assert status == 0, err
+    assert out.splitlines()[-1] == (
+        f"{cfg}: probe OK (0 [[vm]] socket(s), [[libvirt]] {URI}: 1 domain(s), state_dir)"
+    )

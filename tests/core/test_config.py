@@ -194,10 +194,15 @@ def test_values_other_than_the_defaults_are_read() -> None:
         ),
         pytest.param(
             "[followup]\nstop_after_block_io_eror_s = 5.0",
-            "followup.stop_after_block_io_eror_s: unknown key",
+            "followup.stop_after_block_io_eror_s: unknown key "
+            "(did you mean stop_after_block_io_error_s?)",
             id="typo-in-deadline",
         ),
-        pytest.param("[conect]\ntimeout_s = 5.0", "conect: unknown key", id="typo-in-section"),
+        pytest.param(
+            "[conect]\ntimeout_s = 5.0",
+            "conect: unknown key (did you mean connect?)",
+            id="typo-in-section",
+        ),
         pytest.param("timeout_s = 5.0", "timeout_s: unknown key", id="key-outside-section"),
         pytest.param(
             '[daemon]\nlog_format = "xml"',
@@ -251,7 +256,7 @@ def test_values_other_than_the_defaults_are_read() -> None:
         ),
         pytest.param(
             '[[vm]]\nname = "a"\nsocket = "/a"\nsockett = "/b"',
-            "vm[0] a: sockett: unknown key",
+            "vm[0] a: sockett: unknown key (did you mean socket?)",
             id="typo-in-vm",
         ),
         pytest.param(
@@ -317,7 +322,7 @@ def test_several_problems_are_reported_at_once() -> None:
     assert found == [
         'connect.timeout_s: expected a number, got "soon"',
         "followup.stop_after_shutdown_s: must be a number greater than 0, got 0",
-        "followup.stop_after_watchdogs_s: unknown key",
+        "followup.stop_after_watchdogs_s: unknown key (did you mean stop_after_watchdog_s?)",
         "vm[0] web01: socket: missing (required)",
     ]
 
@@ -536,7 +541,10 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
     path.write_text(DESIGN_EXAMPLE)
     done = check_config(path, _env(QMPWATCH_WEBHOOK_TOKEN=TOKEN))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == (f"{path}: OK (1 VM(s), 1 discovery glob(s), 3 alert sink(s))")
+    assert done.stdout.strip() == (
+        f"{path}: OK (1 VM(s), 1 discovery glob(s), 0 listen socket(s), "
+        "0 libvirt connection(s), 3 alert sink(s))"
+    )
     assert TOKEN not in done.stdout + done.stderr
 
 
@@ -552,7 +560,10 @@ def test_check_config_rejects_a_bad_file_on_stderr(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert done.stdout == ""
     assert 'connect.timeout_s: expected a number, got "soon"' in done.stderr
-    assert "followup.stop_after_shutdwn_s: unknown key" in done.stderr
+    assert (
+        "followup.stop_after_shutdwn_s: unknown key (did you mean stop_after_shutdown_s?)"
+        in done.stderr
+    )
     assert "environment variable QMPWATCH_WEBHOOK_TOKEN is not set" in done.stderr
     assert str(path) in done.stderr
     assert TOKEN not in done.stderr

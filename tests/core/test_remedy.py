@@ -43,7 +43,7 @@ def test_a_pause_is_resumed_once_qemu_runs_for_a_while() -> None:
     assert abs(settled - (first + 0.01 + SETTLE_S)) < 0.001
     watch.tick(settled)
     (attempt,) = out.of("vm_resume_attempted")
-    assert attempt.fields == {"attempt": 1, "outcome": "resumed"}
+    assert attempt.fields == {"attempt": 1, "outcome": "resumed", "trigger": "backoff"}
     (resolved,) = out.of("alert_resolved")
     assert resolved.fields["reason"] == "resumed by qmpwatch after 1 attempt"
     assert watch.next_deadline() is None
@@ -143,3 +143,32 @@ def test_bad_remediate_keys_name_the_key() -> None:
         'remediate.resume_after_io_error: expected true or false, got "yes"',
         "vm[0] a: resume_backoff_max_s: must not be less than resume_backoff_initial_s (10)",
     ]
+
+
+def test_space_coming_back_makes_the_next_attempt_due_at_once() -> None:
+    """A pause on ENOSPC: free space growing where the images live makes `cont` due now; the
+    same space seen again changes nothing (the backoff spaces the attempts)."""
+    watch, out = make_watch(remediate=RESUME)
+    feed(watch, bioerr(T0, nospace=True), ev("STOP", T0 + 0.001))
+    assert watch.on_space({"/store": 0}, T0 + 0.5) is False
+    assert watch.on_space({"/store": 1 << 20}, T0 + 1.0) is True
+    assert watch.next_deadline() == T0 + 1.0
+    watch.tick(T0 + 1.0)
+    assert out.commands == [("cont", {})]
+    feed(watch, ev("RESUME", T0 + 1.01), bioerr(T0 + 1.02, nospace=True), ev("STOP", T0 + 1.03))
+    (attempt,) = out.of("vm_resume_attempted")
+    assert (attempt.fields["outcome"], attempt.fields["trigger"]) == ("paused_again", "space")
+    assert watch.on_space({"/store": 1 << 20}, T0 + 2.0) is False
+    later = watch.next_deadline()
+    assert later is not None
+    assert later > T0 + 5.0
+
+
+def test_an_eio_pause_keeps_the_backoff_whatever_the_space() -> None:
+    """A pause on EIO (nospace false): free space says nothing about the disk; no early cont."""
+    watch, _ = make_watch(remediate=RESUME)
+    feed(watch, bioerr(T0, nospace=False), ev("STOP", T0 + 0.001))
+    before = watch.next_deadline()
+    assert watch.on_space({"/store": 0}, T0 + 0.5) is False
+    assert watch.on_space({"/store": 1 << 30}, T0 + 1.0) is False
+    assert watch.next_deadline() == before

@@ -127,8 +127,8 @@ async def test_reload_applies_alert_settings_and_rebuilds_sinks(
     assert reloaded["changed"] == [
         "alert.client_stop_severity",
         "alert.host",
-        "webhook[0]",
-        "webhook[1]",
+        f"webhook[0] (127.0.0.1:{old_hook.port})",
+        f"webhook[1] (127.0.0.1:{new_hook.port})",
     ]
     old_payloads = [r.json() for r in old_hook.delivered]
     assert [p["status"] for p in old_payloads] == ["firing", "resolved", "firing"]

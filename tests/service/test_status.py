@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ async def test_status_without_a_daemon_exits_2(tmp_path: Path) -> None:
 
 async def test_tail_follows_the_daemon_beside_it(tmp_path: Path, sock_dir: Path) -> None:
     """`tail -c FILE --vm NAME --json` prints that VM's records as the daemon writes them,
-    with no monitor of its own, and ends when the daemon stops."""
+    with no monitor of its own; when the daemon restarts it says so and follows the new one;
+    Ctrl-C ends it."""
     async with (
         LabVM.start(LabSpec("web01"), sock_dir) as web,
         LabVM.start(LabSpec("db01"), sock_dir) as db,
@@ -140,8 +142,25 @@ async def test_tail_follows_the_daemon_beside_it(tmp_path: Path, sock_dir: Path)
             async with asyncio.timeout(15):
                 while not any(r.get("event") == "alert" for r in lines):
                     lines.append(json.loads(await follower.stdout.readline()))
+        assert follower.stderr is not None
+        async with asyncio.timeout(15):
+            went = (await follower.stderr.readline()).decode()
+        async with DaemonProcess.start(cfg) as again:
+            await again.wait_for("vm_connected", vm="web01")
+            async with asyncio.timeout(15):
+                back = (await follower.stderr.readline()).decode()
+                while (await status_doc(port))["followers"] < 1:  # noqa: ASYNC110 - polls HTTP
+                    await asyncio.sleep(0.05)
+                await web.cont()
+                later = [json.loads(await follower.stdout.readline())]
+                while later[-1].get("qmp") != "RESUME":  # the old daemon's last lines first
+                    later.append(json.loads(await follower.stdout.readline()))
+        follower.send_signal(signal.SIGINT)
         async with asyncio.timeout(15):
             await follower.wait()
+    assert "the daemon went away" in went
+    assert "following it again" in back
+    assert {r["vm"] for r in later} == {"web01"}
     assert [r["event"] for r in lines] == ["qmp_event", "alert"]
     assert lines[0]["qmp"] == "STOP"
     assert {r["vm"] for r in lines} == {"web01"}
