@@ -15,7 +15,7 @@ import errno
 import grp
 import os
 import re
-import signal
+import select
 import socket
 import stat
 from collections.abc import Coroutine
@@ -70,15 +70,21 @@ def identify(conn: socket.socket) -> Peer:
             cmdline = parse_cmdline(read_cmdline(pid))
         except OSError as err:
             raise PeerRefused("unreadable", f"/proc/{pid}/cmdline: {err.strerror}") from None
-        try:
-            signal.pidfd_send_signal(pidfd, 0)  # still the process the pidfd pinned?
-        except ProcessLookupError:
-            raise PeerRefused("gone", f"process {pid} went away while identified") from None
+        if _ended(pidfd):  # the cmdline read may be another process's that got the PID
+            raise PeerRefused("gone", f"process {pid} went away while identified")
     finally:
         os.close(pidfd)
     if not _QEMU_PROGRAM.search(os.path.basename(cmdline.program)):
         raise PeerRefused("not_qemu", f"process {pid} ({cmdline.program}) is not QEMU")
     return Peer(pid, cmdline.name or cmdline.uuid or f"pid-{pid}", cmdline)
+
+
+def _ended(pidfd: int) -> bool:
+    """Whether the process a pidfd pins has ended: its pidfd turns readable. Unlike a signal 0,
+    this needs no permission over the process (QEMU runs as another user than qmpwatch)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _Listener:

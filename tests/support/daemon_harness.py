@@ -22,6 +22,14 @@ Record = dict[str, Any]
 # Reconnect at once: tests wait on conditions, not on the daemon's backoff.
 FAST_CONNECT = {"timeout_s": 2.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
 PIPE_LINE_LIMIT = 16 * 1024 * 1024  # a log line can carry a 1 MiB event (and more)
+#: The daemon as an unprivileged user (nobody, no groups), as the service runs it: it can
+#: signal no other user's process. Its one capability, CAP_DAC_READ_SEARCH, only lets it reach
+#: this checkout's interpreter (a fresh clone lives under /root, mode 0700).
+NOBODY = 65534
+UNPRIVILEGED = (
+    "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+    "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+)  # fmt: skip
 
 
 def toml_value(value: object) -> str:
@@ -123,11 +131,16 @@ class DaemonProcess:
     @classmethod
     @contextlib.asynccontextmanager
     async def start(
-        cls, config: Path, *, env: Mapping[str, str] | None = None
+        cls,
+        config: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> AsyncIterator[DaemonProcess]:
+        """`qmpwatch run -c CONFIG`, run through `wrapper` (e.g. `UNPRIVILEGED`) if given."""
         full_env = {**os.environ, **(env or {})}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
+            *wrapper, sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=full_env,
