@@ -27,11 +27,13 @@ import structlog
 from qmpwatch.core.config import Config, ConnectConfig, ListenConfig
 from qmpwatch.core.errors import ConnectFailed
 from qmpwatch.sources.base import SessionHost
+from qmpwatch.sources.guard import step_failed
 from qmpwatch.sources.peer import QemuCommandLine, parse_cmdline, peer_pid, read_cmdline
 from qmpwatch.sources.qmp import QmpLink
 
 BACKLOG = 128  # QEMUs reconnecting at once after a restart of qmpwatch
 SOCKET_MODE = 0o660
+ACCEPT_RETRY_S = 1.0  # after accept() failed (EMFILE: out of file descriptors)
 REPORTED_MAX = 4096  # refused peers remembered (so as not to log them again); then forgotten
 _QEMU_PROGRAM = re.compile(r"(qemu|kvm)", re.IGNORECASE)
 
@@ -101,13 +103,24 @@ class _Listener:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                conn, _ = await loop.sock_accept(self.sock)
-                conn.setblocking(False)
+                try:
+                    conn = await self.accept(loop)
+                except Exception as err:  # EMFILE, ENOBUFS, or a bug: this socket goes on
+                    step_failed(err, where="listen: accept", socket=self.entry.socket,
+                                then=f"accepts again in {ACCEPT_RETRY_S:g} s")  # fmt: skip
+                    await asyncio.sleep(ACCEPT_RETRY_S)
+                    continue
                 self.source.spawn(self.source.serve(conn, self.entry), "listen:peer")
         finally:
             self.sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.entry.socket)
+
+    async def accept(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        """The next connection to this socket (non-blocking)."""
+        conn, _ = await loop.sock_accept(self.sock)
+        conn.setblocking(False)
+        return conn
 
 
 def _listening_socket(entry: ListenConfig) -> socket.socket:
@@ -199,6 +212,15 @@ class ListenSource:
             self.spawn(grace(), f"listen:grace:{name}")
 
     async def serve(self, conn: socket.socket, entry: ListenConfig) -> None:
+        """Serve one accepted connection; an exception it should never raise drops only it."""
+        try:
+            await self._serve(conn, entry)
+        except Exception as err:
+            conn.close()
+            step_failed(err, where="listen: connection", socket=entry.socket,
+                        then="drops this connection (QEMU dials in again)")  # fmt: skip
+
+    async def _serve(self, conn: socket.socket, entry: ListenConfig) -> None:
         """Identify one accepted connection, then watch its VM until it hangs up."""
         try:
             peer = identify(conn)

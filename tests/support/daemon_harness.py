@@ -21,6 +21,7 @@ from qmpwatch.lab import LabVM
 Record = dict[str, Any]
 # Reconnect at once: tests wait on conditions, not on the daemon's backoff.
 FAST_CONNECT = {"timeout_s": 2.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
+ROOT = Path(__file__).resolve().parents[2]
 PIPE_LINE_LIMIT = 16 * 1024 * 1024  # a log line can carry a 1 MiB event (and more)
 #: The daemon as an unprivileged user (nobody, no groups), as the service runs it: it can
 #: signal no other user's process. Its one capability, CAP_DAC_READ_SEARCH, only lets it reach
@@ -136,11 +137,16 @@ class DaemonProcess:
         *,
         env: Mapping[str, str] | None = None,
         wrapper: Sequence[str] = (),
+        faults: Sequence[str] = (),
     ) -> AsyncIterator[DaemonProcess]:
-        """`qmpwatch run -c CONFIG`, run through `wrapper` (e.g. `UNPRIVILEGED`) if given."""
+        """`qmpwatch run -c CONFIG`, run through `wrapper` (e.g. `UNPRIVILEGED`) if given,
+        with `faults` injected (tests/support/faulty_daemon.py)."""
         full_env = {**os.environ, **(env or {})}
+        module = ["tests.support.faulty_daemon", *faults, "--"] if faults else ["qmpwatch"]
+        if faults:
+            full_env["PYTHONPATH"] = str(ROOT)
         proc = await asyncio.create_subprocess_exec(
-            *wrapper, sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
+            *wrapper, sys.executable, "-m", *module, "run", "-c", str(config),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=full_env,
