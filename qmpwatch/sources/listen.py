@@ -135,7 +135,9 @@ def _listening_socket(entry: ListenConfig) -> socket.socket:
         sock.bind(path)
         os.chmod(path, SOCKET_MODE)
         if entry.group:
-            os.chown(path, -1, grp.getgrnam(entry.group).gr_gid)
+            gid = grp.getgrnam(entry.group).gr_gid
+            if os.stat(path).st_gid != gid:  # not already made in a setgid directory of it:
+                os.chown(path, -1, gid)  # the unit's seccomp filter refuses chown (EPERM)
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:
