@@ -6,6 +6,7 @@ FAULT is `STEP` or `STEP:TARGET` (a VM name, or a socket path for listen.accept)
 
 - `listen.accept`   accepting a connection on a [[listen]] socket
 - `listen.identify` identifying a peer that dialed in (any peer)
+- `listen.reconfigure` the [[listen]] source taking the configuration (start-up, reload)
 - `dial.connect`    dialing a [[vm]] or discovered VM's socket (TARGET: the VM)
 - `discover.scan`   matching the [[discover]] globs
 - `session.resync`  the query-status after a link is up (TARGET: the VM)
@@ -60,6 +61,8 @@ def inject(fault: str) -> None:
     step, _, target = fault.partition(":")
     if step == "listen.accept":
         _once(listen._Listener, "accept", step, target, lambda self, loop: self.entry.socket)
+    elif step == "listen.reconfigure":
+        _once(listen.ListenSource, "reconfigure", step, target, lambda self, config: "")
     elif step == "listen.identify":
         _once(listen, "identify", step, target, lambda conn: "")
     elif step == "dial.connect":
