@@ -24,6 +24,7 @@ from qmpwatch.service.recorder import DaemonRecorder, Services
 from qmpwatch.session.session import VmSession
 from qmpwatch.sources import registry
 from qmpwatch.sources.base import Source
+from qmpwatch.sources.guard import step_failed
 
 
 @dataclass(slots=True)
@@ -54,12 +55,16 @@ class Supervisor:
                 )
                 held.session.ignore_gaps(config.protection.ignored_for(name))
         for kind in registry.SOURCES:
-            source = self.sources.get(kind)
-            if source is None:
-                if kind not in registry.configured(self.config):
-                    continue
-                source = self.sources[kind] = registry.load(kind)(self.config, self, self._tg)
-            source.reconfigure(self.config)
+            try:
+                source = self.sources.get(kind)
+                if source is None:
+                    if kind not in registry.configured(self.config):
+                        continue
+                    source = self.sources[kind] = registry.load(kind)(self.config, self, self._tg)
+                source.reconfigure(self.config)
+            except Exception as err:  # one source's bug: the others run on
+                then = "runs the other sources; tries it again at the next reload"
+                step_failed(err, where=f"{kind}: reconfigure", then=then)
 
     # -- the SessionHost of the sources -----------------------------------------------------------
 

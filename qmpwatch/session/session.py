@@ -260,6 +260,12 @@ class VmSession:
                     ended = closed  # QEMU had gone already (its socket's removal stopped us)
             self._ended(*ended)
             raise
+        except Exception as err:  # a bug in one VM's session ends that link, not the daemon
+            self.log.error("internal_error", where="session", error=repr(err),
+                           then="closes the link; its source connects again")  # fmt: skip
+            with contextlib.suppress(Exception):
+                await link.close()
+            cause, error = "error", f"internal error: {err!r}"
         try:
             crash = await self._crash_cause(cause, error)
         except asyncio.CancelledError:  # stopping while the cause is looked for: the end stands

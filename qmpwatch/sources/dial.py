@@ -26,6 +26,7 @@ from qmpwatch.core.config import Config, ConnectConfig, NoShutdown, RemediateCon
 from qmpwatch.core.errors import ConnectFailed
 from qmpwatch.session.session import VmSession
 from qmpwatch.sources.base import SessionHost
+from qmpwatch.sources.guard import step_failed
 from qmpwatch.sources.paths import inside
 from qmpwatch.sources.peer import (
     QemuCommandLine,
@@ -82,9 +83,14 @@ class Dialer:
         while True:
             try:
                 link = await self.attach()
-            except ConnectFailed as err:
-                self.session.unreachable(err.reason, err.detail)
+            except Exception as err:
                 delay = backoff.next()
+                if not isinstance(err, ConnectFailed):
+                    step_failed(err, where="dial: connect", vm=self.target.name,
+                                then=f"dials again in {delay:g} s")  # fmt: skip
+                    await asyncio.sleep(delay)
+                    continue
+                self.session.unreachable(err.reason, err.detail)
                 if failures.failed(err.reason, time.monotonic()):
                     self.session.note(
                         "vm_connect_failed",

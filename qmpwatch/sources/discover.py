@@ -27,6 +27,7 @@ from qmpwatch.core.config import Config, DiscoverConfig
 from qmpwatch.core.pins import Owner, refusal
 from qmpwatch.sources.base import SessionHost
 from qmpwatch.sources.dial import DialTarget, DialTargets
+from qmpwatch.sources.guard import retried, step_failed
 from qmpwatch.sources.paths import glob_root, inside
 from qmpwatch.sources.trust import Throttle, allowed_uids
 
@@ -99,7 +100,11 @@ class DiscoverSource:
         self.log = structlog.get_logger()
         self._said = Throttle()  # refusals and conflicts: at most once a minute each
         self._reconfigured = asyncio.Event()
-        self._watcher = tg.create_task(self._watch_forever(), name="discover")
+        self._rescan_failed = False  # then rescan again in MISSING_DIR_POLL_S, changes or not
+        self._watcher = tg.create_task(
+            retried(self._watch_forever, where="discover: watch", delay_s=MISSING_DIR_POLL_S),
+            name="discover",
+        )
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
@@ -107,7 +112,18 @@ class DiscoverSource:
         self._reconfigured.set()
 
     def rescan(self) -> None:
-        """Match the globs now and start or stop dialing to match."""
+        """Match the globs now and start or stop dialing to match; a rescan that fails is
+        recorded and done again in `MISSING_DIR_POLL_S`."""
+        try:
+            self._rescan()
+        except Exception as err:
+            self._rescan_failed = True
+            step_failed(err, where="discover: rescan",
+                        then=f"rescans in {MISSING_DIR_POLL_S:g} s")  # fmt: skip
+        else:
+            self._rescan_failed = False
+
+    def _rescan(self) -> None:
         config = self.config
         configured = {vm.socket: vm.name for vm in config.vms}
         found: dict[str, list[tuple[str, DiscoverConfig, int]]] = {}
@@ -206,7 +222,7 @@ class DiscoverSource:
         try:
             while not reconfigured.done():
                 changed = asyncio.ensure_future(inotify.get())
-                timeout = MISSING_DIR_POLL_S if missing else None
+                timeout = MISSING_DIR_POLL_S if missing or self._rescan_failed else None
                 done, _ = await asyncio.wait(
                     {changed, reconfigured}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )

@@ -25,9 +25,11 @@ import structlog
 from qmpwatch.core.config import Config, LibvirtConfig, RemediateConfig
 from qmpwatch.session.session import VmSession
 from qmpwatch.sources.base import SessionHost
+from qmpwatch.sources.guard import retried
 
 # Acting on a domain means QMP through libvirt, which taints it: [remediate] does not apply.
 NO_ACTIONS = RemediateConfig()
+RETRY_S = 2.0  # a connection's task that raised what it never should starts again after this
 
 if TYPE_CHECKING:
     from qmpwatch.sources.libvirthost import LibvirtConnection
@@ -89,7 +91,10 @@ class LibvirtSource:
             connection = module.LibvirtConnection(
                 entry, self.host, config.connect, self._claim, self._on_listed
             )
-            task = self._tg.create_task(connection.run(), name=f"libvirt:{uri}")
+            task = self._tg.create_task(
+                retried(connection.run, where="libvirt: connection", delay_s=RETRY_S, uri=uri),
+                name=f"libvirt:{uri}",
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             self.connections[uri] = _Running(connection, task)

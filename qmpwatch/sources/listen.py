@@ -16,7 +16,7 @@ import errno
 import grp
 import os
 import re
-import signal
+import select
 import socket
 import stat
 from collections.abc import Coroutine
@@ -30,6 +30,7 @@ from qmpwatch.core.errors import ConnectFailed
 from qmpwatch.core.pins import Owner, refusal
 from qmpwatch.session.session import CRASH_CAUSE_WAIT_S, RunState
 from qmpwatch.sources.base import SessionHost
+from qmpwatch.sources.guard import step_failed
 from qmpwatch.sources.peer import (
     QemuCommandLine,
     parse_cmdline,
@@ -44,6 +45,8 @@ BACKLOG = 128  # QEMUs reconnecting at once after a restart of qmpwatch
 SOCKET_MODE = 0o660
 HANG_UP_WAIT_S = 5.0  # for a refused QEMU's greeting before its connection is closed
 HANGING_UP_MAX = 32  # refused connections waiting so at once; more are closed at once
+ACCEPT_RETRY_S = 1.0  # after accept() failed (EMFILE: out of file descriptors)
+REPORTED_MAX = 4096  # refused peers remembered (so as not to log them again); then forgotten
 _QEMU_PROGRAM = re.compile(r"(qemu|kvm)", re.IGNORECASE)
 
 
@@ -83,15 +86,21 @@ def identify(conn: socket.socket) -> Peer:
             cmdline = parse_cmdline(argv)
         except OSError as err:
             raise PeerRefused("unreadable", f"/proc/{pid}/cmdline: {err.strerror}") from None
-        try:
-            signal.pidfd_send_signal(pidfd, 0)  # still the process the pidfd pinned?
-        except ProcessLookupError:
-            raise PeerRefused("gone", f"process {pid} went away while identified") from None
+        if _ended(pidfd):  # the cmdline read may be another process's that got the PID
+            raise PeerRefused("gone", f"process {pid} went away while identified")
     finally:
         os.close(pidfd)
     if not _QEMU_PROGRAM.search(os.path.basename(cmdline.program)):
         raise PeerRefused("not_qemu", f"process {pid} ({cmdline.program}) is not QEMU")
     return Peer(pid, cmdline.name or cmdline.uuid or f"pid-{pid}", cmdline, tuple(argv))
+
+
+def _ended(pidfd: int) -> bool:
+    """Whether the process a pidfd pins has ended: its pidfd turns readable. Unlike a signal 0,
+    this needs no permission over the process (QEMU runs as another user than qmpwatch)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _Listener:
@@ -108,13 +117,24 @@ class _Listener:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                conn, _ = await loop.sock_accept(self.sock)
-                conn.setblocking(False)
+                try:
+                    conn = await self.accept(loop)
+                except Exception as err:  # EMFILE, ENOBUFS, or a bug: this socket goes on
+                    step_failed(err, where="listen: accept", socket=self.entry.socket,
+                                then=f"accepts again in {ACCEPT_RETRY_S:g} s")  # fmt: skip
+                    await asyncio.sleep(ACCEPT_RETRY_S)
+                    continue
                 self.source.spawn(self.source.serve(conn, self.entry), "listen:peer")
         finally:
             self.sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.entry.socket)
+
+    async def accept(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        """The next connection to this socket (non-blocking)."""
+        conn, _ = await loop.sock_accept(self.sock)
+        conn.setblocking(False)
+        return conn
 
 
 def _listening_socket(entry: ListenConfig) -> socket.socket:
@@ -129,7 +149,9 @@ def _listening_socket(entry: ListenConfig) -> socket.socket:
         sock.bind(path)
         os.chmod(path, SOCKET_MODE)
         if entry.group:
-            os.chown(path, -1, grp.getgrnam(entry.group).gr_gid)
+            gid = grp.getgrnam(entry.group).gr_gid
+            if os.stat(path).st_gid != gid:  # not already made in a setgid directory of it:
+                os.chown(path, -1, gid)  # the unit's seccomp filter refuses chown (EPERM)
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:
@@ -219,6 +241,15 @@ class ListenSource:
             )
 
     async def serve(self, conn: socket.socket, entry: ListenConfig) -> None:
+        """Serve one accepted connection; an exception it should never raise drops only it."""
+        try:
+            await self._serve(conn, entry)
+        except Exception as err:
+            conn.close()
+            step_failed(err, where="listen: connection", socket=entry.socket,
+                        then="drops this connection (QEMU dials in again)")  # fmt: skip
+
+    async def _serve(self, conn: socket.socket, entry: ListenConfig) -> None:
         """Identify one accepted connection, then watch its VM until it hangs up."""
         cred = peer_credentials(conn)
         uid = cred[1] if cred is not None else -1

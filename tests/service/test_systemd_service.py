@@ -25,7 +25,10 @@ from tests.support import systemd_harness
 from tests.support.service_host import (
     BASE_CONFIG,
     CONFIG,
+    DISCOVER_DIR,
     LAB,
+    LISTEN_SOCKET,
+    QEMU_USER,
     ROOT,
     SRC,
     UNIT,
@@ -380,6 +383,72 @@ def test_systemctl_stop_is_clean_and_quick(svc: ServiceHost) -> None:
         svc.journal.wait("daemon_stopped", after=mark)
         assert took < STOP_QUICK_S, took
     finally:
+        svc.ensure()
+
+
+def test_every_source_watches_qemu_of_another_user_as_deployed(svc: ServiceHost) -> None:
+    """The service (user qmpwatch) watches QEMUs of other users through each source: [[vm]]
+    (root), [[discover]] (a libvirt-qemu-like user), [[listen]] on the README's socket in the
+    unit's RuntimeDirectory (root, and that user): each connected; a pause alerts and `cont`
+    resolves it; kill -9 alerts vm_crashed; the service never restarts."""
+    vms = {"web01": "vm", "disc01": "discover", "dial01": "listen", "dial02": "listen"}
+    dial_in = (
+        f"-chardev socket,id=qmpwatch,path={LISTEN_SOCKET},reconnect=1 "
+        "-mon chardev=qmpwatch,mode=control"
+    )
+    config = config_text() + "\n".join(
+        [
+            "[[discover]]",
+            f'glob = "{DISCOVER_DIR}/*.qmp"',
+            "[[listen]]",
+            f'socket = "{LISTEN_SOCKET}"',
+            'group = "kvm"',
+            "",
+        ]
+    )
+    pid = svc.main_pid()
+    try:
+        mark = svc.restart(config)
+        pid = svc.main_pid()
+        svc.journal.wait("listening", after=mark, socket=LISTEN_SOCKET)
+        svc.start_vm("disc01", f"-qmp unix:{DISCOVER_DIR}/disc01.qmp,server=on,wait=off", QEMU_USER)
+        svc.start_vm("dial01", dial_in)
+        svc.start_vm("dial02", dial_in, QEMU_USER)
+        for name, source in vms.items():
+            connected = svc.journal.wait("vm_connected", after=mark, vm=name)
+            assert connected["pid"] == svc.qemu_pid(name), (name, source)
+        owners = {
+            name: svc.ns.run("ps", "-o", "user=", "-p", str(svc.qemu_pid(name))).stdout.strip()
+            for name in vms
+        }
+        assert owners == {"web01": "root", "disc01": QEMU_USER, "dial01": "root",
+                          "dial02": QEMU_USER}  # fmt: skip
+        assert svc.ns.run("ps", "-o", "user=", "-p", str(pid)).stdout.strip() == "qmpwatch"
+        listen = svc.ns.path(LISTEN_SOCKET)
+        assert stat.S_IMODE(listen.stat().st_mode) == 0o660
+        assert stat.S_IMODE(listen.parent.stat().st_mode) == 0o2750
+        assert stat.S_IMODE(listen.parent.parent.stat().st_mode) == 0o711
+        kvm = int(svc.ns.run("getent", "group", "kvm").stdout.split(":")[2])
+        assert (listen.stat().st_gid, listen.parent.stat().st_gid) == (kvm, kvm)
+        for name in vms:
+            svc.qmp("stop", vm=name)
+            alert = svc.journal.wait("alert", after=mark, vm=name, alert="vm_stopped_unexpected")
+            svc.qmp("cont", vm=name)
+            svc.journal.wait("alert_resolved", after=mark, fingerprint=alert["fingerprint"])
+        for name in ("disc01", "dial01", "dial02"):
+            svc.ns.run("systemctl", "kill", "--signal=KILL", f"vm-{name}.service")
+            crashed = svc.journal.wait("alert", after=mark, vm=name, alert="vm_crashed")
+            assert crashed["severity"] == "critical"
+        qemu = svc.qemu_pid("web01")
+        svc.ns.run("kill", "-KILL", str(qemu))
+        svc.journal.wait("alert", after=mark, vm="web01", alert="vm_crashed")
+        assert svc.main_pid() == pid  # never restarted: nothing a peer did ended it
+        assert svc.journal.find("internal_error", after=mark) is None
+        assert svc.journal.find("listen_peer_refused", after=mark) is None
+    finally:
+        for name in ("disc01", "dial01", "dial02"):
+            svc.stop_vm(name)
+        svc.ns.run("systemctl", "restart", "qemu@web01.service")
         svc.ensure()
 
 

@@ -109,6 +109,22 @@ def test_service_contract() -> None:
     assert "DynamicUser" not in s
 
 
+def test_the_readme_listen_socket_lives_in_the_units_runtime_directory() -> None:
+    """The README's and config.example.toml's [[listen]] socket is in /run/qmpwatch/listen,
+    under the unit's RuntimeDirectory=: setgid, in the QEMU sockets' group."""
+    s = settings()
+    assert s["Service.RuntimeDirectory"] == ["qmpwatch"]
+    assert s["Service.RuntimeDirectoryMode"] == ["0711"]
+    (group,) = s["Service.SupplementaryGroups"]
+    listen_dir = f"+/usr/bin/install -d -m 2750 -o qmpwatch -g {group} /run/qmpwatch/listen"
+    assert s["Service.ExecStartPre"] == [listen_dir]
+    root = UNIT.parent.parent
+    for doc in (root / "README.md", root / "config.example.toml"):
+        paths = set(re.findall(r'socket = "(/[^"]+)"', doc.read_text()))
+        listen = {p for p in paths if "qmpwatch" in p}
+        assert listen == {"/run/qmpwatch/listen/qmp.sock"}, (doc, paths)
+
+
 def test_hardening_asked_for() -> None:
     """The sandboxing options the issue names are all set as asked."""
     s = settings()

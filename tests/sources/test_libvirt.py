@@ -315,3 +315,29 @@ async def test_a_domain_named_like_a_configured_vm_is_a_name_conflict(
     assert conflict["uri"] == URI
     assert conflict["held_by"]
     assert not daemon.find("vm_connected", vm=dom.name)
+
+
+async def test_a_connection_step_that_raises_is_started_again(
+    tmp_path: Path, libvirt_lab: LibvirtLab
+) -> None:
+    """Opening the libvirt connection raises what it never should (an injected bug): one
+    internal_error record; the connection starts again and its domain is watched."""
+    run = token()
+    dom = await LabDomain(libvirt_lab, DomainSpec(f"{run}a")).create()
+    config = write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        sections={"connect": FAST_CONNECT},
+        arrays={"libvirt": [{"uri": URI, "domains": [f"{run}*"]}]},
+    )
+    async with DaemonProcess.start(config, faults=["libvirt.connect"]) as daemon:
+        failed = await daemon.wait_for(
+            "internal_error", where=lambda r: r.get("where") == "libvirt: connection"
+        )
+        await daemon.wait_for("vm_connected", vm=dom.name)
+        await virsh("suspend", dom.name)
+        await daemon.wait_for("alert", vm=dom.name, alert="vm_stopped_unexpected")
+        assert daemon.proc.returncode is None, daemon.stderr_text()
+    assert "injected fault" in failed["error"]
+    assert failed["then"] == "starts it again in 2 s"
+    assert failed["uri"] == URI

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from qmpwatch.lab import LabSpec, LabVM
-from tests.support.daemon_harness import DaemonProcess, write_config
+from tests.support.daemon_harness import NOBODY, UNPRIVILEGED, DaemonProcess, write_config
 
 pytestmark = pytest.mark.qemu
 
@@ -28,6 +28,12 @@ def listen_config(tmp_path: Path, listen: Path, **entry: object) -> Path:
         state_dir=tmp_path / "state",
         arrays={"listen": [{"socket": str(listen), **entry}]},
     )
+
+
+def uid_of(pid: int) -> int:
+    """The real uid of a running process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1])
 
 
 def dialing(name: str, listen: Path, **options: object) -> LabSpec:
@@ -153,3 +159,33 @@ async def test_qemu_started_before_qmpwatch_dials_in_once_it_listens(
             connected = await daemon.wait_for("vm_connected", vm="early01")
     assert connected["pid"] == vm.pid
     assert not daemon.find("listen_peer_refused")
+
+
+async def test_an_unprivileged_daemon_identifies_a_root_qemu_and_keeps_running(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """The daemon as another user than QEMU (it cannot signal it) watches the VM that dials
+    in: named, paused and resumed, crashed; it never exits."""
+    listen = sock_dir / "qw.sock"
+    state = tmp_path / "state"
+    state.mkdir()
+    for path in (sock_dir, state):
+        os.chown(path, NOBODY, NOBODY)
+    cfg = listen_config(tmp_path, listen)
+    async with (
+        DaemonProcess.start(cfg, prefix=UNPRIVILEGED) as daemon,
+        LabVM.start(dialing("other01", listen), sock_dir) as vm,
+    ):
+        connected = await daemon.wait_for("vm_connected", vm="other01")
+        assert (uid_of(daemon.proc.pid), uid_of(vm.pid)) == (NOBODY, 0)
+        await vm.stop()
+        await daemon.wait_for("alert", vm="other01", alert="vm_stopped_unexpected")
+        await vm.cont()
+        await daemon.wait_for("alert_resolved", vm="other01")
+        await vm.kill()
+        await daemon.wait_for("alert", vm="other01", alert="vm_crashed")
+        assert daemon.proc.returncode is None, daemon.stderr_text()
+    assert connected["pid"] == vm.pid
+    assert daemon.proc.returncode == 0, daemon.stderr_text()
+    assert not daemon.find("listen_peer_refused")
+    assert not daemon.find("internal_error")

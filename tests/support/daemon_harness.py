@@ -23,7 +23,16 @@ Record = dict[str, Any]
 # Reconnect at once: tests wait on conditions, not on the daemon's backoff.
 FAST_CONNECT = {"timeout_s": 2.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
 ANY_PORT = "127.0.0.1:0"  # metrics_listen: a free port, which `DaemonProcess.metrics_port` reads
+ROOT = Path(__file__).resolve().parents[2]
 PIPE_LINE_LIMIT = 16 * 1024 * 1024  # a log line can carry a 1 MiB event (and more)
+#: The daemon as an unprivileged user (nobody, no groups), as the service runs it: it can
+#: signal no other user's process. Its one capability, CAP_DAC_READ_SEARCH, only lets it reach
+#: this checkout's interpreter (a fresh clone lives under /root, mode 0700).
+NOBODY = 65534
+UNPRIVILEGED = (
+    "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+    "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+)  # fmt: skip
 
 
 def toml_value(value: object) -> str:
@@ -137,18 +146,25 @@ class DaemonProcess:
         prefix: Sequence[str] = (),
         started: str = "daemon_started",
         open_files: int | None = None,
+        faults: Sequence[str] = (),
     ) -> AsyncIterator[DaemonProcess]:
-        """Run the daemon (under the command `prefix`, such as `unshare ...`, when given)
-        until the block ends; it has logged `started` when the block begins. `open_files`: the
-        daemon's RLIMIT_NOFILE (soft and hard), as a unit's LimitNOFILE=."""
+        """Run the daemon (under the command `prefix`, such as `unshare ...` or `UNPRIVILEGED`,
+        when given) until the block ends; it has logged `started` when the block begins.
+        `open_files`: the daemon's RLIMIT_NOFILE (soft and hard), as a unit's LimitNOFILE=;
+        `faults`: injected by tests/support/faulty_daemon.py."""
         full_env = {**os.environ, **(env or {})}
+        module = ["tests.support.faulty_daemon", *faults, "--"] if faults else ["qmpwatch"]
+        if faults:  # the suite's own entries (the contract check's) stay behind the checkout
+            full_env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p
+            )
 
         def limit() -> None:
             if open_files is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
 
         proc = await asyncio.create_subprocess_exec(
-            *prefix, sys.executable, "-m", "qmpwatch", "run", "-c", str(config),
+            *prefix, sys.executable, "-m", *module, "run", "-c", str(config),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=full_env,

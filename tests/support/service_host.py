@@ -42,6 +42,11 @@ QEMU_UNIT = unit_text(
         ],
     }
 )
+#: A libvirt-qemu-like user: QEMU as a system user whose primary group is kvm (Debian's
+#: libvirt-qemu is one), made in the namespace by `ServiceHost.start_vm`.
+QEMU_USER = "qemuvm"
+LISTEN_SOCKET = "/run/qmpwatch/listen/qmp.sock"  # the README's [[listen]] socket
+DISCOVER_DIR = "/run/qemu-vm"  # where QEMU as QEMU_USER makes its sockets ([[discover]])
 BASE_DAEMON: dict[str, object] = {"metrics_listen": "127.0.0.1:9752"}
 FAST_CONNECT = {"timeout_s": 2.0, "backoff_initial_s": 0.1, "backoff_max_s": 0.5}
 
@@ -101,12 +106,17 @@ class ServiceHost:
         self.readme_steps: list[tuple[str, subprocess.CompletedProcess[str]]] = []
         self.config = ""
         self.installed = False  # by the README's steps in set_up(); again by ensure()
+        self.controls: dict[str, Path] = {}  # the VMs of start_vm: their control sockets
 
     def sh(self, line: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """A shell line inside, in the checkout, with the install's offline wheels."""
         return self.ns.run("sh", "-c", f"cd {SRC} && {line}", env=INSTALL_ENV, check=check)
 
     def set_up(self) -> None:
+        # A host with udev has a `kvm` group already: this host is one without (the overlay's
+        # /etc/group, not the machine's), on which make install must say which group to use.
+        if self.ns.run("getent", "group", "kvm", check=False).returncode == 0:
+            self.ns.run("groupdel", "kvm")
         self.install_without_group = self.sh("make install", check=False)
         self.ns.run("groupadd", "--system", "--force", "kvm")  # udev may have made it already
         self.start_qemu("web01")
@@ -135,15 +145,62 @@ class ServiceHost:
         sockets = [self.ns.path(f"/run/qemu/{name}.qmp"), self.control(name)]
         wait_until(f"QEMU {name}'s sockets", lambda: all(s.exists() for s in sockets), 60.0)
 
+    def start_vm(self, name: str, monitor: str, user: str = "") -> None:
+        """QEMU `name` as the unit vm-NAME.service, as `user` (root if empty), with the QEMU
+        options `monitor` for qmpwatch and a second monitor for the tests (`control`)."""
+        if user and self.ns.run("getent", "passwd", user, check=False).returncode != 0:
+            self.ns.run("useradd", "--system", "--gid", "kvm", "--no-create-home",
+                        "--shell", "/usr/sbin/nologin", user)  # fmt: skip
+        unit = unit_text(
+            {
+                "Unit": [f"Description=QEMU {name} as {user or 'root'} (qmpwatch's tests)"],
+                "Service": [
+                    *([f"User={user}", "Group=kvm"] if user else []),
+                    "UMask=0007",
+                    f"ExecStartPre=+/usr/bin/install -d -m 2770 -g kvm {DISCOVER_DIR}",
+                    "ExecStartPre=+/usr/bin/install -d -m 0711 /run/qemu-ctl",
+                    f"ExecStartPre=+/usr/bin/install -d -m 0700 -o {user or 'root'} "
+                    f"/run/qemu-ctl/{name}",
+                    f"ExecStart={QEMU} -name {name} -machine pc -accel tcg -bios {LAB}/halt.bin "
+                    f"-nodefaults -display none -no-shutdown {monitor} "
+                    f"-qmp unix:/run/qemu-ctl/{name}/c.qmp,server=on,wait=off",
+                ],
+            }
+        )
+        self.ns.path(f"/run/systemd/system/vm-{name}.service").write_text(unit)
+        self.ns.run("systemctl", "daemon-reload")
+        self.ns.run("systemctl", "start", f"vm-{name}.service")
+        self.controls[name] = control = self.ns.path(f"/run/qemu-ctl/{name}/c.qmp")
+
+        def up() -> bool:
+            state = self.ns.show(f"vm-{name}.service", "ActiveState")["ActiveState"]
+            if state == "failed":
+                log = self.ns.run("journalctl", "--no-pager", "-u", f"vm-{name}.service")
+                raise AssertionError(f"vm-{name}.service failed: {log.stdout[-2000:]}")
+            return control.exists()
+
+        wait_until(f"QEMU {name}'s control socket", up, 60.0)
+
+    def stop_vm(self, name: str) -> None:
+        """Stop (or forget the failed) vm-NAME.service and remove its unit."""
+        self.ns.run("systemctl", "stop", f"vm-{name}.service", check=False)
+        self.ns.run("systemctl", "reset-failed", f"vm-{name}.service", check=False)
+        self.ns.path(f"/run/systemd/system/vm-{name}.service").unlink(missing_ok=True)
+        self.controls.pop(name, None)
+        self.ns.run("systemctl", "daemon-reload")
+
     def control(self, name: str = "web01") -> Path:
         """QEMU's second monitor (for the tests; qmpwatch has the first)."""
+        if name in self.controls:
+            return self.controls[name]
         return self.ns.path(f"/run/qemu-control/{name}.qmp")
 
     def qmp(self, command: str, vm: str = "web01", **arguments: Any) -> Any:
         return qmp(self.control(vm), command, **arguments)
 
     def qemu_pid(self, name: str = "web01") -> int:
-        return int(self.ns.show(f"qemu@{name}.service", "MainPID")["MainPID"])
+        unit = f"vm-{name}.service" if name in self.controls else f"qemu@{name}.service"
+        return int(self.ns.show(unit, "MainPID")["MainPID"])
 
     # -- the service --------------------------------------------------------------------------
 
