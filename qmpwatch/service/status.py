@@ -86,6 +86,8 @@ def why(session: VmSession, alerts: list[Alert]) -> str:
     if not session.connected:
         gone = [a for a in alerts if a.kind in _ABSENT]
         if gone:
+            if gone[0].kind == "vm_crashed" and watch.status_why.startswith("QEMU died:"):
+                return watch.status_why  # the crash with its cause, as the host told it
             return gone[0].summary
         presence = watch.presence
         if presence.ended_cleanly:

@@ -10,6 +10,7 @@ needed (no real QEMU sends those on demand).
 from __future__ import annotations
 
 import asyncio
+import signal
 import base64
 import contextlib
 import json
@@ -288,6 +289,7 @@ async def test_escape_sequences_from_a_peer_reach_no_terminal_or_environment(
             await daemon.wait_for("alert_delivered", sink="exec[0]")
         await daemon.wait_for("vm_removed", vm=name)
         await daemon.stop()
+        tail.send_signal(signal.SIGINT)  # tail follows across daemon restarts until Ctrl-C
         async with asyncio.timeout(15):
             out, _ = await tail.communicate()
     shown = out.decode()

@@ -128,7 +128,7 @@ def test_libvirt_entries_parse_with_their_defaults() -> None:
          'libvirt[0].domains: expected a non-empty array of domain name globs, got "web*"'),
         ("[[libvirt]]\ndomains = []",
          "libvirt[0].domains: expected a non-empty array of domain name globs, got an array"),
-        ("[[libvirt]]\ndomain = ['a']", "libvirt[0].domain: unknown key"),
+        ("[[libvirt]]\ndomain = ['a']", "libvirt[0].domain: unknown key (did you mean domains?)"),
     ],
 )  # fmt: skip
 def test_bad_libvirt_entries_name_the_key(text: str, problem: str) -> None:

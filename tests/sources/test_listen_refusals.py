@@ -110,7 +110,8 @@ async def test_a_peer_hidden_by_hidepid_is_refused_as_unreadable(
         'exec setpriv --bounding-set -sys_ptrace "$@"',
         "hidepid",
     )  # fmt: skip
-    cfg = listen_config(tmp_path, listen, group=grp.getgrgid(NOBODY).gr_name)
+    # nobody is one of the listen's users: the check that fails is reading its process
+    cfg = listen_config(tmp_path, listen, group=grp.getgrgid(NOBODY).gr_name, users=[NOBODY])
     async with DaemonProcess.start(cfg, prefix=hidden) as daemon:
         await daemon.wait_for("listening")
         as_nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
