@@ -10,13 +10,13 @@ needed (no real QEMU sends those on demand).
 from __future__ import annotations
 
 import asyncio
-import signal
 import base64
 import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
