@@ -400,13 +400,16 @@ def test_every_source_watches_qemu_of_another_user_as_deployed(svc: ServiceHost)
         [
             "[[discover]]",
             f'glob = "{DISCOVER_DIR}/*.qmp"',
+            f'users = ["root", "{QEMU_USER}"]',  # the README's line for libvirt-qemu hosts
             "[[listen]]",
             f'socket = "{LISTEN_SOCKET}"',
             'group = "kvm"',
+            f'users = ["root", "{QEMU_USER}"]',
             "",
         ]
     )
     pid = svc.main_pid()
+    svc.add_user(QEMU_USER)  # before the config names it in `users`
     try:
         mark = svc.restart(config)
         pid = svc.main_pid()

@@ -145,12 +145,17 @@ class ServiceHost:
         sockets = [self.ns.path(f"/run/qemu/{name}.qmp"), self.control(name)]
         wait_until(f"QEMU {name}'s sockets", lambda: all(s.exists() for s in sockets), 60.0)
 
+    def add_user(self, user: str) -> None:
+        """A system user in group kvm for QEMU to run as (once; as a libvirt-qemu user)."""
+        if self.ns.run("getent", "passwd", user, check=False).returncode != 0:
+            self.ns.run("useradd", "--system", "--gid", "kvm", "--no-create-home",
+                        "--shell", "/usr/sbin/nologin", user)  # fmt: skip
+
     def start_vm(self, name: str, monitor: str, user: str = "") -> None:
         """QEMU `name` as the unit vm-NAME.service, as `user` (root if empty), with the QEMU
         options `monitor` for qmpwatch and a second monitor for the tests (`control`)."""
-        if user and self.ns.run("getent", "passwd", user, check=False).returncode != 0:
-            self.ns.run("useradd", "--system", "--gid", "kvm", "--no-create-home",
-                        "--shell", "/usr/sbin/nologin", user)  # fmt: skip
+        if user:
+            self.add_user(user)
         unit = unit_text(
             {
                 "Unit": [f"Description=QEMU {name} as {user or 'root'} (qmpwatch's tests)"],
