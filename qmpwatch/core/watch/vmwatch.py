@@ -1,0 +1,442 @@
+"""`VmWatch`, the facade of the watch core: everything qmpwatch decides about one VM.
+
+`VmWatch` is fed decoded events, run statuses and session changes, with the clock passed in
+(`now`, epoch seconds). It writes log records, raises and resolves alerts and asks for
+`query-status` through a `WatchOutput`, and does no I/O itself. Per event, every handler the
+table `HANDLERS` lists for its name runs in order (docs/architecture.md, "The watch").
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from qmpwatch.core import agent as agent_port
+from qmpwatch.core.agent import AgentPort
+from qmpwatch.core.alert import (
+    CRASH_KINDS,
+    STOPPED_KINDS,
+    Alert,
+    ClientStopSeverity,
+    Severity,
+    classify_status,
+    describe_status,
+)
+from qmpwatch.core.config import FollowupConfig, LifecycleConfig, RemediateConfig
+from qmpwatch.core.crashcause import CrashCause
+from qmpwatch.core.errors import DecodeError
+from qmpwatch.core.events import Event
+from qmpwatch.core.presence import UNREACHABLE, Presence
+from qmpwatch.core.remedy import Resumer
+from qmpwatch.core.tracker import QEMU_EXIT, Ended, FollowUpTracker, Rules
+from qmpwatch.core.watch import followups, incidents, resume, runstate, storage
+from qmpwatch.core.watch import handlers as handlers_table
+from qmpwatch.core.watch.alertbook import AlertBook
+from qmpwatch.core.watch.handlers import Handler
+from qmpwatch.core.watch.output import WatchOutput
+from qmpwatch.core.watch.storage import DiskInfo
+
+RAW_LIMIT = 2048  # characters of a bad message kept in its qmp_decode_error record
+
+# Alerts that say QEMU is not there; its monitor answering again ends them.
+ABSENT_KINDS = frozenset({"vm_crashed", "vm_gone_while_unmonitored"})
+
+
+class VmWatch:
+    """The state qmpwatch keeps about one VM and the rules it applies."""
+
+    def __init__(
+        self,
+        vm: str,
+        out: WatchOutput,
+        *,
+        followup: FollowupConfig,
+        lifecycle: LifecycleConfig | None = None,
+        remediate: RemediateConfig | None = None,
+        no_shutdown: bool = False,
+        client_stop_severity: ClientStopSeverity = "warning",
+        last_status: str | None = None,
+        handlers: Mapping[str, tuple[Handler, ...]] | None = None,
+    ) -> None:
+        self.vm = vm
+        self.out = out
+        self.rules = Rules(followup)
+        self.lifecycle = lifecycle if lifecycle is not None else LifecycleConfig()
+        self.tracker = FollowUpTracker()
+        self.no_shutdown = no_shutdown
+        self.client_stop_severity = client_stop_severity
+        self.handlers = handlers_table.HANDLERS if handlers is None else handlers
+        self.status = last_status  # last known run status (query-status word), None: unknown
+        self.status_since: float | None = None  # when it became `status` (None: before start)
+        self.status_why = describe_status(last_status)  # why, in words
+        # Whether the VM's CPUs are stopped, as the latest STOP/RESUME or status says (None:
+        # unknown). A SHUTDOWN or a drained BLOCK_IO_ERROR of a stopped VM expects no STOP.
+        self.stopped: bool | None = None
+        self.book = AlertBook(vm, out, (self._crash_loop_downgrade,))  # the alerts firing
+        self.pending_stop: Event | None = None  # an unexplained STOP awaiting its status
+        # A SHUTDOWN was seen in this session and the VM has not run since: only then is the
+        # end of the session a clean exit (libvirt reboots a -no-shutdown VM with SHUTDOWN,
+        # STOP, system_reset and cont, and the VM runs on).
+        self.saw_shutdown = False
+        self.shutdown_reason = ""  # that SHUTDOWN's reason (host-signal, guest-shutdown, ...)
+        # STOP/RESUME events handled so far. An answer to query-status carries the count at
+        # the moment it was read (`as_of`); if a STOP/RESUME was handled since, the answer is
+        # older than what the events said, and is not applied.
+        self.run_changes = 0
+        # Crash loops: the latest incidents (time, what), and while vm_crash_loop fires, when
+        # it resolves if no other incident comes.
+        self.incidents: deque[tuple[float, str]] = deque(maxlen=self.lifecycle.crash_loop_count)
+        self.loop_quiet_at: float | None = None
+        # A transient status (migration, -S, snapshots): since when, and when it is "stuck".
+        self.transient_since: float | None = None
+        self.transient_due: float | None = None
+        self.resumer = Resumer(remediate if remediate is not None else RemediateConfig())
+        self.disks: dict[str, DiskInfo] = {}  # device or node-name -> image (query-block)
+        self.thresholds: dict[str, float] = {}  # node-name -> write threshold armed, percent
+        self.agent = AgentPort(self.lifecycle.agent_absent_after_s)  # the guest agent's port
+        self.presence = Presence(self.lifecycle.unreachable_after_s)  # connected, gone, since
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def on_event(self, event: Event, now: float) -> None:
+        """One event, received at `now`."""
+        if self.timers_pending:
+            self.tick(now)
+        self.out.qmp_event(event, now)
+        handlers = self.handlers.get(event.name)
+        if handlers is not None:
+            for handler in handlers:
+                handler(self, event, now)
+
+    def on_decode_error(self, err: DecodeError, now: float) -> None:
+        """A message that could not be decoded; logged with its raw text, nothing else changes."""
+        raw = err.raw if len(err.raw) <= RAW_LIMIT else err.raw[:RAW_LIMIT] + "…"
+        self.out.record(
+            "qmp_decode_error",
+            "warning",
+            now,
+            {"error": err.error, "raw": raw, "raw_length": len(err.raw)},
+        )
+
+    @property
+    def timers_pending(self) -> bool:
+        """Whether anything waits for a time to pass (`next_deadline()` is not None)."""
+        return (
+            self.tracker.waiting
+            or self.loop_quiet_at is not None
+            or self.transient_due is not None
+            or self.resumer.due() is not None
+            or self.agent.due is not None
+            or self.presence.due() is not None
+        )
+
+    def tick(self, now: float) -> None:
+        """Time passes: end the expectations whose deadline is over, and the other timers."""
+        if self.tracker.waiting:
+            self._ended(self.tracker.expire(now))
+        if self.transient_due is not None and self.transient_due <= now:
+            incidents.stuck(self, now)
+        if self.loop_quiet_at is not None and self.loop_quiet_at <= now:
+            incidents.loop_quiet(self, now)
+        due = self.resumer.due()
+        if due is not None and due <= now:
+            resume.remedy(self, now)
+        agent_port.tick(self, now)
+        due = self.presence.due()
+        if due is not None and due <= now:
+            self._unreachable(now)
+
+    def next_deadline(self) -> float | None:
+        deadline = self.tracker.next_deadline()
+        others = (
+            self.loop_quiet_at,
+            self.transient_due,
+            self.resumer.due(),
+            self.agent.due,
+            self.presence.due(),
+        )
+        for other in others:
+            if other is not None and (deadline is None or other < deadline):
+                deadline = other
+        return deadline
+
+    def on_command_result(self, name: str, error: str, now: float) -> None:
+        """QEMU answered a command of `command()`: `error` is "" when it was done."""
+        resume.on_command_result(self, name, error, now)
+
+    def reconfigure(
+        self,
+        followup: FollowupConfig,
+        lifecycle: LifecycleConfig,
+        client_stop_severity: ClientStopSeverity,
+    ) -> None:
+        """New deadlines, thresholds and severity (a reload), for what happens from now on:
+        open expectations keep the deadline they were opened with."""
+        self.rules = Rules(followup)
+        self.client_stop_severity = client_stop_severity
+        if lifecycle != self.lifecycle:
+            self.agent.absent_after_s = lifecycle.agent_absent_after_s  # from its next change
+            self.presence.unreachable_after_s = lifecycle.unreachable_after_s
+            self.lifecycle = lifecycle
+            self.incidents = deque(self.incidents, maxlen=lifecycle.crash_loop_count)
+
+    def restore(self, alerts: list[Alert], now: float) -> None:
+        """Alerts still firing when the daemon last stopped: they resolve like new ones (a
+        crash loop after a quiet time from now)."""
+        self.book.restore(alerts)
+        if any(alert.kind == "vm_crash_loop" for alert in alerts):
+            self.loop_quiet_at = now + self.lifecycle.crash_loop_quiet_s
+
+    def on_connected(
+        self,
+        now: float,
+        status: str | None,
+        fields: Mapping[str, Any],
+        as_of: int | None = None,
+    ) -> None:
+        """A session is up and `query-status` said `status` (read when `run_changes` was
+        `as_of`, None: just now; a status of None: the monitor did not tell); `fields` go
+        into `vm_connected`."""
+        self.out.record("vm_connected", "info", now, {**fields, "status": status or "unknown"})
+        pid = fields.get("pid")
+        self.presence.connected(
+            now, str(fields.get("socket", "")), pid if isinstance(pid, int) else None
+        )
+        self.presence.fired = False
+        self._resolve(
+            now,
+            lambda a: a.kind in ABSENT_KINDS or a.kind == UNREACHABLE,
+            "QEMU's monitor answers again",
+        )
+        if status is None:
+            return  # nothing to decide on: a STOP of this session is still classified
+        if as_of is not None and as_of != self.run_changes:
+            return  # a STOP/RESUME of this session came after the answer: the events are newer
+        previous = self.status
+        self._set_status(status, now)
+        if status == "running":
+            self._resolve(now, lambda a: a.kind in STOPPED_KINDS, "query-status says running")
+            return
+        stop = classify_status(status, self.client_stop_severity)
+        if stop is None or status == previous:
+            return
+        before = "unknown" if previous is None else previous
+        self._raise(
+            now,
+            "vm_state_changed_while_unmonitored",
+            stop.severity,
+            f"VM {self.vm} is {stop.what} (status {status}), "
+            f"which qmpwatch did not see happen (last known: {before})",
+            cause=f"status:{status}",
+            details={"status": status, "previous_status": previous},
+        )
+
+    def on_status(self, status: str, now: float, as_of: int | None = None) -> None:
+        """A `query-status` answer asked for by `query_status()`, read when `run_changes`
+        was `as_of` (None: just now).
+
+        Ignored when a STOP or RESUME was handled after the answer was read: the reader
+        passes such events on before the task that asked sees its answer, and they are newer
+        (a new STOP asks again).
+        """
+        if as_of is not None and as_of != self.run_changes:
+            return
+        self._set_status(status, now)
+        if self.pending_stop is not None:
+            self._classify_stop(self.pending_stop, status, now)
+        if status == "running":
+            self._resolve(now, lambda a: a.kind in STOPPED_KINDS, "query-status says running")
+
+    def status_unknown(self, now: float, why: str) -> None:
+        """`query-status` could not be answered: classify a pending stop with no status."""
+        if self.pending_stop is not None:
+            self._classify_stop(self.pending_stop, None, now, why)
+
+    def on_absent(self, now: float, reason: str, error: str) -> None:
+        """qmpwatch (re)started and its first attempt found no QEMU behind the VM's monitor
+        (`reason`: "missing", "refused"): if the VM was last seen alive, it went away while
+        nobody watched. Logged as `vm_gone` either way; alerted unless it had shut down."""
+        last = self.status
+        if last is None:
+            return  # never seen, or already known to be gone
+        shut_down = last == "shutdown"
+        self.out.record(
+            "vm_gone",
+            "info" if shut_down else "warning",
+            now,
+            {"last_status": last, "reason": reason, "error": error},
+        )
+        if shut_down:
+            return
+        self._raise(
+            now,
+            "vm_gone_while_unmonitored",
+            "critical",
+            f"VM {self.vm} is gone: its QEMU ended while qmpwatch was not watching "
+            f"(last seen {last}, not shut down)",
+            cause="gone",
+            details={"last_status": last, "reason": reason, "error": error},
+        )
+        self._set_status(None, now)
+
+    def on_connect_failed(self, now: float, reason: str, detail: str) -> None:
+        """An attempt to reach QEMU failed (`reason`: a vm_connect_failed reason)."""
+        self.presence.failed(now, reason, detail)
+
+    def retire(self, now: float, reason: str) -> None:
+        """qmpwatch stops watching this VM for good: every firing alert resolves, saying why."""
+        self._resolve(now, lambda a: True, reason)
+
+    def ends_in_crash(self, cause: str) -> bool:
+        """Whether a session ending with `cause` now would be a crash (`vm_crashed`): the
+        session asks before it looks for the crash's cause."""
+        if cause in ("closed", "exited") or self.saw_shutdown:
+            return False
+        return not any(e.rule.expected == QEMU_EXIT for e in self.tracker.pending)
+
+    def on_disconnected(
+        self, now: float, cause: str, error: str = "", crash: CrashCause | None = None
+    ) -> None:
+        """The session ended: `cause` is "eof", "error", "closed" (qmpwatch closed it) or
+        "exited" (QEMU's manager says it ended on purpose: a clean end, SHUTDOWN or not);
+        `crash`: why QEMU died, as the host reported it (for a crash)."""
+        self.tick(now)  # a deadline already over is missed, even if no tick() came in time
+        exited = self.tracker.satisfy(QEMU_EXIT, now) if cause != "closed" else []
+        self._ended(exited)
+        # qmpwatch closing the session says nothing about QEMU, even after a SHUTDOWN (QEMU
+        # under -no-shutdown is still there, stopped): only an ending QEMU can exit cleanly.
+        clean = cause == "exited" or (cause != "closed" and (self.saw_shutdown or bool(exited)))
+        logged_cause = "shutdown" if clean else cause
+        level = "info" if clean or cause == "closed" else "warning"
+        ending = (
+            runstate.clean_end_words(cause, self.shutdown_reason, bool(exited)) if clean else ""
+        )
+        fields = {"cause": logged_cause, "error": error}
+        if clean:
+            fields["reason"] = ending
+        self.out.record("vm_disconnected", level, now, fields)
+        self._ended(self.tracker.abandon(now))
+        if self.pending_stop is not None and (cause == "closed" or clean):
+            # qmpwatch itself closed the session (stopping, reload): nothing happened to the
+            # VM; the next session's resync reports the stop if the VM is still stopped. Or
+            # the stop was QEMU's on the way out (a panic's poweroff, then SHUTDOWN and exit).
+            self.pending_stop = None
+        elif self.pending_stop is not None:
+            self._classify_stop(self.pending_stop, None, now, "the session ended")
+        if cause != "closed":
+            if clean and self.shutdown_reason != "guest-panic":  # a panic's end stays one
+                self._resolve(
+                    now, lambda a: a.kind in STOPPED_KINDS, f"QEMU ended cleanly: {ending}"
+                )
+            if clean:
+                self._set_status("shutdown", now, f"QEMU is gone: {ending}")
+            else:
+                details = self.presence.crash_details(now, self.status, error)
+                self._set_status(None, now)
+                self._incident(now, "crash")
+                gone = error or "end of file on the monitor"
+                if crash is None:
+                    summary = f"went away without a SHUTDOWN event (crashed or killed): {gone}"
+                else:
+                    summary = f"went away without a SHUTDOWN event: {crash.words}"
+                    details.update(crash.fields())
+                    self.status_why = f"QEMU died: {crash.words}"
+                self._raise(
+                    now,
+                    "vm_crashed",
+                    "critical",
+                    f"QEMU of VM {self.vm} {summary}",
+                    cause="EOF",
+                    details=details,
+                )
+        self.presence.ended(now, ending, f"{cause}: {error}" if error else cause)
+        self.saw_shutdown = False
+        self.shutdown_reason = ""
+        self.stopped = None
+        agent_port.ended(self, now, cause)
+        self.resumer.stop()  # the next session starts over, if the VM is still paused
+
+    @property
+    def firing(self) -> dict[str, Alert]:
+        """Fingerprint -> alert, for the alerts firing (the alert book's)."""
+        return self.book.firing
+
+    # -- decisions --------------------------------------------------------------------------
+
+    def _set_status(self, status: str | None, now: float, why: str = "") -> None:
+        runstate.set_status(self, status, now, why)
+
+    def on_disks(self, disks: dict[str, DiskInfo], now: float) -> None:
+        """A session learned where the VM's disks live (`query-block`): see storage.py."""
+        storage.on_disks(self, disks, now)
+
+    def storages(self) -> dict[str, list[DiskInfo]]:
+        """Mount point -> the writable images of this VM on it."""
+        return storage.storages(self)
+
+    def on_storage_free(self, free: Mapping[str, float], now: float) -> None:
+        """The free space (percent) of the file systems holding the VM's writable images."""
+        storage.on_storage_free(self, free, now)
+
+    def _arm_threshold(self, node: str, info: DiskInfo, percent: float) -> None:
+        storage.arm_threshold(self, node, info, percent)
+
+    def on_space(self, free: Mapping[str, int], now: float) -> bool:
+        """Free bytes where the writable images live, while a resume waits on a full disk:
+        True when space came back and `cont` is due now."""
+        return self.resumer.space(free, now)
+
+    def _resume_failed(self, now: float, outcome: str, error: str) -> None:
+        resume.resume_failed(self, now, outcome, error)
+
+    def _unreachable(self, now: float) -> None:
+        """Not connected for `unreachable_after_s`: a warning with the last failure, unless
+        an alert already says QEMU is gone (a crash: one incident, one alert)."""
+        presence = self.presence
+        presence.fired = True
+        if any(a.kind in ABSENT_KINDS for a in self.firing.values()):
+            return
+        details = presence.unreachable_details(now)
+        failure = presence.why() or "no connection made yet"
+        self._raise(
+            now,
+            UNREACHABLE,
+            "warning",
+            f"VM {self.vm} has not been reachable for {details['unreachable_s']:.0f} s: {failure}",
+            cause="unreachable",
+            details=details,
+        )
+
+    def _incident(self, now: float, what: str) -> None:
+        incidents.incident(self, now, what)
+
+    def _raise(
+        self,
+        now: float,
+        kind: str,
+        severity: Severity,
+        summary: str,
+        *,
+        cause: str,
+        details: Mapping[str, Any],
+        qemu_time: str | None = None,
+    ) -> Alert:
+        return self.book.fire(
+            now, kind, severity, summary, cause=cause, details=details, qemu_time=qemu_time
+        )
+
+    def _resolve(self, now: float, which: Callable[[Alert], bool], reason: str) -> None:
+        self.book.resolve(now, which, reason)
+
+    def _ended(self, ended: list[Ended]) -> None:
+        followups.ended(self, ended)
+
+    def _classify_stop(self, stop: Event, status: str | None, now: float, why: str = "") -> None:
+        runstate.classify_stop(self, stop, status, now, why)
+
+    def _crash_loop_downgrade(self, kind: str, severity: Severity) -> Severity:
+        """While vm_crash_loop fires, a crash is `info`: the crash loop alert is the page."""
+        if kind in CRASH_KINDS and self.loop_quiet_at is not None:
+            return "info"
+        return severity
