@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from qmpwatch.core.alert import stop_alert_firing
 from qmpwatch.core.events import BlockIoError, Event, Shutdown, Watchdog
 from qmpwatch.core.tracker import Ended
+from qmpwatch.core.watch import runstate
 from qmpwatch.core.watch.storage import disk_fields, disk_name, io_error_words
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def ended(watch: VmWatch, ended: list[Ended]) -> None:
             if rule.alert is not None:
                 alert_for_satisfied(watch, rule.alert, exp.cause, end.at)
             elif rule.expected == "STOP" and rule.cause == "SHUTDOWN":
-                watch._set_status("shutdown", end.at)
+                runstate.set_status(watch, "shutdown", end.at)
             continue
         watch.out.record(
             "followup_missed",
@@ -72,7 +73,7 @@ def ended(watch: VmWatch, ended: list[Ended]) -> None:
 def alert_for_satisfied(watch: VmWatch, kind: str, cause: Event, now: float) -> None:
     if isinstance(cause, BlockIoError):
         watch.resumer.nospace = cause.nospace
-        watch._set_status("io-error", now, io_error_words(cause))
+        runstate.set_status(watch, "io-error", now, io_error_words(cause))
         if stop_alert_firing(watch.firing.values(), "io-error", kind):
             return  # the pause found at connect, paused again: one incident, one page
         watch.book.fire(
@@ -92,7 +93,9 @@ def alert_for_satisfied(watch: VmWatch, kind: str, cause: Event, now: float) -> 
             qemu_time=cause.qemu_time,
         )
     elif isinstance(cause, Watchdog):
-        watch._set_status("watchdog", now, "paused by its watchdog: the guest stopped feeding it")
+        runstate.set_status(
+            watch, "watchdog", now, "paused by its watchdog: the guest stopped feeding it"
+        )
         watch.book.fire(
             now,
             kind,

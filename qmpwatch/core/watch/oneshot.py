@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpwatch.core.alert import Severity
 from qmpwatch.core.events import Event, GuestPanicked, Watchdog
+from qmpwatch.core.watch import incidents, runstate
 
 if TYPE_CHECKING:
     from qmpwatch.core.watch.vmwatch import VmWatch
@@ -34,7 +35,7 @@ def on_watchdog(watch: VmWatch, event: Event, now: float) -> None:
         severity = "warning"
     elif action == "pause":
         severity = "info"
-    watch._incident(now, "watchdog")
+    incidents.incident(watch, now, "watchdog")
     watch.book.fire(
         now,
         "watchdog_fired",
@@ -52,8 +53,8 @@ def on_guest_panicked(watch: VmWatch, event: Event, now: float) -> None:
     assert isinstance(event, GuestPanicked)
     action = event.action
     if action == "pause":
-        watch._set_status("guest-panicked", now)
-    watch._incident(now, "panic")
+        runstate.set_status(watch, "guest-panicked", now)
+    incidents.incident(watch, now, "panic")
     details: dict[str, Any] = {"action": action, "status": "guest-panicked"}
     if "info" in event.data:
         details["info"] = event.data["info"]

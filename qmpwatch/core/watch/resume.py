@@ -17,9 +17,9 @@ def on_command_result(watch: VmWatch, name: str, error: str, now: float) -> None
         return
     resumer.sent = False
     if error:
-        watch._resume_failed(now, "refused", error)
+        resume_failed(watch, now, "refused", error)
     elif resumer.settle_until is None and resumer.next_at is not None and watch.stopped:
-        watch._resume_failed(now, "not_running", "QEMU accepted cont, and the VM is stopped")
+        resume_failed(watch, now, "not_running", "QEMU accepted cont, and the VM is stopped")
 
 
 def remedy(watch: VmWatch, now: float) -> None:

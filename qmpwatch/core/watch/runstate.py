@@ -16,6 +16,7 @@ from qmpwatch.core.alert import (
 )
 from qmpwatch.core.events import Event, Shutdown
 from qmpwatch.core.remedy import SETTLE_S
+from qmpwatch.core.watch import followups, resume
 
 if TYPE_CHECKING:
     from qmpwatch.core.watch.vmwatch import VmWatch
@@ -79,13 +80,13 @@ def on_stop(watch: VmWatch, event: Event, now: float) -> None:
     watch.run_changes += 1
     watch.stopped = True
     if watch.resumer.settle_until is not None:  # paused again right after our cont
-        watch._resume_failed(now, "paused_again", "")
+        resume.resume_failed(watch, now, "paused_again", "")
     satisfied = watch.tracker.satisfy("STOP", now)
     if satisfied:
-        watch._ended(satisfied)
+        followups.ended(watch, satisfied)
         return
     if watch.saw_shutdown:  # SHUTDOWN then STOP with -no-shutdown unknown: status is shutdown
-        watch._set_status("shutdown", now)
+        set_status(watch, "shutdown", now)
         return
     watch.pending_stop = event
     watch.out.query_status()
@@ -102,7 +103,7 @@ def on_resume(watch: VmWatch, event: Event, now: float) -> None:
     ours = resumer.sent
     if resumer.active and not ours:
         resumer.stop()  # a person (or another client) resumed it
-    watch._set_status("running", now)
+    set_status(watch, "running", now)
     if ours:  # resolved once it has run for a while (it may pause again at once)
         resumer.settle_until = now + SETTLE_S
         return

@@ -29,13 +29,14 @@ from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import Event
 from qmpwatch.core.presence import UNREACHABLE, Presence
 from qmpwatch.core.remedy import Resumer
-from qmpwatch.core.tracker import QEMU_EXIT, Ended, FollowUpTracker, Rules
+from qmpwatch.core.tracker import QEMU_EXIT, FollowUpTracker, Rules
 from qmpwatch.core.watch import followups, incidents, resume, runstate, storage
 from qmpwatch.core.watch import handlers as handlers_table
 from qmpwatch.core.watch.alertbook import AlertBook
 from qmpwatch.core.watch.handlers import Handler
 from qmpwatch.core.watch.output import WatchOutput
 from qmpwatch.core.watch.storage import DiskInfo
+from qmpwatch.core.watch.timers import timers
 
 RAW_LIMIT = 2048  # characters of a bad message kept in its qmp_decode_error record
 
@@ -96,6 +97,7 @@ class VmWatch:
         self.thresholds: dict[str, float] = {}  # node-name -> write threshold armed, percent
         self.agent = AgentPort(self.lifecycle.agent_absent_after_s)  # the guest agent's port
         self.presence = Presence(self.lifecycle.unreachable_after_s)  # connected, gone, since
+        self.timers = timers(self)  # every part's timer, in timers.ORDER
 
     # -- inputs -----------------------------------------------------------------------------
 
@@ -122,44 +124,20 @@ class VmWatch:
     @property
     def timers_pending(self) -> bool:
         """Whether anything waits for a time to pass (`next_deadline()` is not None)."""
-        return (
-            self.tracker.waiting
-            or self.loop_quiet_at is not None
-            or self.transient_due is not None
-            or self.resumer.due() is not None
-            or self.agent.due is not None
-            or self.presence.due() is not None
-        )
+        return any(timer.due() is not None for timer in self.timers)
 
     def tick(self, now: float) -> None:
-        """Time passes: end the expectations whose deadline is over, and the other timers."""
-        if self.tracker.waiting:
-            self._ended(self.tracker.expire(now))
-        if self.transient_due is not None and self.transient_due <= now:
-            incidents.stuck(self, now)
-        if self.loop_quiet_at is not None and self.loop_quiet_at <= now:
-            incidents.loop_quiet(self, now)
-        due = self.resumer.due()
-        if due is not None and due <= now:
-            resume.remedy(self, now)
-        agent_port.tick(self, now)
-        due = self.presence.due()
-        if due is not None and due <= now:
-            self._unreachable(now)
+        """Time passes: run every timer whose time has come, in `timers.ORDER` (follow-ups'
+        deadlines, stuck states, crash loops' quiet ends, resumes, the agent port, presence)."""
+        for timer in self.timers:
+            due = timer.due()
+            if due is not None and due <= now:
+                timer.tick(now)
 
     def next_deadline(self) -> float | None:
-        deadline = self.tracker.next_deadline()
-        others = (
-            self.loop_quiet_at,
-            self.transient_due,
-            self.resumer.due(),
-            self.agent.due,
-            self.presence.due(),
-        )
-        for other in others:
-            if other is not None and (deadline is None or other < deadline):
-                deadline = other
-        return deadline
+        """The earliest time a timer is due (None: nothing waits)."""
+        dues = [due for timer in self.timers if (due := timer.due()) is not None]
+        return min(dues, default=None)
 
     def on_command_result(self, name: str, error: str, now: float) -> None:
         """QEMU answered a command of `command()`: `error` is "" when it was done."""
@@ -204,7 +182,7 @@ class VmWatch:
             now, str(fields.get("socket", "")), pid if isinstance(pid, int) else None
         )
         self.presence.fired = False
-        self._resolve(
+        self.book.resolve(
             now,
             lambda a: a.kind in ABSENT_KINDS or a.kind == UNREACHABLE,
             "QEMU's monitor answers again",
@@ -214,15 +192,15 @@ class VmWatch:
         if as_of is not None and as_of != self.run_changes:
             return  # a STOP/RESUME of this session came after the answer: the events are newer
         previous = self.status
-        self._set_status(status, now)
+        runstate.set_status(self, status, now)
         if status == "running":
-            self._resolve(now, lambda a: a.kind in STOPPED_KINDS, "query-status says running")
+            self.book.resolve(now, lambda a: a.kind in STOPPED_KINDS, "query-status says running")
             return
         stop = classify_status(status, self.client_stop_severity)
         if stop is None or status == previous:
             return
         before = "unknown" if previous is None else previous
-        self._raise(
+        self.book.fire(
             now,
             "vm_state_changed_while_unmonitored",
             stop.severity,
@@ -242,16 +220,16 @@ class VmWatch:
         """
         if as_of is not None and as_of != self.run_changes:
             return
-        self._set_status(status, now)
+        runstate.set_status(self, status, now)
         if self.pending_stop is not None:
-            self._classify_stop(self.pending_stop, status, now)
+            runstate.classify_stop(self, self.pending_stop, status, now)
         if status == "running":
-            self._resolve(now, lambda a: a.kind in STOPPED_KINDS, "query-status says running")
+            self.book.resolve(now, lambda a: a.kind in STOPPED_KINDS, "query-status says running")
 
     def status_unknown(self, now: float, why: str) -> None:
         """`query-status` could not be answered: classify a pending stop with no status."""
         if self.pending_stop is not None:
-            self._classify_stop(self.pending_stop, None, now, why)
+            runstate.classify_stop(self, self.pending_stop, None, now, why)
 
     def on_absent(self, now: float, reason: str, error: str) -> None:
         """qmpwatch (re)started and its first attempt found no QEMU behind the VM's monitor
@@ -269,7 +247,7 @@ class VmWatch:
         )
         if shut_down:
             return
-        self._raise(
+        self.book.fire(
             now,
             "vm_gone_while_unmonitored",
             "critical",
@@ -278,7 +256,7 @@ class VmWatch:
             cause="gone",
             details={"last_status": last, "reason": reason, "error": error},
         )
-        self._set_status(None, now)
+        runstate.set_status(self, None, now)
 
     def on_connect_failed(self, now: float, reason: str, detail: str) -> None:
         """An attempt to reach QEMU failed (`reason`: a vm_connect_failed reason)."""
@@ -286,7 +264,7 @@ class VmWatch:
 
     def retire(self, now: float, reason: str) -> None:
         """qmpwatch stops watching this VM for good: every firing alert resolves, saying why."""
-        self._resolve(now, lambda a: True, reason)
+        self.book.resolve(now, lambda a: True, reason)
 
     def ends_in_crash(self, cause: str) -> bool:
         """Whether a session ending with `cause` now would be a crash (`vm_crashed`): the
@@ -303,7 +281,7 @@ class VmWatch:
         `crash`: why QEMU died, as the host reported it (for a crash)."""
         self.tick(now)  # a deadline already over is missed, even if no tick() came in time
         exited = self.tracker.satisfy(QEMU_EXIT, now) if cause != "closed" else []
-        self._ended(exited)
+        followups.ended(self, exited)
         # qmpwatch closing the session says nothing about QEMU, even after a SHUTDOWN (QEMU
         # under -no-shutdown is still there, stopped): only an ending QEMU can exit cleanly.
         clean = cause == "exited" or (cause != "closed" and (self.saw_shutdown or bool(exited)))
@@ -316,25 +294,25 @@ class VmWatch:
         if clean:
             fields["reason"] = ending
         self.out.record("vm_disconnected", level, now, fields)
-        self._ended(self.tracker.abandon(now))
+        followups.ended(self, self.tracker.abandon(now))
         if self.pending_stop is not None and (cause == "closed" or clean):
             # qmpwatch itself closed the session (stopping, reload): nothing happened to the
             # VM; the next session's resync reports the stop if the VM is still stopped. Or
             # the stop was QEMU's on the way out (a panic's poweroff, then SHUTDOWN and exit).
             self.pending_stop = None
         elif self.pending_stop is not None:
-            self._classify_stop(self.pending_stop, None, now, "the session ended")
+            runstate.classify_stop(self, self.pending_stop, None, now, "the session ended")
         if cause != "closed":
             if clean and self.shutdown_reason != "guest-panic":  # a panic's end stays one
-                self._resolve(
+                self.book.resolve(
                     now, lambda a: a.kind in STOPPED_KINDS, f"QEMU ended cleanly: {ending}"
                 )
             if clean:
-                self._set_status("shutdown", now, f"QEMU is gone: {ending}")
+                runstate.set_status(self, "shutdown", now, f"QEMU is gone: {ending}")
             else:
                 details = self.presence.crash_details(now, self.status, error)
-                self._set_status(None, now)
-                self._incident(now, "crash")
+                runstate.set_status(self, None, now)
+                incidents.incident(self, now, "crash")
                 gone = error or "end of file on the monitor"
                 if crash is None:
                     summary = f"went away without a SHUTDOWN event (crashed or killed): {gone}"
@@ -342,7 +320,7 @@ class VmWatch:
                     summary = f"went away without a SHUTDOWN event: {crash.words}"
                     details.update(crash.fields())
                     self.status_why = f"QEMU died: {crash.words}"
-                self._raise(
+                self.book.fire(
                     now,
                     "vm_crashed",
                     "critical",
@@ -364,9 +342,6 @@ class VmWatch:
 
     # -- decisions --------------------------------------------------------------------------
 
-    def _set_status(self, status: str | None, now: float, why: str = "") -> None:
-        runstate.set_status(self, status, now, why)
-
     def on_disks(self, disks: dict[str, DiskInfo], now: float) -> None:
         """A session learned where the VM's disks live (`query-block`): see storage.py."""
         storage.on_disks(self, disks, now)
@@ -379,18 +354,12 @@ class VmWatch:
         """The free space (percent) of the file systems holding the VM's writable images."""
         storage.on_storage_free(self, free, now)
 
-    def _arm_threshold(self, node: str, info: DiskInfo, percent: float) -> None:
-        storage.arm_threshold(self, node, info, percent)
-
     def on_space(self, free: Mapping[str, int], now: float) -> bool:
         """Free bytes where the writable images live, while a resume waits on a full disk:
         True when space came back and `cont` is due now."""
         return self.resumer.space(free, now)
 
-    def _resume_failed(self, now: float, outcome: str, error: str) -> None:
-        resume.resume_failed(self, now, outcome, error)
-
-    def _unreachable(self, now: float) -> None:
+    def unreachable(self, now: float) -> None:
         """Not connected for `unreachable_after_s`: a warning with the last failure, unless
         an alert already says QEMU is gone (a crash: one incident, one alert)."""
         presence = self.presence
@@ -399,7 +368,7 @@ class VmWatch:
             return
         details = presence.unreachable_details(now)
         failure = presence.why() or "no connection made yet"
-        self._raise(
+        self.book.fire(
             now,
             UNREACHABLE,
             "warning",
@@ -407,9 +376,6 @@ class VmWatch:
             cause="unreachable",
             details=details,
         )
-
-    def _incident(self, now: float, what: str) -> None:
-        incidents.incident(self, now, what)
 
     def _raise(
         self,
@@ -428,12 +394,6 @@ class VmWatch:
 
     def _resolve(self, now: float, which: Callable[[Alert], bool], reason: str) -> None:
         self.book.resolve(now, which, reason)
-
-    def _ended(self, ended: list[Ended]) -> None:
-        followups.ended(self, ended)
-
-    def _classify_stop(self, stop: Event, status: str | None, now: float, why: str = "") -> None:
-        runstate.classify_stop(self, stop, status, now, why)
 
     def _crash_loop_downgrade(self, kind: str, severity: Severity) -> Severity:
         """While vm_crash_loop fires, a crash is `info`: the crash loop alert is the page."""
