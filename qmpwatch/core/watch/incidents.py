@@ -3,36 +3,66 @@ transient states that last too long (`vm_stuck_transient`)."""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from typing import TYPE_CHECKING
+
+from qmpwatch.core.alert import CRASH_KINDS, Severity
 
 if TYPE_CHECKING:
     from qmpwatch.core.watch.vmwatch import VmWatch
+
+
+class CrashLoop:
+    """The latest incidents (time, what), and while vm_crash_loop fires, when it resolves if
+    no other incident comes (`quiet_at`)."""
+
+    def __init__(self, count: int) -> None:
+        self.recent: deque[tuple[float, str]] = deque(maxlen=count)
+        self.quiet_at: float | None = None
+
+    def resize(self, count: int) -> None:
+        """Keep `count` incidents from now on (a reload), the latest ones."""
+        self.recent = deque(self.recent, maxlen=count)
+
+    def downgrade(self, kind: str, severity: Severity) -> Severity:
+        """The alert book's adjuster: while vm_crash_loop fires, a crash is `info` (the crash
+        loop alert is the page)."""
+        if kind in CRASH_KINDS and self.quiet_at is not None:
+            return "info"
+        return severity
+
+
+class Transient:
+    """A transient status (migration, -S, snapshots): since when, and when it is "stuck"."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.due: float | None = None
 
 
 def incident(watch: VmWatch, now: float, what: str) -> None:
     """A crash-like incident (a guest panic, a watchdog expiry, QEMU gone): enough of them
     within the window are a crash loop, one alert that resolves after a quiet time."""
     cfg = watch.lifecycle
-    watch.incidents.append((now, what))
-    if watch.loop_quiet_at is not None:
-        watch.loop_quiet_at = now + cfg.crash_loop_quiet_s
+    watch.crash_loop.recent.append((now, what))
+    if watch.crash_loop.quiet_at is not None:
+        watch.crash_loop.quiet_at = now + cfg.crash_loop_quiet_s
         return
-    first = watch.incidents[0][0]
-    if len(watch.incidents) < cfg.crash_loop_count or now - first > cfg.crash_loop_window_s:
+    first = watch.crash_loop.recent[0][0]
+    if len(watch.crash_loop.recent) < cfg.crash_loop_count or now - first > cfg.crash_loop_window_s:
         return
-    watch.loop_quiet_at = now + cfg.crash_loop_quiet_s
-    counts = Counter(kind for _, kind in watch.incidents)
+    watch.crash_loop.quiet_at = now + cfg.crash_loop_quiet_s
+    counts = Counter(kind for _, kind in watch.crash_loop.recent)
     words = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
     watch.book.fire(
         now,
         "vm_crash_loop",
         "critical",
-        f"VM {watch.vm} is in a crash loop: {len(watch.incidents)} incidents within "
+        f"VM {watch.vm} is in a crash loop: {len(watch.crash_loop.recent)} incidents within "
         f"{now - first:.0f} s ({words})",
         cause="crash_loop",
         details={
-            "incidents": len(watch.incidents),
+            "incidents": len(watch.crash_loop.recent),
             "window_s": cfg.crash_loop_window_s,
             "by_kind": dict(counts),
         },
@@ -40,8 +70,8 @@ def incident(watch: VmWatch, now: float, what: str) -> None:
 
 
 def loop_quiet(watch: VmWatch, now: float) -> None:
-    watch.loop_quiet_at = None
-    watch.incidents.clear()
+    watch.crash_loop.quiet_at = None
+    watch.crash_loop.recent.clear()
     watch.book.resolve(
         now,
         lambda a: a.kind == "vm_crash_loop",
@@ -50,8 +80,8 @@ def loop_quiet(watch: VmWatch, now: float) -> None:
 
 
 def stuck(watch: VmWatch, now: float) -> None:
-    watch.transient_due = None
-    since = watch.transient_since if watch.transient_since is not None else now
+    watch.transient.due = None
+    since = watch.transient.since if watch.transient.since is not None else now
     watch.book.fire(
         now,
         "vm_stuck_transient",

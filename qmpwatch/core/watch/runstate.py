@@ -36,12 +36,12 @@ def set_status(watch: VmWatch, status: str | None, now: float, why: str = "") ->
         watch.resumer.stop()  # paused (or ended) for another reason: not ours to resume
     watch.stopped = None if status is None else status != "running"
     if status in TRANSIENT_STATUSES:
-        if watch.transient_since is None:
-            watch.transient_since = now
-            watch.transient_due = now + watch.lifecycle.transient_state_max_s
+        if watch.transient.since is None:
+            watch.transient.since = now
+            watch.transient.due = now + watch.lifecycle.transient_state_max_s
         return
-    if watch.transient_since is not None:
-        watch.transient_since = watch.transient_due = None
+    if watch.transient.since is not None:
+        watch.transient.since = watch.transient.due = None
         watch.book.resolve(
             now,
             lambda a: a.kind == "vm_stuck_transient",

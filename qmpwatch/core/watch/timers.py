@@ -40,12 +40,12 @@ def timers(watch: VmWatch) -> tuple[Timer, ...]:
         ),
         Timer(
             "stuck_transient",
-            lambda: watch.transient_due,
+            lambda: watch.transient.due,
             lambda now: incidents.stuck(watch, now),
         ),
         Timer(
             "crash_loop_quiet",
-            lambda: watch.loop_quiet_at,
+            lambda: watch.crash_loop.quiet_at,
             lambda now: incidents.loop_quiet(watch, now),
         ),
         Timer("resume", watch.resumer.due, lambda now: resume.remedy(watch, now)),

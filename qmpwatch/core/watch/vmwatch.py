@@ -8,14 +8,12 @@ table `HANDLERS` lists for its name runs in order (docs/architecture.md, "The wa
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from qmpwatch.core import agent as agent_port
 from qmpwatch.core.agent import AgentPort
 from qmpwatch.core.alert import (
-    CRASH_KINDS,
     STOPPED_KINDS,
     Alert,
     ClientStopSeverity,
@@ -74,7 +72,8 @@ class VmWatch:
         # Whether the VM's CPUs are stopped, as the latest STOP/RESUME or status says (None:
         # unknown). A SHUTDOWN or a drained BLOCK_IO_ERROR of a stopped VM expects no STOP.
         self.stopped: bool | None = None
-        self.book = AlertBook(vm, out, (self._crash_loop_downgrade,))  # the alerts firing
+        self.crash_loop = incidents.CrashLoop(self.lifecycle.crash_loop_count)
+        self.book = AlertBook(vm, out, (self.crash_loop.downgrade,))  # the alerts firing
         self.pending_stop: Event | None = None  # an unexplained STOP awaiting its status
         # A SHUTDOWN was seen in this session and the VM has not run since: only then is the
         # end of the session a clean exit (libvirt reboots a -no-shutdown VM with SHUTDOWN,
@@ -85,13 +84,7 @@ class VmWatch:
         # the moment it was read (`as_of`); if a STOP/RESUME was handled since, the answer is
         # older than what the events said, and is not applied.
         self.run_changes = 0
-        # Crash loops: the latest incidents (time, what), and while vm_crash_loop fires, when
-        # it resolves if no other incident comes.
-        self.incidents: deque[tuple[float, str]] = deque(maxlen=self.lifecycle.crash_loop_count)
-        self.loop_quiet_at: float | None = None
-        # A transient status (migration, -S, snapshots): since when, and when it is "stuck".
-        self.transient_since: float | None = None
-        self.transient_due: float | None = None
+        self.transient = incidents.Transient()  # a transient status: since, when "stuck"
         self.resumer = Resumer(remediate if remediate is not None else RemediateConfig())
         self.disks: dict[str, DiskInfo] = {}  # device or node-name -> image (query-block)
         self.thresholds: dict[str, float] = {}  # node-name -> write threshold armed, percent
@@ -157,14 +150,14 @@ class VmWatch:
             self.agent.absent_after_s = lifecycle.agent_absent_after_s  # from its next change
             self.presence.unreachable_after_s = lifecycle.unreachable_after_s
             self.lifecycle = lifecycle
-            self.incidents = deque(self.incidents, maxlen=lifecycle.crash_loop_count)
+            self.crash_loop.resize(lifecycle.crash_loop_count)
 
     def restore(self, alerts: list[Alert], now: float) -> None:
         """Alerts still firing when the daemon last stopped: they resolve like new ones (a
         crash loop after a quiet time from now)."""
         self.book.restore(alerts)
         if any(alert.kind == "vm_crash_loop" for alert in alerts):
-            self.loop_quiet_at = now + self.lifecycle.crash_loop_quiet_s
+            self.crash_loop.quiet_at = now + self.lifecycle.crash_loop_quiet_s
 
     def on_connected(
         self,
@@ -394,9 +387,3 @@ class VmWatch:
 
     def _resolve(self, now: float, which: Callable[[Alert], bool], reason: str) -> None:
         self.book.resolve(now, which, reason)
-
-    def _crash_loop_downgrade(self, kind: str, severity: Severity) -> Severity:
-        """While vm_crash_loop fires, a crash is `info`: the crash loop alert is the page."""
-        if kind in CRASH_KINDS and self.loop_quiet_at is not None:
-            return "info"
-        return severity
