@@ -20,6 +20,10 @@ class CrashLoop:
         self.recent: deque[tuple[float, str]] = deque(maxlen=count)
         self.quiet_at: float | None = None
 
+    def due(self) -> float | None:
+        """When the crash loop's quiet end is due (None: no crash loop firing)."""
+        return self.quiet_at
+
     def resize(self, count: int) -> None:
         """Keep `count` incidents from now on (a reload), the latest ones."""
         self.recent = deque(self.recent, maxlen=count)
@@ -37,7 +41,11 @@ class Transient:
 
     def __init__(self) -> None:
         self.since: float | None = None
-        self.due: float | None = None
+        self.due_at: float | None = None
+
+    def due(self) -> float | None:
+        """When the state counts as stuck (None: not in a transient state, or already)."""
+        return self.due_at
 
 
 def incident(watch: VmWatch, now: float, what: str) -> None:
@@ -80,7 +88,7 @@ def loop_quiet(watch: VmWatch, now: float) -> None:
 
 
 def stuck(watch: VmWatch, now: float) -> None:
-    watch.transient.due = None
+    watch.transient.due_at = None
     since = watch.transient.since if watch.transient.since is not None else now
     watch.book.fire(
         now,

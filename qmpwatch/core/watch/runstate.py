@@ -38,10 +38,10 @@ def set_status(watch: VmWatch, status: str | None, now: float, why: str = "") ->
     if status in TRANSIENT_STATUSES:
         if watch.transient.since is None:
             watch.transient.since = now
-            watch.transient.due = now + watch.lifecycle.transient_state_max_s
+            watch.transient.due_at = now + watch.lifecycle.transient_state_max_s
         return
     if watch.transient.since is not None:
-        watch.transient.since = watch.transient.due = None
+        watch.transient.since = watch.transient.due_at = None
         watch.book.resolve(
             now,
             lambda a: a.kind == "vm_stuck_transient",

@@ -40,12 +40,12 @@ def timers(watch: VmWatch) -> tuple[Timer, ...]:
         ),
         Timer(
             "stuck_transient",
-            lambda: watch.transient.due,
+            watch.transient.due,
             lambda now: incidents.stuck(watch, now),
         ),
         Timer(
             "crash_loop_quiet",
-            lambda: watch.crash_loop.quiet_at,
+            watch.crash_loop.due,
             lambda now: incidents.loop_quiet(watch, now),
         ),
         Timer("resume", watch.resumer.due, lambda now: resume.remedy(watch, now)),
