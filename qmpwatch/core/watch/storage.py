@@ -1,7 +1,7 @@
 """Storage: where the VM's disks live, the write thresholds armed on them, free space.
 
-Owns `disks` (device or node-name -> image, from `query-block`) and `thresholds` (node-name ->
-percent armed); raises `vm_disk_filling` and `storage_space_low`.
+Its state is `Disks` (the watch's `disks_state`): the images from `query-block` and the write
+thresholds armed on them; raises `vm_disk_filling` and `storage_space_low`.
 """
 
 from __future__ import annotations
@@ -39,11 +39,19 @@ class DiskInfo:
         return {key: value for key, value in pairs.items() if value}
 
 
+class Disks:
+    """The VM's disks as the latest `query-block` told them, and the thresholds armed."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, DiskInfo] = {}  # device or node-name -> image
+        self.thresholds: dict[str, float] = {}  # node-name -> write threshold armed, percent
+
+
 def on_disks(watch: VmWatch, disks: dict[str, DiskInfo], now: float) -> None:
     """A session learned where the VM's disks live (`query-block`): a filling alert of a
     disk replaced, shrunk or grown resolves; with `write_threshold_percent`, QEMU's write
     threshold is armed on every writable image of known size."""
-    watch.disks = disks
+    watch.disks_state.images = disks
     by_node = {info.node_name: info for info in disks.values() if info.node_name}
     for alert in [a for a in watch.firing.values() if a.kind == "vm_disk_filling"]:
         info = by_node.get(str(alert.details.get("node-name")))
@@ -57,7 +65,7 @@ def on_disks(watch: VmWatch, disks: dict[str, DiskInfo], now: float) -> None:
             continue
         watch.book.resolve(now, alert.__eq__, reason)
     percent = watch.resumer.config.write_threshold_percent
-    watch.thresholds.clear()
+    watch.disks_state.thresholds.clear()
     if percent:
         for node, info in by_node.items():
             if not info.read_only and info.size > 0:
@@ -68,7 +76,7 @@ def storages(watch: VmWatch) -> dict[str, list[DiskInfo]]:
     """Mount point -> the writable images of this VM on it."""
     found: dict[str, list[DiskInfo]] = {}
     seen: set[str] = set()
-    for info in watch.disks.values():
+    for info in watch.disks_state.images.values():
         if info.storage and not info.read_only and info.image not in seen:
             seen.add(info.image)
             found.setdefault(info.storage, []).append(info)
@@ -111,7 +119,7 @@ def on_storage_free(watch: VmWatch, free: Mapping[str, float], now: float) -> No
 
 
 def arm_threshold(watch: VmWatch, node: str, info: DiskInfo, percent: float) -> None:
-    watch.thresholds[node] = percent
+    watch.disks_state.thresholds[node] = percent
     threshold = int(info.size * percent / 100)
     watch.out.command(
         "block-set-write-threshold", {"node-name": node, "write-threshold": threshold}
@@ -122,8 +130,8 @@ def disk_fields(watch: VmWatch, event: BlockIoError) -> dict[str, str]:
     """The failing disk's image and storage, when `query-block` told them."""
     node = event.data.get("node-name")
     for key in (event.device, node):
-        if isinstance(key, str) and key in watch.disks:
-            return watch.disks[key].fields()
+        if isinstance(key, str) and key in watch.disks_state.images:
+            return watch.disks_state.images[key].fields()
     return {}
 
 
@@ -144,8 +152,8 @@ def on_write_threshold(watch: VmWatch, event: Event, now: float) -> None:
     is filling up): one warning per disk, and the threshold armed again half-way to full."""
     data = event.data
     node = event_text(data, "node-name")
-    info = next((i for i in watch.disks.values() if i.node_name == node), None)
-    percent = watch.thresholds.pop(node, None)
+    info = next((i for i in watch.disks_state.images.values() if i.node_name == node), None)
+    percent = watch.disks_state.thresholds.pop(node, None)
     disk = info.image if info is not None else node or "a disk"
     shown = f" ({percent:g} % of its {info.size / 2**30:.3g} GiB)" if percent and info else ""
     details: dict[str, Any] = {

@@ -86,8 +86,7 @@ class VmWatch:
         self.run_changes = 0
         self.transient = incidents.Transient()  # a transient status: since, when "stuck"
         self.resumer = Resumer(remediate if remediate is not None else RemediateConfig())
-        self.disks: dict[str, DiskInfo] = {}  # device or node-name -> image (query-block)
-        self.thresholds: dict[str, float] = {}  # node-name -> write threshold armed, percent
+        self.disks_state = storage.Disks()  # the images (query-block), thresholds armed
         self.agent = AgentPort(self.lifecycle.agent_absent_after_s)  # the guest agent's port
         self.presence = Presence(self.lifecycle.unreachable_after_s)  # connected, gone, since
         self.timers = timers(self)  # every part's timer, in timers.ORDER
@@ -338,6 +337,16 @@ class VmWatch:
         return self.book.firing
 
     # -- decisions --------------------------------------------------------------------------
+
+    @property
+    def disks(self) -> dict[str, DiskInfo]:
+        """Device or node-name -> image, as the latest `query-block` told (storage.py)."""
+        return self.disks_state.images
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Node-name -> the write threshold armed there, percent (storage.py)."""
+        return self.disks_state.thresholds
 
     def on_disks(self, disks: dict[str, DiskInfo], now: float) -> None:
         """A session learned where the VM's disks live (`query-block`): see storage.py."""
