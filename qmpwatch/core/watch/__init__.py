@@ -2,7 +2,8 @@
 
 `VmWatch` (vmwatch.py) is the one facade the session and `replay` feed; the parts it calls
 each own one concern: alertbook, runstate, followups, incidents, storage, resume, oneshot,
-with the event table in handlers.py (docs/architecture.md, "The watch").
+with the event table in handlers.py and the timers, in their fixed order, in timers.py
+(docs/architecture.md, "The watch").
 """
 
 from qmpwatch.core.watch.handlers import HANDLERS, Handler, with_handlers
