@@ -24,7 +24,7 @@ def track_followups(watch: VmWatch, event: Event, now: float) -> None:
     satisfied = watch.tracker.satisfy(event.name, now, qualified)
     if satisfied:
         ended(watch, satisfied)
-    rule = watch.rules.opened_by(event, watch.no_shutdown, watch.stopped is True)
+    rule = watch.rules.opened_by(event, watch.no_shutdown, watch.run.stopped is True)
     if rule is not None:
         watch.tracker.open(rule, event, now)
 

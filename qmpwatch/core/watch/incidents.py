@@ -94,8 +94,8 @@ def stuck(watch: VmWatch, now: float) -> None:
         now,
         "vm_stuck_transient",
         "warning",
-        f"VM {watch.vm} has been in state {watch.status} for {now - since:.0f} s "
+        f"VM {watch.vm} has been in state {watch.run.status} for {now - since:.0f} s "
         f"(more than {watch.lifecycle.transient_state_max_s:g} s)",
-        cause=f"transient:{watch.status}",
-        details={"status": watch.status, "since_s": round(now - since, 3)},
+        cause=f"transient:{watch.run.status}",
+        details={"status": watch.run.status, "since_s": round(now - since, 3)},
     )

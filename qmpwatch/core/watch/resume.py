@@ -18,7 +18,7 @@ def on_command_result(watch: VmWatch, name: str, error: str, now: float) -> None
     resumer.sent = False
     if error:
         resume_failed(watch, now, "refused", error)
-    elif resumer.settle_until is None and resumer.next_at is not None and watch.stopped:
+    elif resumer.settle_until is None and resumer.next_at is not None and watch.run.stopped:
         resume_failed(watch, now, "not_running", "QEMU accepted cont, and the VM is stopped")
 
 

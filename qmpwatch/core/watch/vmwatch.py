@@ -19,7 +19,6 @@ from qmpwatch.core.alert import (
     ClientStopSeverity,
     Severity,
     classify_status,
-    describe_status,
 )
 from qmpwatch.core.config import FollowupConfig, LifecycleConfig, RemediateConfig
 from qmpwatch.core.crashcause import CrashCause
@@ -33,6 +32,7 @@ from qmpwatch.core.watch import handlers as handlers_table
 from qmpwatch.core.watch.alertbook import AlertBook
 from qmpwatch.core.watch.handlers import Handler
 from qmpwatch.core.watch.output import WatchOutput
+from qmpwatch.core.watch.runstate import RunField
 from qmpwatch.core.watch.storage import DiskInfo
 from qmpwatch.core.watch.timers import timers
 
@@ -44,6 +44,16 @@ ABSENT_KINDS = frozenset({"vm_crashed", "vm_gone_while_unmonitored"})
 
 class VmWatch:
     """The state qmpwatch keeps about one VM and the rules it applies."""
+
+    # The run state (runstate.RunState), read and written through the watch as before.
+    status = RunField[str | None]()  # the last known run status, None: unknown
+    status_since = RunField[float | None]()  # when it became `status`
+    status_why = RunField[str]()  # why, in words
+    stopped = RunField[bool | None]()  # whether the CPUs are stopped (None: unknown)
+    pending_stop = RunField[Event | None]()  # an unexplained STOP awaiting its status
+    saw_shutdown = RunField[bool]()  # a SHUTDOWN, and the VM has not run since
+    shutdown_reason = RunField[str]()  # that SHUTDOWN's reason
+    run_changes = RunField[int]()  # STOP/RESUME events handled so far
 
     def __init__(
         self,
@@ -66,24 +76,9 @@ class VmWatch:
         self.no_shutdown = no_shutdown
         self.client_stop_severity = client_stop_severity
         self.handlers = handlers_table.HANDLERS if handlers is None else handlers
-        self.status = last_status  # last known run status (query-status word), None: unknown
-        self.status_since: float | None = None  # when it became `status` (None: before start)
-        self.status_why = describe_status(last_status)  # why, in words
-        # Whether the VM's CPUs are stopped, as the latest STOP/RESUME or status says (None:
-        # unknown). A SHUTDOWN or a drained BLOCK_IO_ERROR of a stopped VM expects no STOP.
-        self.stopped: bool | None = None
+        self.run = runstate.RunState(last_status)  # status, why, since; stops, shutdowns
         self.crash_loop = incidents.CrashLoop(self.lifecycle.crash_loop_count)
         self.book = AlertBook(vm, out, (self.crash_loop.downgrade,))  # the alerts firing
-        self.pending_stop: Event | None = None  # an unexplained STOP awaiting its status
-        # A SHUTDOWN was seen in this session and the VM has not run since: only then is the
-        # end of the session a clean exit (libvirt reboots a -no-shutdown VM with SHUTDOWN,
-        # STOP, system_reset and cont, and the VM runs on).
-        self.saw_shutdown = False
-        self.shutdown_reason = ""  # that SHUTDOWN's reason (host-signal, guest-shutdown, ...)
-        # STOP/RESUME events handled so far. An answer to query-status carries the count at
-        # the moment it was read (`as_of`); if a STOP/RESUME was handled since, the answer is
-        # older than what the events said, and is not applied.
-        self.run_changes = 0
         self.transient = incidents.Transient()  # a transient status: since, when "stuck"
         self.resumer = Resumer(remediate if remediate is not None else RemediateConfig())
         self.disks_state = storage.Disks()  # the images (query-block), thresholds armed
@@ -185,9 +180,9 @@ class VmWatch:
         )
         if status is None:
             return  # nothing to decide on: a STOP of this session is still classified
-        if as_of is not None and as_of != self.run_changes:
+        if as_of is not None and as_of != self.run.run_changes:
             return  # a STOP/RESUME of this session came after the answer: the events are newer
-        previous = self.status
+        previous = self.run.status
         runstate.set_status(self, status, now)
         if status == "running":
             self.book.resolve(now, lambda a: a.kind in STOPPED_KINDS, "query-status says running")
@@ -214,24 +209,24 @@ class VmWatch:
         passes such events on before the task that asked sees its answer, and they are newer
         (a new STOP asks again).
         """
-        if as_of is not None and as_of != self.run_changes:
+        if as_of is not None and as_of != self.run.run_changes:
             return
         runstate.set_status(self, status, now)
-        if self.pending_stop is not None:
-            runstate.classify_stop(self, self.pending_stop, status, now)
+        if self.run.pending_stop is not None:
+            runstate.classify_stop(self, self.run.pending_stop, status, now)
         if status == "running":
             self.book.resolve(now, lambda a: a.kind in STOPPED_KINDS, "query-status says running")
 
     def status_unknown(self, now: float, why: str) -> None:
         """`query-status` could not be answered: classify a pending stop with no status."""
-        if self.pending_stop is not None:
-            runstate.classify_stop(self, self.pending_stop, None, now, why)
+        if self.run.pending_stop is not None:
+            runstate.classify_stop(self, self.run.pending_stop, None, now, why)
 
     def on_absent(self, now: float, reason: str, error: str) -> None:
         """qmpwatch (re)started and its first attempt found no QEMU behind the VM's monitor
         (`reason`: "missing", "refused"): if the VM was last seen alive, it went away while
         nobody watched. Logged as `vm_gone` either way; alerted unless it had shut down."""
-        last = self.status
+        last = self.run.status
         if last is None:
             return  # never seen, or already known to be gone
         shut_down = last == "shutdown"
@@ -265,7 +260,7 @@ class VmWatch:
     def ends_in_crash(self, cause: str) -> bool:
         """Whether a session ending with `cause` now would be a crash (`vm_crashed`): the
         session asks before it looks for the crash's cause."""
-        if cause in ("closed", "exited") or self.saw_shutdown:
+        if cause in ("closed", "exited") or self.run.saw_shutdown:
             return False
         return not any(e.rule.expected == QEMU_EXIT for e in self.tracker.pending)
 
@@ -280,33 +275,33 @@ class VmWatch:
         followups.ended(self, exited)
         # qmpwatch closing the session says nothing about QEMU, even after a SHUTDOWN (QEMU
         # under -no-shutdown is still there, stopped): only an ending QEMU can exit cleanly.
-        clean = cause == "exited" or (cause != "closed" and (self.saw_shutdown or bool(exited)))
+        clean = cause == "exited" or (cause != "closed" and (self.run.saw_shutdown or bool(exited)))
         logged_cause = "shutdown" if clean else cause
         level = "info" if clean or cause == "closed" else "warning"
         ending = (
-            runstate.clean_end_words(cause, self.shutdown_reason, bool(exited)) if clean else ""
+            runstate.clean_end_words(cause, self.run.shutdown_reason, bool(exited)) if clean else ""
         )
         fields = {"cause": logged_cause, "error": error}
         if clean:
             fields["reason"] = ending
         self.out.record("vm_disconnected", level, now, fields)
         followups.ended(self, self.tracker.abandon(now))
-        if self.pending_stop is not None and (cause == "closed" or clean):
+        if self.run.pending_stop is not None and (cause == "closed" or clean):
             # qmpwatch itself closed the session (stopping, reload): nothing happened to the
             # VM; the next session's resync reports the stop if the VM is still stopped. Or
             # the stop was QEMU's on the way out (a panic's poweroff, then SHUTDOWN and exit).
-            self.pending_stop = None
-        elif self.pending_stop is not None:
-            runstate.classify_stop(self, self.pending_stop, None, now, "the session ended")
+            self.run.pending_stop = None
+        elif self.run.pending_stop is not None:
+            runstate.classify_stop(self, self.run.pending_stop, None, now, "the session ended")
         if cause != "closed":
-            if clean and self.shutdown_reason != "guest-panic":  # a panic's end stays one
+            if clean and self.run.shutdown_reason != "guest-panic":  # a panic's end stays one
                 self.book.resolve(
                     now, lambda a: a.kind in STOPPED_KINDS, f"QEMU ended cleanly: {ending}"
                 )
             if clean:
                 runstate.set_status(self, "shutdown", now, f"QEMU is gone: {ending}")
             else:
-                details = self.presence.crash_details(now, self.status, error)
+                details = self.presence.crash_details(now, self.run.status, error)
                 runstate.set_status(self, None, now)
                 incidents.incident(self, now, "crash")
                 gone = error or "end of file on the monitor"
@@ -315,7 +310,7 @@ class VmWatch:
                 else:
                     summary = f"went away without a SHUTDOWN event: {crash.words}"
                     details.update(crash.fields())
-                    self.status_why = f"QEMU died: {crash.words}"
+                    self.run.status_why = f"QEMU died: {crash.words}"
                 self.book.fire(
                     now,
                     "vm_crashed",
@@ -325,9 +320,9 @@ class VmWatch:
                     details=details,
                 )
         self.presence.ended(now, ending, f"{cause}: {error}" if error else cause)
-        self.saw_shutdown = False
-        self.shutdown_reason = ""
-        self.stopped = None
+        self.run.saw_shutdown = False
+        self.run.shutdown_reason = ""
+        self.run.stopped = None
         agent_port.ended(self, now, cause)
         self.resumer.stop()  # the next session starts over, if the VM is still paused
 
