@@ -331,7 +331,7 @@ class VmWatch:
         """Fingerprint -> alert, for the alerts firing (the alert book's)."""
         return self.book.firing
 
-    # -- decisions --------------------------------------------------------------------------
+    # -- storage, presence, and the alert book as core/agent.py reaches it -------------------
 
     @property
     def disks(self) -> dict[str, DiskInfo]:
@@ -389,9 +389,11 @@ class VmWatch:
         details: Mapping[str, Any],
         qemu_time: str | None = None,
     ) -> Alert:
+        """`book.fire` (core/agent.py raises through the watch)."""
         return self.book.fire(
             now, kind, severity, summary, cause=cause, details=details, qemu_time=qemu_time
         )
 
     def _resolve(self, now: float, which: Callable[[Alert], bool], reason: str) -> None:
+        """`book.resolve` (core/agent.py resolves through the watch)."""
         self.book.resolve(now, which, reason)
