@@ -163,4 +163,6 @@ class FollowUpTracker:
         return ended
 
     def next_deadline(self) -> float | None:
-        return min((e.deadline_at for e in self._open), default=None)
+        if not self._open:  # the usual case, asked for every event: no generator built
+            return None
+        return min(e.deadline_at for e in self._open)

@@ -14,10 +14,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qmpwatch.core.alert import Alert, resolved_because
-from qmpwatch.core.config import FollowupConfig
+from qmpwatch.core.config import FollowupConfig, LifecycleConfig
 from qmpwatch.core.errors import DecodeError
 from qmpwatch.core.events import Event, decode_object
 from qmpwatch.core.watch import RAW_LIMIT, VmWatch, WatchOutput, with_handlers
+from qmpwatch.core.watch.timers import ORDER
 from qmpwatch.output.logs import qmp_event_fields
 from tests.support.spec_examples import NEWEST, examples
 
@@ -935,3 +936,26 @@ def test_resync_answer_older_than_a_session_event_keeps_the_event_state() -> Non
     watch.on_status("paused", T0 + 0.02, as_of=1)
     assert watch.status == "paused"
     assert out.alert_kinds() == ["vm_stopped_unexpected"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The timers of the watch's parts run in one fixed order
+
+
+def test_timers_due_at_one_tick_run_in_the_fixed_order() -> None:
+    """A follow-up deadline and a stuck transient state due at one tick: the missed follow-up
+    is recorded first, then the stuck state; the watch lists its timers in `ORDER`."""
+    watch, out = make_watch(lifecycle=LifecycleConfig(transient_state_max_s=10.0))
+    assert tuple(timer.name for timer in watch.timers) == ORDER
+    watch.on_status("inmigrate", T0)
+    watch.on_event(ev("WATCHDOG", T0, action="pause"), T0)  # expects a STOP within 5 s
+    assert watch.next_deadline() == pytest.approx(T0 + 5.0)
+    watch.tick(T0 + 60)
+    order = [
+        r.kind if r.kind != "alert" else r.fields["alert"]
+        for r in out.records
+        if r.kind == "followup_missed"
+        or (r.kind == "alert" and r.fields["alert"] != "watchdog_fired")
+    ]
+    assert order == ["followup_missed", "followup_missing", "vm_stuck_transient"]
+    assert watch.next_deadline() is None
