@@ -36,6 +36,7 @@ KINDS = (
     "vm_resume_given_up",
     "vm_disk_filling",
     "storage_space_low",
+    "libvirt_unresponsive",
 )
 
 # Alerts about a VM that is not running; they resolve when it runs again.
@@ -57,6 +58,7 @@ RESOLVABLE_KINDS = STOPPED_KINDS | {
     "vm_gone_while_unmonitored",
     "vm_disk_filling",
     "storage_space_low",
+    "libvirt_unresponsive",  # about a [[libvirt]] connection, not one VM (its `vm` is "")
 }
 
 # Alerts of the incidents a crash loop is made of; while a VM's vm_crash_loop fires they are

@@ -133,6 +133,8 @@ class LibvirtConfig:
 
     uri: str = "qemu:///system"
     domains: tuple[str, ...] = ("*",)  # globs of domain names (fnmatch, case-sensitive)
+    # libvirtd unresponsive this long: the warning alert `libvirt_unresponsive`
+    unresponsive_alert_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,8 +561,9 @@ def _parse_libvirt(readers: list[_Reader], problems: list[str]) -> tuple[Libvirt
             return tuple(value)
 
         domains: tuple[str, ...] = r.get("domains", globs, d.domains)
+        alert_s = r.get("unresponsive_alert_s", r.number(positive=True), d.unresponsive_alert_s)
         r.finish()
-        out.append(LibvirtConfig(uri, domains))
+        out.append(LibvirtConfig(uri, domains, alert_s))
     return tuple(out)
 
 

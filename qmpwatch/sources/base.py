@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Protocol
 
+from qmpwatch.core.alert import Alert
 from qmpwatch.core.config import Config, NoShutdown, RemediateConfig
 from qmpwatch.session.session import VmSession
 
@@ -38,6 +39,10 @@ class SessionHost(Protocol):
 
     def known(self, source: str) -> Mapping[str, str | None]:
         """VMs this source had when qmpwatch last ran, with their last status."""
+
+    def source_alert(self, alert: Alert, resolved: str | None = None) -> None:
+        """An alert about a source itself, not one VM (a libvirtd that does not answer):
+        logged and sent to the sinks; with `resolved`, its resolution for that reason."""
 
 
 class Source(Protocol):
