@@ -44,8 +44,10 @@ def frozen_libvirtd() -> Iterator[int]:
 
 def libvirt_stalled(body: dict[str, object]) -> bool:
     degraded = body.get("degraded")
-    return body["status"] == "degraded" and isinstance(degraded, dict) and (
-        "libvirt_unresponsive" in degraded
+    return (
+        body["status"] == "degraded"
+        and isinstance(degraded, dict)
+        and ("libvirt_unresponsive" in degraded)
     )
 
 
@@ -114,9 +116,7 @@ async def test_a_frozen_libvirtd_silences_no_socket_vm_and_is_resynced_after(
             await daemon.wait_for(
                 "alert_resolved", after=mark, alert="libvirt_unresponsive", timeout=30
             )
-            await daemon.wait_for(
-                "libvirt_connected", after=mark, reconnect=True, timeout=30
-            )
+            await daemon.wait_for("libvirt_connected", after=mark, reconnect=True, timeout=30)
             reported = await daemon.wait_for(
                 "alert", after=mark, vm=dom.name, alert="vm_state_changed_while_unmonitored"
             )
