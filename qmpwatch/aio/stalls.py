@@ -20,14 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 # The degraded reasons a stall can carry (README, "Metrics and health").
-STALL_REASONS = (
-    "libvirt_unresponsive",
-    "journal_blocked",
-    "state_store_slow",
-    "alert_outbox_slow",
-    "storage_unresponsive",
-    "sink_stalled",
-)
+STALL_REASONS = ("libvirt_unresponsive", "journal_blocked", "state_store_slow")
 
 
 @dataclass(slots=True)

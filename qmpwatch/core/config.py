@@ -58,6 +58,8 @@ class DaemonConfig:
     state_dir: str = "/var/lib/qmpwatch"
     metrics_listen: str = "127.0.0.1:9752"
     log_target: Literal["stdout", "journal"] = "stdout"
+    # Log bytes waiting for a log that is not read (journald stalled) before lines are dropped.
+    log_backlog_bytes: int = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +372,9 @@ def _parse_daemon(r: _Reader) -> DaemonConfig:
         state_dir=r.get("state_dir", r.string(nonempty=True), d.state_dir),
         metrics_listen=r.get("metrics_listen", r.string(), d.metrics_listen),
         log_target="journal" if log_target == "journal" else "stdout",
+        log_backlog_bytes=int(
+            r.get("log_backlog_bytes", r.number(minimum=4095), d.log_backlog_bytes)
+        ),
     )
     if cfg.log_target == "journal" and cfg.log_file:
         r.bad("log_target", 'is "journal": daemon.log_file must be empty (records go to journald)')

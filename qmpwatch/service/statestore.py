@@ -15,6 +15,7 @@ from pathlib import Path
 
 import structlog
 
+from qmpwatch.aio.commits import Committer
 from qmpwatch.aio.turns import EndOfTurn
 from qmpwatch.alerts.outbox import flush_all as flush_outboxes
 
@@ -50,6 +51,7 @@ class StateStore:
         self._unsaved: set[str] = set()  # VMs whose status is not written (queued or failed)
         self._db: sqlite3.Connection | None = None
         self._end_of_turn = EndOfTurn(self.flush)
+        self._committer = Committer()
         if state_dir is None or self.path is None:
             return
         try:
@@ -117,7 +119,9 @@ class StateStore:
         rows = [
             (vm, self._memory.get(vm), now, self._sources.get(vm)) for vm in sorted(self._unsaved)
         ]
-        try:
+        self._unsaved.clear()  # until the commit says otherwise
+
+        def work() -> None:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(_UPSERT, rows)
@@ -127,7 +131,13 @@ class StateStore:
                     with contextlib.suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as err:
+
+        self._committer.commit(work, lambda err: self._committed([r[0] for r in rows], err))
+
+    def _committed(self, vms: list[str], err: BaseException | None) -> None:
+        """The outcome of one commit (on the loop, once it is known)."""
+        if err is not None:
+            self._unsaved.update(vms)  # written with the next write that works
             if self.problem is None:
                 structlog.get_logger().error(
                     "state_store_unavailable",
@@ -135,8 +145,7 @@ class StateStore:
                     effect="run statuses are kept in memory until a write works again",
                 )
             self.problem = f"{self.path}: {err}"
-            return  # still unsaved: written with the next write that works
-        self._unsaved.clear()
+            return
         if self.problem is not None:
             self.problem = None
             structlog.get_logger().info("state_store_recovered", path=str(self.path))
@@ -146,7 +155,7 @@ class StateStore:
         try:
             self.flush()
         finally:
-            if self._db is not None:
+            if self._db is not None and self._committer.drain():
                 self._db.close()
                 self._db = None
 
