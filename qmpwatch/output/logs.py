@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import re
 import sys
 import threading
 import time
@@ -63,7 +64,8 @@ class LineWriter:
     def offload(self, lane: Lane, backlog_max: int) -> None:
         """From now on write each batch in `lane` (a thread), so that a log nobody reads
         (journald stalled, a full pipe) never blocks the loop. Beyond `backlog_max` bytes
-        waiting, new batches are dropped and counted; the next batch written starts with a
+        waiting, new `info` lines are dropped and counted, and lines of warning and above
+        (alerts, stalls) are kept up to twice that; the next batch written starts with a
         `log_records_dropped` line saying how many lines were lost."""
         self.lane = lane
         self._backlog_max = backlog_max
@@ -107,10 +109,23 @@ class LineWriter:
             return
         with self._lock:
             if self._backlog + len(data) > self._backlog_max:
-                self._dropped += data.count(b"\n")
-                return
+                data = self._overflow(data)
+                if not data:
+                    return
             self._backlog += len(data)
         lane.submit(self._write_in_lane, data)
+
+    def _overflow(self, data: bytearray) -> bytearray:
+        """The backlog is full: drop the batch's `info` lines (counted), keep the others
+        (alerts, stalls, errors) up to twice the bound, then drop those too."""
+        kept = bytearray()
+        room = 2 * self._backlog_max - self._backlog
+        for line in data.splitlines(keepends=True):
+            if _IMPORTANT.search(line, 0, 64) and len(kept) + len(line) <= room:
+                kept += line
+            else:
+                self._dropped += 1
+        return kept
 
     def _write_in_lane(self, data: bytearray) -> None:
         with self._lock:
@@ -128,6 +143,9 @@ class LineWriter:
             # Nowhere left to write (stdout closed, disk full): the records are lost, but the
             # daemon goes on watching and alerting, which matters more.
             pass
+
+
+_IMPORTANT = re.compile(rb'"level":"(?:warning|error|critical)"')
 
 
 def _dropped_line(dropped: int) -> bytes:
