@@ -144,6 +144,8 @@ def format_status(doc: dict[str, Any], now: float) -> str:
         f"{len(doc['vms'])} VM(s) on {doc['host']}, {firing} alert(s) firing; "
         + (f"needs attention: {', '.join(attention)}" if attention else "all connected and running")
     )
+    for reason, words in sorted(doc.get("degraded", {}).items()):
+        lines.append(f"DEGRADED ({reason}): {words}")
     return "\n".join(line.rstrip() for line in lines)
 
 

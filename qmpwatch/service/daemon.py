@@ -186,7 +186,8 @@ class Daemon:
     def _status(self, host: str, followers: int) -> dict[str, Any]:
         """The status document of `qmpwatch status` (`qmpwatch.service.status`)."""
         held = self._supervisor.sessions.items() if self._supervisor is not None else ()
-        return snapshot(host, held, time.time(), followers)
+        degraded = self._degradation.reasons() if self._degradation is not None else {}
+        return snapshot(host, held, time.time(), followers, degraded)
 
     def _health(self) -> Health:
         if self._supervisor is None or self._degradation is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,9 +64,14 @@ def vm_status(name: str, held: Held) -> dict[str, Any]:
 
 
 def snapshot(
-    host: str, sessions: Iterable[tuple[str, Held]], now: float, followers: int = 0
+    host: str,
+    sessions: Iterable[tuple[str, Held]],
+    now: float,
+    followers: int = 0,
+    degraded: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The status document: every VM, and whether any needs attention."""
+    """The status document: every VM, whether any needs attention, and what is degraded
+    (reason -> a sentence, as `/healthz` says it)."""
     vms = [vm_status(name, held) for name, held in sorted(sessions, key=lambda p: p[0])]
     attention = [
         vm["vm"] for vm in vms if not vm["connected"] or vm["status"] != "running" or vm["alerts"]
@@ -79,6 +84,7 @@ def snapshot(
         "vms": vms,
         "attention": attention,
         "followers": followers,  # `qmpwatch tail`s following the daemon now
+        "degraded": dict(degraded or {}),
     }
 
 

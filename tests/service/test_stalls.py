@@ -176,7 +176,7 @@ def locked(*paths: Path) -> Iterator[None]:
 async def test_a_stuck_state_store_delays_no_alert(tmp_path: Path, sock_dir: Path) -> None:
     """The outbox and state databases are locked by another process, so every commit
     waits: a pause is logged and reaches the webhook meanwhile, /healthz says
-    state_store_slow; once unlocked the stall ends (a record each time) and health is ok."""
+    state_store_slow and so does `qmpwatch status`; once unlocked the stall ends (a record each time) and health is ok."""
     port = free_tcp_port()
     async with (
         receiving() as receiver,
@@ -191,6 +191,11 @@ async def test_a_stuck_state_store_delays_no_alert(tmp_path: Path, sock_dir: Pat
                 await vm.stop()  # commits of the alert and of the status: both wait
                 await daemon.wait_for("alert", after=mark, alert="vm_stopped_unexpected")
                 body = await wait_healthz(port, stalled("state_store_slow"))
+                said = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "qmpwatch", "status", "-c", str(cfg),
+                    stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                words = (await said.communicate())[0].decode()
                 await receiver.wait_for(
                     lambda r: ("vm_stopped_unexpected", "firing") in kinds_delivered(r)
                 )
@@ -203,4 +208,5 @@ async def test_a_stuck_state_store_delays_no_alert(tmp_path: Path, sock_dir: Pat
             await wait_healthz(port, lambda b: b["status"] == "ok", timeout=30)
             assert await daemon.stop() == 0
     assert str(state) in body["degraded"]["state_store_slow"]
+    assert "DEGRADED (state_store_slow)" in words, words
     assert_healthy(daemon)
