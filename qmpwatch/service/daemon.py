@@ -180,6 +180,7 @@ class Daemon:
             self.log.info("daemon_stopped")
             self.writer.flush()
             self.writer.drain(LOG_DRAIN_S)
+            self.writer.lane = None  # what is logged at exit (a library's last words) at once
             log_lane.stop()
         return 0
 
