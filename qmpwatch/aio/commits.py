@@ -6,7 +6,8 @@ pool), so every commit runs in one lane, `JOURNALS` (a thread: FIFO, so the outb
 of a turn still lands before the state store's), and the loop waits for it at most
 `COMMIT_WAIT_S`: on a healthy disk that is the whole commit, and "a log line on disk implies
 its turn's commits" holds as before. A commit slower than that goes on in the lane while the
-loop moves on, and later commits do not wait at all while earlier ones are pending; the
+loop moves on, and later commits (of either journal) do not wait at all while earlier ones
+are pending; the
 daemon's stall watch reports a commit running for longer than a second as degraded
 (`state_store_slow`), with a record when it starts and ends. Outcomes (failed, recovered)
 are handed back on the loop, where their records are written.
@@ -45,7 +46,7 @@ class Committer:
         except RuntimeError:
             done(_run(work))
             return
-        waiting = self.pending == 0  # nothing slow ahead of it: wait a moment for it
+        waiting = self.lane.pending == 0  # nothing slow ahead of it: wait a moment for it
         self.pending += 1
         future = self.lane.submit(_run, work)
         if waiting:

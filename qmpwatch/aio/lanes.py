@@ -40,6 +40,7 @@ class Lane:
         self._started: float | None = None  # monotonic time the running call began
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.pending = 0  # calls submitted and not finished (read anywhere, exact in the lane)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Queue `fn(*args)` to run in the lane; its future (never awaited by the lane)."""
@@ -48,6 +49,7 @@ class Lane:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
+            self.pending += 1
         self._jobs.put((future, fn, args))
         return future
 
@@ -78,14 +80,17 @@ class Lane:
             if job is None:
                 return
             future, fn, args = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            self._started = time.monotonic()
             try:
-                result = fn(*args)
-            except BaseException as err:  # handed to the caller, never raised here
-                future.set_exception(err)
-            else:
-                future.set_result(result)
+                if not future.set_running_or_notify_cancel():
+                    continue
+                self._started = time.monotonic()
+                try:
+                    result = fn(*args)
+                except BaseException as err:  # handed to the caller, never raised here
+                    future.set_exception(err)
+                else:
+                    future.set_result(result)
             finally:
                 self._started = None
+                with self._lock:
+                    self.pending -= 1

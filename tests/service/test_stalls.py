@@ -174,9 +174,9 @@ def locked(*paths: Path) -> Iterator[None]:
 
 
 async def test_a_stuck_state_store_delays_no_alert(tmp_path: Path, sock_dir: Path) -> None:
-    """The outbox and state databases are locked by another process, so every commit
-    waits: a pause is logged and reaches the webhook meanwhile, /healthz says
-    state_store_slow and so does `qmpwatch status`; once unlocked the stall ends (a record each time) and health is ok."""
+    """The outbox and state databases are locked by another process, so every commit waits:
+    a pause is logged and reaches the webhook meanwhile, /healthz and `qmpwatch status` say
+    state_store_slow; once unlocked the stall ends (a record each time) and health is ok."""
     port = free_tcp_port()
     async with (
         receiving() as receiver,
