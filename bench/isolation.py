@@ -260,7 +260,7 @@ async def scenario(
     cfg.write_text(
         f'[daemon]\nstate_dir = "{run / "state"}"\nmetrics_listen = "127.0.0.1:{port}"\n'
         f"log_backlog_bytes = 1048576\n"
-        f'[connect]\nbackoff_initial_s = 0.1\nbackoff_max_s = 0.5\n'
+        f"[connect]\nbackoff_initial_s = 0.1\nbackoff_max_s = 0.5\n"
         f'[[vm]]\nname = "{VM}"\nsocket = "{vm.watch_socket}"\nno_shutdown = false\n'
         f'[[libvirt]]\nuri = "{URI}"\ndomains = ["{domain}"]\n'
         f'[[alert.webhook]]\nurl = "http://127.0.0.1:{receiver.port}/hook"\n'
