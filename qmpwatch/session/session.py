@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -32,7 +31,7 @@ from qmpwatch.session.link import (
     LinkClosed,
     StatusRefused,
 )
-from qmpwatch.session.storage import disks
+from qmpwatch.session.storage import disks, free_percent
 
 # Failures that mean no QEMU is behind the VM's socket (it went away while nobody watched),
 # as opposed to a QEMU that is there but cannot be reached.
@@ -373,13 +372,9 @@ class VmSession:
             if config.storage_free_percent > 0:
                 free: dict[str, float] = {}
                 for mount in self.watch.storages():
-                    try:
-                        async with asyncio.timeout(STATVFS_TIMEOUT_S):
-                            st = await asyncio.to_thread(os.statvfs, mount)
-                    except (OSError, TimeoutError):
-                        continue  # unreachable now: said by the disk's own errors, if any
-                    if st.f_blocks:
-                        free[mount] = 100.0 * st.f_bavail / st.f_blocks
+                    share = await free_percent(mount, STATVFS_TIMEOUT_S)
+                    if share is not None:  # None: unreachable now, said by the disk's errors
+                        free[mount] = share
                 self.watch.on_storage_free(free, time.time())
             await asyncio.sleep(config.storage_check_interval_s)
 

@@ -10,9 +10,30 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from qmpwatch.aio.lanes import Lane, LaneTimeout
 from qmpwatch.core.watch import DiskInfo
 
 MOUNTINFO = "/proc/self/mountinfo"
+
+_lanes: dict[str, Lane] = {}  # mount point -> the lane its statvfs calls run in
+
+
+async def free_percent(mount: str, timeout: float) -> float | None:
+    """The share of `mount` free for unprivileged users; None when unknown.
+
+    `statvfs` runs in the mount's own lane (a thread): a hung NFS server holds up the calls
+    for that mount only, and while one still hangs no other is started (None at once).
+    """
+    lane = _lanes.get(mount)
+    if lane is None:
+        lane = _lanes[mount] = Lane(f"statvfs {mount}")
+    if lane.pending:
+        return None
+    try:
+        st = await lane.call(os.statvfs, mount, timeout=timeout)
+    except (OSError, LaneTimeout):
+        return None
+    return 100.0 * st.f_bavail / st.f_blocks if st.f_blocks else None
 
 
 def mounts(text: str) -> list[tuple[str, str, str]]:
