@@ -72,6 +72,7 @@ class Result:
     record_ms: list[float] = field(default_factory=list)
     webhook_ms: list[float] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)  # reasons /healthz gave in the window
+    degraded_after_s: float | None = None  # window start -> /healthz first said degraded
 
     def line(self) -> str:
         def figs(values: list[float]) -> str:
@@ -85,6 +86,7 @@ class Result:
             f"{self.scenario:<20} {len(self.record_ms):>3} trials  record: "
             f"{figs(self.record_ms)}   webhook: {figs(self.webhook_ms)}   degraded: "
             f"{','.join(self.degraded) or '-'}"
+            + (f" after {self.degraded_after_s:.2f} s" if self.degraded_after_s is not None else "")
         )
 
     @property
@@ -277,6 +279,7 @@ async def scenario(
             await asyncio.sleep(0.1)
         async with stuck(stdout, run / "state")():
             start = time.monotonic()
+            watcher = asyncio.create_task(_first_degraded(port, start, result))
             for n in range(trials):
                 await asyncio.sleep(max(0.0, start + n * window / trials - time.monotonic()))
                 mark = vm.mark()
@@ -291,12 +294,22 @@ async def scenario(
                 await receiver.wait("resolved")
             await asyncio.sleep(max(0.0, start + window - time.monotonic()))
             result.degraded = sorted((await healthz(port)).get("degraded", {}))
+            watcher.cancel()
     finally:
         follower.stop()
         daemon.terminate()
         await daemon.wait()
         await receiver.stop()
     return result
+
+
+async def _first_degraded(port: int, start: float, result: Result) -> None:
+    """Poll /healthz every 50 ms: when did it first say degraded (after the window began)?"""
+    while True:
+        if (await healthz(port)).get("status") == "degraded":
+            result.degraded_after_s = time.monotonic() - start
+            return
+        await asyncio.sleep(0.05)
 
 
 def _free_port() -> int:
