@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 from qmpwatch.sources.libvirtthread import EVENTS_BEHIND_MAX, Crossing
+from tests.support.alert_fixtures import wait_until
 
 
 async def test_qmp_events_beyond_the_bound_are_dropped_and_counted_lifecycle_never() -> None:
@@ -26,14 +27,10 @@ async def test_qmp_events_beyond_the_bound_are_dropped_and_counted_lifecycle_nev
     thread = threading.Thread(target=libvirt_thread)
     thread.start()
     thread.join()  # the loop has not run meanwhile: everything waits for it
-    async with asyncio.timeout(10):
-        while not always:
-            await asyncio.sleep(0.01)
+    await wait_until(lambda: always, what="the lifecycle call")
     assert seen == list(range(EVENTS_BEHIND_MAX))
     assert dropped == [25]
     assert always == ["stopped"]
     crossing.event(seen.append, -1)  # caught up: the next one crosses again
-    async with asyncio.timeout(10):
-        while seen[-1] != -1:
-            await asyncio.sleep(0.01)
+    await wait_until(lambda: seen[-1] == -1, what="the next event")
     assert dropped == [25]
