@@ -292,8 +292,14 @@ class LibvirtConnection:
             self._tg.create_task(self._resync_quietly())
 
     async def _resync_quietly(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError, TimeoutError):
-            await self._resync()
+        """A resync that may fail (the connection went meanwhile: its own end resyncs)."""
+        try:
+            if self._conn is not None:
+                await self._resync()
+        except (libvirt.libvirtError, TimeoutError):
+            pass
+        except Exception as err:  # a bug must not end the connection's task group
+            self.log.error("internal_error", error=repr(err), where="libvirt resync")
 
     def _events_dropped(self, dropped: int) -> None:
         """QMP events were dropped at the crossing: read every domain's status again."""
@@ -309,7 +315,11 @@ class LibvirtConnection:
         their link was down. The wanted domains found, running or not."""
         found: set[str] = set()
         running: set[str] = set()
-        for dom, name, active in await self.call(self._list, self._conn, 0):
+        conn = self._conn
+        listed = await self.call(self._list, conn, 0)
+        if conn is not self._conn:
+            raise libvirt.libvirtError("the connection ended while its domains were listed")
+        for dom, name, active in listed:
             found.add(name)
             if active:
                 running.add(name)
@@ -348,8 +358,9 @@ class LibvirtConnection:
         with contextlib.suppress(libvirt.libvirtError, TimeoutError):
             active = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
             for dom, _, _ in await self.call(self._list, conn, active):
-                if conn is self._conn:
-                    self._domain_up(dom, settle=False)
+                if conn is not self._conn:
+                    return  # the connection went meanwhile: the next one lists them
+                self._domain_up(dom, settle=False)
 
     def _domain(self, name: str) -> _Domain | None:
         """The watched domain `name`, its session opened when new; None: not ours to watch."""
