@@ -20,7 +20,12 @@ from dataclasses import dataclass
 import structlog
 
 # The degraded reasons a stall can carry (README, "Metrics and health").
-STALL_REASONS = ("libvirt_unresponsive", "journal_blocked", "state_store_slow")
+STALL_REASONS = (
+    "libvirt_unresponsive",
+    "journal_blocked",
+    "state_store_slow",
+    "storage_unresponsive",
+)
 
 
 @dataclass(slots=True)

@@ -31,7 +31,7 @@ from qmpwatch.session.link import (
     LinkClosed,
     StatusRefused,
 )
-from qmpwatch.session.storage import disks, free_percent
+from qmpwatch.session.storage import disks_of, free_percent
 
 # Failures that mean no QEMU is behind the VM's socket (it went away while nobody watched),
 # as opposed to a QEMU that is there but cannot be reached.
@@ -266,7 +266,7 @@ class VmSession:
             block = await link.execute("query-block", {})
         except (CommandFailed, LinkClosed, TimeoutError):
             return  # a restricted monitor, a link that ends: alerts go without it
-        self.watch.on_disks(disks(block), time.time())
+        self.watch.on_disks(await disks_of(block), time.time())
 
     def _set_state(self, state: RunState) -> None:
         was_connected = self.connected

@@ -11,18 +11,25 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from qmpwatch.aio.lanes import Lane, LaneTimeout
+from qmpwatch.aio.stalls import STALLS
 from qmpwatch.core.watch import DiskInfo
 
 MOUNTINFO = "/proc/self/mountinfo"
 
+STALL_REASON = "storage_unresponsive"
+PATHS_TIMEOUT_S = 2.0  # resolving the images' paths (a hung mount on the way hangs it)
+
 _lanes: dict[str, Lane] = {}  # mount point -> the lane its statvfs calls run in
+_paths = Lane("storage paths")
 
 
 async def free_percent(mount: str, timeout: float) -> float | None:
     """The share of `mount` free for unprivileged users; None when unknown.
 
-    `statvfs` runs in the mount's own lane (a thread): a hung NFS server holds up the calls
-    for that mount only, and while one still hangs no other is started (None at once).
+    `statvfs` runs in the mount's own lane (a thread): a hung file system (a dead NFS server)
+    holds up the calls for that mount only, and while one still hangs no other is started
+    (None at once). A call that misses `timeout` starts the stall `storage_unresponsive`
+    (degraded, `dependency_stalled`); the next call that returns, even with an error, ends it.
     """
     lane = _lanes.get(mount)
     if lane is None:
@@ -31,9 +38,25 @@ async def free_percent(mount: str, timeout: float) -> float | None:
         return None
     try:
         st = await lane.call(os.statvfs, mount, timeout=timeout)
-    except (OSError, LaneTimeout):
+    except LaneTimeout:
+        STALLS.begin(STALL_REASON, mount, f"statvfs has not answered for {timeout:g} s")
         return None
+    except OSError:
+        STALLS.end(STALL_REASON, mount)
+        return None
+    STALLS.end(STALL_REASON, mount)
     return 100.0 * st.f_bavail / st.f_blocks if st.f_blocks else None
+
+
+async def disks_of(block: Any) -> dict[str, DiskInfo]:
+    """`disks(block)` off the loop (it resolves paths, which a hung mount on the way
+    hangs), within PATHS_TIMEOUT_S; nothing known when it does not answer by then."""
+    if _paths.pending:
+        return {}  # an earlier resolution still hangs
+    try:
+        return await _paths.call(disks, block, timeout=PATHS_TIMEOUT_S)
+    except LaneTimeout:
+        return {}
 
 
 def mounts(text: str) -> list[tuple[str, str, str]]:

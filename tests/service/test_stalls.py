@@ -3,13 +3,16 @@
 
 The real daemon and a real QEMU behind a [[vm]] socket. The log is the daemon's stdout, a pipe
 the test stops reading (as journald stalls); the state store is stuck by another process
-holding its databases' write lock (SQLite waits for it, as for a disk that stalls writes).
+holding its databases' write lock (SQLite waits for it, as for a disk that stalls writes);
+the file system of the VM's image is overmounted by a FUSE file system whose server never
+answers (as a dead NFS server does), so `statvfs` there hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import os
 import signal
@@ -23,8 +26,9 @@ from typing import Any
 import orjson
 import pytest
 
-from qmpwatch.lab import LabSpec, LabVM
+from qmpwatch.lab import BlkdebugSpec, LabSpec, LabVM
 from tests.service.test_daemon_qemu import assert_healthy
+from tests.service.test_remediate_qemu import small_tmpfs
 from tests.support.alert_fixtures import Receiver, receiving
 from tests.support.daemon_harness import FAST_CONNECT, DaemonProcess, write_config
 from tests.support.ports import free_tcp_port
@@ -209,4 +213,69 @@ async def test_a_stuck_state_store_delays_no_alert(tmp_path: Path, sock_dir: Pat
             assert await daemon.stop() == 0
     assert str(state) in body["degraded"]["state_store_slow"]
     assert "DEGRADED (state_store_slow)" in words, words
+    assert_healthy(daemon)
+
+
+@contextlib.contextmanager
+def hung_fuse(where: Path) -> Iterator[None]:
+    """A FUSE file system over `where` whose server never answers: every lookup and statfs
+    there waits, as on a dead NFS server. Closing the device aborts the waiting calls."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    libc = ctypes.CDLL(None, use_errno=True)
+    options = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
+    if libc.mount(b"qwhang", str(where).encode(), b"fuse", 0, options) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"mounting a FUSE file system at {where}: {os.strerror(err)}")
+    try:
+        yield
+    finally:
+        os.close(fd)  # the connection aborts: statfs there fails with ENOTCONN
+        libc.umount2(str(where).encode(), 2)  # MNT_DETACH
+
+
+async def test_a_hung_file_system_under_an_image_delays_no_alert(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """The mount holding the VM's image stops answering: statvfs of the storage check
+    hangs, /healthz says storage_unresponsive with the mount, a pause still alerts; once the
+    file system answers (with an error), the stall ends."""
+    port = free_tcp_port()
+    async with (
+        receiving() as receiver,
+        small_tmpfs(tmp_path / "store", "4m") as store,
+        LabVM.start(LabSpec("fs01", blkdebug=BlkdebugSpec()), sock_dir,
+                    disk_image=store / "disk.img") as vm,
+    ):  # fmt: skip
+        cfg = write_config(
+            tmp_path / "c.toml",
+            state_dir=tmp_path / "state",
+            vms=[{"name": "fs01", "socket": str(vm.watch_socket), "no_shutdown": False}],
+            sections={
+                "connect": FAST_CONNECT,
+                "daemon": {"metrics_listen": f"127.0.0.1:{port}"},
+                "remediate": {"storage_free_percent": 10.0, "storage_check_interval_s": 0.2},
+            },
+            arrays={"alert.webhook": [{"url": receiver.url, "timeout_s": 2.0}]},
+        )
+        async with DaemonProcess.start(cfg) as daemon:
+            await daemon.wait_for("vm_connected", vm="fs01")
+            mark = daemon.mark()
+            with hung_fuse(store):
+                body = await wait_healthz(port, stalled("storage_unresponsive"), timeout=20)
+                await vm.stop()
+                await daemon.wait_for("alert", after=mark, alert="vm_stopped_unexpected")
+                await receiver.wait_for(
+                    lambda r: ("vm_stopped_unexpected", "firing") in kinds_delivered(r)
+                )
+                await vm.execute("cont")
+                await daemon.wait_for("alert_resolved", after=mark)
+            await daemon.wait_for(
+                "dependency_recovered", after=mark, reason="storage_unresponsive", timeout=20
+            )
+            await wait_healthz(port, lambda b: b["status"] == "ok", timeout=20)
+            assert await daemon.stop() == 0
+    assert str(store) in body["degraded"]["storage_unresponsive"]
+    stalls = daemon.find("dependency_stalled", after=mark, reason="storage_unresponsive")
+    assert [s["dependency"] for s in stalls] == [str(store)]
     assert_healthy(daemon)
