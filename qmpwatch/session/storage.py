@@ -27,15 +27,15 @@ async def free_percent(mount: str, timeout: float) -> float | None:
     """The share of `mount` free for unprivileged users; None when unknown.
 
     `statvfs` runs in the mount's own lane (a thread): a hung file system (a dead NFS server)
-    holds up the calls for that mount only, and while one still hangs no other is started
-    (None at once). A call that misses `timeout` starts the stall `storage_unresponsive`
+    holds up the calls for that mount only, and while one hangs past `timeout` no other is
+    started (None at once). A call that misses `timeout` starts the stall `storage_unresponsive`
     (degraded, `dependency_stalled`); the next call that returns, even with an error, ends it.
     """
     lane = _lanes.get(mount)
     if lane is None:
         lane = _lanes[mount] = Lane(f"statvfs {mount}")
-    if lane.pending:
-        return None
+    if lane.busy_for() >= timeout:
+        return None  # one hangs already: starting more would only pile them up
     try:
         st = await lane.call(os.statvfs, mount, timeout=timeout)
     except LaneTimeout:
@@ -51,8 +51,8 @@ async def free_percent(mount: str, timeout: float) -> float | None:
 async def disks_of(block: Any) -> dict[str, DiskInfo]:
     """`disks(block)` off the loop (it resolves paths, which a hung mount on the way
     hangs), within PATHS_TIMEOUT_S; nothing known when it does not answer by then."""
-    if _paths.pending:
-        return {}  # an earlier resolution still hangs
+    if _paths.busy_for() >= PATHS_TIMEOUT_S:
+        return {}  # an earlier resolution hangs: starting more would only pile them up
     try:
         return await _paths.call(disks, block, timeout=PATHS_TIMEOUT_S)
     except LaneTimeout:
