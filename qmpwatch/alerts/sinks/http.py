@@ -4,17 +4,23 @@
 to `stop()`, and `_post` through it. The caller's `asyncio.timeout` bounds the whole exchange
 (connect, send, status, body). Connections are not reused (`force_close`): alerts are rare,
 and a kept-alive connection that the receiver closed meanwhile would cost a failed attempt
-and a backoff.
+and a backoff. Names are looked up in the session's own lane (`LaneResolver`), not asyncio's
+default executor: a DNS server that does not answer holds up this sink's lookups only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import aiohttp
+from aiohttp.resolver import ThreadedResolver
 
 from qmpwatch import __version__
+from qmpwatch.aio.lanes import Lane
 from qmpwatch.alerts.sinks import DeliveryError, redact_url, scrub, truncate
 from qmpwatch.core.config import Secret
 
@@ -43,9 +49,35 @@ class HttpSink:
         await post(self._session, url, body, headers, secrets)
 
 
+class _LaneLookups:
+    """What `ThreadedResolver` asks of its event loop (getaddrinfo, getnameinfo), answered
+    from a lane of its own; the caller's timeout bounds the wait, not the lookup."""
+
+    def __init__(self, lane: Lane) -> None:
+        self._lane = lane
+
+    async def getaddrinfo(self, host: str, port: int, **kwargs: Any) -> Any:
+        return await asyncio.wrap_future(self._lane.submit(_getaddrinfo, host, port, kwargs))
+
+    async def getnameinfo(self, sockaddr: Any, flags: int = 0) -> Any:
+        return await asyncio.wrap_future(self._lane.submit(socket.getnameinfo, sockaddr, flags))
+
+
+def _getaddrinfo(host: str, port: int, kwargs: dict[str, Any]) -> Any:
+    return socket.getaddrinfo(host, port, **kwargs)
+
+
+class LaneResolver(ThreadedResolver):
+    """aiohttp's own resolver (its handling of the answers), its lookups in a lane."""
+
+    def __init__(self, name: str = "dns") -> None:
+        super().__init__()
+        self._loop = _LaneLookups(Lane(name))  # type: ignore[assignment]
+
+
 def new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(force_close=True),
+        connector=aiohttp.TCPConnector(force_close=True, resolver=LaneResolver()),
         timeout=aiohttp.ClientTimeout(total=None),  # the caller's asyncio.timeout rules
         headers={"User-Agent": USER_AGENT},
         raise_for_status=False,
