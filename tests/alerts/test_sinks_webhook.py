@@ -409,7 +409,7 @@ async def test_host_defaults_to_config_then_hostname(tmp_path: Path) -> None:
     await by_name.aclose(0)
 
 
-async def test_a_webhook_named_by_host_name_is_looked_up_off_the_loop(
+async def test_a_webhook_host_name_is_looked_up_in_the_sinks_own_lane(
     tmp_path: Path, receiver: Receiver
 ) -> None:
     """A webhook URL with a host name (localhost) is resolved in the sink's own lane, not
