@@ -279,3 +279,54 @@ async def test_a_hung_file_system_under_an_image_delays_no_alert(
     stalls = daemon.find("dependency_stalled", after=mark, reason="storage_unresponsive")
     assert [s["dependency"] for s in stalls] == [str(store)]
     assert_healthy(daemon)
+
+
+async def test_an_exec_sink_on_a_hung_file_system_delays_no_other_alert(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """The exec sink's program lies on a file system that never answers, so starting it
+    hangs: the pause is still logged and reaches the webhook, the exec attempt fails on its
+    timeout (a record), and the daemon stops cleanly."""
+    port = free_tcp_port()
+    hang = tmp_path / "hang"
+    hang.mkdir()
+    async with (
+        receiving() as receiver,
+        LabVM.start(LabSpec(name="ex01"), sock_dir) as vm,
+    ):
+        cfg = write_config(
+            tmp_path / "c.toml",
+            state_dir=tmp_path / "state",
+            vms=[{"name": "ex01", "socket": str(vm.watch_socket), "no_shutdown": False}],
+            sections={
+                "connect": FAST_CONNECT,
+                "daemon": {"metrics_listen": f"127.0.0.1:{port}"},
+                "alert": {"retry_initial_s": 0.2, "retry_max_s": 0.5},
+            },
+            arrays={
+                "alert.webhook": [{"url": receiver.url, "timeout_s": 2.0}],
+                "alert.exec": [{"command": [str(hang / "pager")], "timeout_s": 1.0}],
+            },
+        )
+        async with DaemonProcess.start(cfg) as daemon:
+            await daemon.wait_for("vm_connected", vm="ex01")
+            with hung_fuse(hang):
+                mark = daemon.mark()
+                await vm.stop()
+                await daemon.wait_for("alert", after=mark, alert="vm_stopped_unexpected")
+                await receiver.wait_for(
+                    lambda r: ("vm_stopped_unexpected", "firing") in kinds_delivered(r)
+                )
+                failed = await daemon.wait_for(
+                    "alert_delivery_failed", after=mark, sink="exec[0]", timeout=10
+                )
+                await vm.execute("cont")
+                await daemon.wait_for("alert_resolved", after=mark)
+                await receiver.wait_for(
+                    lambda r: ("vm_stopped_unexpected", "resolved") in kinds_delivered(r)
+                )
+                body = await wait_healthz(port, bool)
+            assert await daemon.stop() == 0
+    assert body["http_status"] == 200
+    assert "pager" in failed["target"]
+    assert_healthy(daemon)
