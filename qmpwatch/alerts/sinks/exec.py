@@ -59,7 +59,7 @@ class ExecSink:
         return None
 
     async def stop(self) -> None:
-        return None
+        self._lane.stop()  # its thread ends once a command in progress has
 
     def environment(self, entry: Entry) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in self._hidden}

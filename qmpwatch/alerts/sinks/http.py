@@ -33,14 +33,19 @@ class HttpSink:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: LaneResolver | None = None
 
     async def start(self) -> None:
-        self._session = new_session()
+        self._resolver = LaneResolver()
+        self._session = new_session(self._resolver)
 
     async def stop(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
 
     async def _post(
         self, url: str, body: bytes, headers: Mapping[str, str], secrets: Iterable[Secret]
@@ -72,12 +77,17 @@ class LaneResolver(ThreadedResolver):
 
     def __init__(self, name: str = "dns") -> None:
         super().__init__()
-        self._loop = _LaneLookups(Lane(name))  # type: ignore[assignment]
+        self._lane = Lane(name)
+        self._loop = _LaneLookups(self._lane)  # type: ignore[assignment]
+
+    async def close(self) -> None:
+        """Let the lane's thread end (after a lookup in progress, if one hangs)."""
+        self._lane.stop()
 
 
-def new_session() -> aiohttp.ClientSession:
+def new_session(resolver: LaneResolver | None = None) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(force_close=True, resolver=LaneResolver()),
+        connector=aiohttp.TCPConnector(force_close=True, resolver=resolver or LaneResolver()),
         timeout=aiohttp.ClientTimeout(total=None),  # the caller's asyncio.timeout rules
         headers={"User-Agent": USER_AGENT},
         raise_for_status=False,
