@@ -2,17 +2,19 @@
 
 The real daemon (`python -m qmpwatch run`, a subprocess) watches a real QEMU through its
 `-qmp` socket ([[vm]]) and a domain of a real libvirtd ([[libvirt]], the libvirt lab), with
-one `[[alert.webhook]]` (an aiohttp receiver in this process) and its HTTP endpoint. Four
+one `[[alert.webhook]]` (an aiohttp receiver in this process) and its HTTP endpoint. Five
 scenarios, one daemon each, the same configuration:
 
 - `nothing stuck`;
 - `libvirtd frozen`: SIGSTOP for the whole window (60 s), SIGCONT after;
 - `journal not read`: the daemon's stdout is a pipe of one page (4 KiB) that this program
   stops reading for the window (what a stalled journald does to a service's stdout);
-- `state store stalled`: another process holds the write lock of the outbox and state
+- `state store locked`: another process holds the write lock of the outbox and state
   databases for the window, so every SQLite commit waits (5 s, SQLite's busy timeout, then
-  fails). No FUSE or device-mapper here to stall the file system itself: this stalls the
-  same commits, the same way, from outside the daemon.
+  fails);
+- `state disk stalls`: `state_dir` is a FUSE file system (`bench.stallfs`, served by this
+  program) that holds every write, sync, create and truncate for the window, as a disk
+  that stops completing writes does.
 
 In each window the socket VM is paused with `stop` once every window/trials seconds (spread
 over the whole window: before and after libvirt's keepalive gives up at 15 s) and resumed
@@ -53,6 +55,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from bench.stallfs import StallFs
 from qmpwatch.lab import LabSpec, LabVM
 from qmpwatch.lab.libvirt import LAB_PREFIX, LIBVIRTD_PID, URI, DomainSpec, LabDomain, LibvirtLab
 
@@ -223,6 +226,15 @@ def unread(stdout: Stdout) -> Callable[[], AbstractAsyncContextManager[None]]:
     return window
 
 
+def stalling(fs: StallFs) -> Callable[[], AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def window() -> AsyncIterator[None]:
+        with fs.stalled():
+            yield
+
+    return window
+
+
 def locked(state: Path) -> Callable[[], AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def window() -> AsyncIterator[None]:
@@ -251,16 +263,18 @@ async def scenario(
     stuck: Callable[[Stdout, Path], Callable[[], AbstractAsyncContextManager[None]]],
     trials: int,
     window: float,
+    state_dir: Path | None = None,
 ) -> Result:
     result = Result(name)
     run = workdir / name.replace(" ", "-")
     run.mkdir()
+    state = state_dir or run / "state"
     receiver = Receiver()
     await receiver.start()
     port = _free_port()
     cfg = run / "c.toml"
     cfg.write_text(
-        f'[daemon]\nstate_dir = "{run / "state"}"\nmetrics_listen = "127.0.0.1:{port}"\n'
+        f'[daemon]\nstate_dir = "{state}"\nmetrics_listen = "127.0.0.1:{port}"\n'
         f"log_backlog_bytes = 1048576\n"
         f"[connect]\nbackoff_initial_s = 0.1\nbackoff_max_s = 0.5\n"
         f'[[vm]]\nname = "{VM}"\nsocket = "{vm.watch_socket}"\nno_shutdown = false\n'
@@ -277,7 +291,7 @@ async def scenario(
         await follower.start()
         while (await healthz(port)).get("connected") != 2:  # noqa: ASYNC110 - polls HTTP
             await asyncio.sleep(0.1)
-        async with stuck(stdout, run / "state")():
+        async with stuck(stdout, state)():
             start = time.monotonic()
             watcher = asyncio.create_task(_first_degraded(port, start, result))
             for n in range(trials):
@@ -330,10 +344,26 @@ async def measure(trials: int, window: float, workdir: Path) -> list[Result]:
                 ("nothing stuck", lambda out, state: nothing),
                 ("libvirtd frozen", lambda out, state: frozen_libvirtd),
                 ("journal not read", lambda out, state: unread(out)),
-                ("state store stalled", lambda out, state: locked(state)),
+                ("state store locked", lambda out, state: locked(state)),
             ]
             for label, stuck in plans:
                 result = await scenario(label, workdir, vm, name, stuck, trials, window)
+                print(result.line(), flush=True)
+                results.append(result)
+            backing, mountpoint = workdir / "stallfs-backing", workdir / "stallfs"
+            backing.mkdir()
+            mountpoint.mkdir()
+            with StallFs(backing, mountpoint) as fs:
+                result = await scenario(
+                    "state disk stalls",
+                    workdir,
+                    vm,
+                    name,
+                    lambda out, state: stalling(fs),
+                    trials,
+                    window,
+                    state_dir=mountpoint,
+                )
                 print(result.line(), flush=True)
                 results.append(result)
     return results
