@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 import pytest
 
+from bench.stallfs import StallFs
 from qmpwatch.lab import BlkdebugSpec, LabSpec, LabVM
 from tests.service.test_daemon_qemu import assert_healthy
 from tests.service.test_remediate_qemu import small_tmpfs
@@ -329,4 +330,43 @@ async def test_an_exec_sink_on_a_hung_file_system_delays_no_other_alert(
             assert await daemon.stop() == 0
     assert body["http_status"] == 200
     assert "pager" in failed["target"]
+    assert_healthy(daemon)
+
+
+async def test_a_state_disk_that_stalls_writes_delays_no_alert(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """state_dir on a file system that stops completing writes (a FUSE pass-through that
+    holds them): a pause is logged and reaches the webhook meanwhile, /healthz says
+    state_store_slow; when writes complete again the stall ends and health is ok."""
+    port = free_tcp_port()
+    backing, state = tmp_path / "backing", tmp_path / "state"
+    backing.mkdir()
+    state.mkdir()
+    async with (
+        receiving() as receiver,
+        LabVM.start(LabSpec(name="disk01"), sock_dir) as vm,
+    ):
+        cfg = config(tmp_path, vm, port, receiver)
+        with StallFs(backing, state) as fs:
+            async with DaemonProcess.start(cfg) as daemon:
+                await daemon.wait_for("vm_connected", vm="disk01")
+                mark = daemon.mark()
+                with fs.stalled():
+                    await vm.stop()
+                    await daemon.wait_for("alert", after=mark, alert="vm_stopped_unexpected")
+                    await receiver.wait_for(
+                        lambda r: ("vm_stopped_unexpected", "firing") in kinds_delivered(r)
+                    )
+                    body = await wait_healthz(port, stalled("state_store_slow"))
+                    await vm.execute("cont")
+                    await daemon.wait_for("alert_resolved", after=mark)
+                    held = fs.stalls
+                await daemon.wait_for(
+                    "dependency_recovered", after=mark, reason="state_store_slow", timeout=20
+                )
+                await wait_healthz(port, lambda b: b["status"] == "ok", timeout=20)
+                assert await daemon.stop() == 0
+    assert held > 0
+    assert str(state) in body["degraded"]["state_store_slow"]
     assert_healthy(daemon)
