@@ -3,7 +3,8 @@
 
 The real daemon and a real QEMU behind a [[vm]] socket. The log is the daemon's stdout, a pipe
 the test stops reading (as journald stalls); the state store is stuck by another process
-holding its databases' write lock (SQLite waits for it, as for a disk that stalls writes);
+holding its databases' write lock (SQLite waits for it), or by putting `state_dir` on a FUSE
+pass-through that holds every write (`bench.stallfs`, as a disk that stops completing writes);
 the file system of the VM's image is overmounted by a FUSE file system whose server never
 answers (as a dead NFS server does), so `statvfs` there hangs.
 """
