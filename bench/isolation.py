@@ -289,8 +289,9 @@ async def scenario(
     follower = Follower(port)
     try:
         await follower.start()
-        while (await healthz(port)).get("connected") != 2:  # noqa: ASYNC110 - polls HTTP
-            await asyncio.sleep(0.1)
+        async with asyncio.timeout(60):  # the socket VM and the libvirt domain
+            while (await healthz(port)).get("connected") != 2:  # noqa: ASYNC110 - polls HTTP
+                await asyncio.sleep(0.1)
         async with stuck(stdout, state)():
             start = time.monotonic()
             watcher = asyncio.create_task(_first_degraded(port, start, result))
