@@ -27,7 +27,7 @@ realtime clock), to:
 
 Target: p99 under 100 ms in every scenario. Root only (it runs libvirtd).
 
-    python -m bench.isolation [--trials 55] [--window 60]
+    python -m bench.isolation [--trials 55] [--window 60] [--only "journal not read,..."]
 """
 
 from __future__ import annotations
@@ -334,7 +334,9 @@ def _free_port() -> int:
         return port
 
 
-async def measure(trials: int, window: float, workdir: Path) -> list[Result]:
+async def measure(
+    trials: int, window: float, workdir: Path, only: frozenset[str] = frozenset()
+) -> list[Result]:
     results: list[Result] = []
     (workdir / "lab").mkdir()
     with LibvirtLab.running(workdir / "lab") as lab:
@@ -348,9 +350,13 @@ async def measure(trials: int, window: float, workdir: Path) -> list[Result]:
                 ("state store locked", lambda out, state: locked(state)),
             ]
             for label, stuck in plans:
+                if only and label not in only:
+                    continue
                 result = await scenario(label, workdir, vm, name, stuck, trials, window)
                 print(result.line(), flush=True)
                 results.append(result)
+            if only and "state disk stalls" not in only:
+                return results
             backing, mountpoint = workdir / "stallfs-backing", workdir / "stallfs"
             backing.mkdir()
             mountpoint.mkdir()
@@ -374,7 +380,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=55)
     parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--only", default="", help="scenarios to run, comma-separated")
     args = parser.parse_args()
+    only = frozenset(filter(None, (n.strip() for n in args.only.split(","))))
     workdir = Path(tempfile.mkdtemp(prefix="qw-iso-", dir="/tmp"))
     print(
         f"isolation: STOP -> alert record (tail API) and -> webhook, {args.trials} trials "
@@ -383,7 +391,7 @@ def main() -> int:
         flush=True,
     )
     try:
-        results = asyncio.run(measure(args.trials, args.window, workdir))
+        results = asyncio.run(measure(args.trials, args.window, workdir, only))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     missed = [r.scenario for r in results if not r.met]
