@@ -78,6 +78,7 @@ bench: system-deps-bench $(BIN)/.installed-test
 	$(BIN)/python -m bench.alert_latency
 	$(BIN)/python -m bench.logbatch
 	$(BIN)/python -m bench.libvirt
+	$(BIN)/python -m bench.isolation
 
 # 20 real VMs, every scenario, 10 minutes: event counts, crashes, RSS and fds (not in CI)
 soak: system-deps-run $(BIN)/.installed-run

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
+from qmpwatch.aio.commits import Committer
 from qmpwatch.aio.turns import EndOfTurn
 from qmpwatch.core.alert import Alert
 from qmpwatch.core.errors import QmpwatchError
@@ -145,6 +146,7 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         self._queued: list[tuple[str, _Write]] = []  # (op, write) not committed yet, in order
         self._end_of_turn = EndOfTurn(self.flush)
+        self._committer = Committer()
         self._lock_fd = -1
         if state_dir is None:
             self._state = _State(owed={sink: {} for sink in self.sinks})
@@ -168,7 +170,8 @@ class Outbox:
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+        # Commits run in a lane of their own (`qmpwatch.aio.commits`), one at a time.
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -225,7 +228,7 @@ class Outbox:
 
     def _release(self) -> None:
         try:
-            if self._db is not None:
+            if self._db is not None and self._committer.drain():
                 self._db.close()
                 self._db = None
         finally:
@@ -505,11 +508,17 @@ class Outbox:
         db = self._db
         if db is None:
             return
-        try:
+
+        def work() -> None:
             with _transaction(db):
                 for _, write in writes:
                     write(db)
-        except sqlite3.Error as err:
+
+        self._committer.commit(work, lambda err: self._committed(writes, err))
+
+    def _committed(self, writes: list[tuple[str, _Write]], err: BaseException | None) -> None:
+        """The outcome of one commit (on the loop, once it is known)."""
+        if err is not None:
             self.problem = f"{self.path}: the last commit failed: {err}"
             _log.error(
                 "alert_outbox_write_failed",

@@ -191,7 +191,8 @@ def format_status(doc: dict[str, Any], now: float) -> str:
         f"{len(doc['vms'])} VM(s) on {doc['host']}, {firing} alert(s) firing; "
         + (f"needs attention: {', '.join(attention)}" if attention else "all connected and running")
     )
-    lines += [f"degraded ({reason}): {why}" for reason, why in doc.get("degraded", {}).items()]
+    for reason, words in sorted(doc.get("degraded", {}).items()):
+        lines.append(f"DEGRADED ({reason}): {words}")
     return "\n".join(printable(line.rstrip()) for line in lines)
 
 

@@ -38,6 +38,7 @@ KINDS = (
     "storage_space_low",
     "vm_agent_absent",
     "vm_unreachable",
+    "libvirt_unresponsive",
 )
 
 # Alerts about a VM that is not running; they resolve when it runs again.
@@ -71,6 +72,7 @@ RESOLVABLE_KINDS = STOPPED_KINDS | {
     "storage_space_low",
     "vm_agent_absent",
     "vm_unreachable",
+    "libvirt_unresponsive",  # about a [[libvirt]] connection, not one VM (its `vm` is "")
 }
 
 # Alerts of the incidents a crash loop is made of; while a VM's vm_crash_loop fires they are

@@ -68,6 +68,8 @@ class DaemonConfig:
     # localhost, 127.0.0.1, ::1 and its own host; on any other address, any.
     metrics_hosts: tuple[str, ...] = ()
     metrics_max_connections: int = 64  # concurrent TCP clients; beyond it: 503 and closed
+    # Log bytes waiting for a log that is not read (journald stalled) before lines are dropped.
+    log_backlog_bytes: int = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,8 @@ class LibvirtConfig:
 
     uri: str = "qemu:///system"
     domains: tuple[str, ...] = ("*",)  # globs of domain names (fnmatch, case-sensitive)
+    # libvirtd unresponsive this long: the warning alert `libvirt_unresponsive`
+    unresponsive_alert_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +445,9 @@ def _parse_daemon(r: _Reader) -> DaemonConfig:
         metrics_max_connections=r.get(
             "metrics_max_connections", r.integer(), d.metrics_max_connections
         ),
+        log_backlog_bytes=int(
+            r.get("log_backlog_bytes", r.number(minimum=4095), d.log_backlog_bytes)
+        ),
     )
     _absolute(r, "api_socket", cfg.api_socket)
     if cfg.log_target == "journal" and cfg.log_file:
@@ -668,8 +675,9 @@ def _parse_libvirt(readers: list[_Reader], problems: list[str]) -> tuple[Libvirt
             return tuple(value)
 
         domains: tuple[str, ...] = r.get("domains", globs, d.domains)
+        alert_s = r.get("unresponsive_alert_s", r.number(positive=True), d.unresponsive_alert_s)
         r.finish()
-        out.append(LibvirtConfig(uri, domains))
+        out.append(LibvirtConfig(uri, domains, alert_s))
     return tuple(out)
 
 

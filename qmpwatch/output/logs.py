@@ -8,8 +8,11 @@ docs/architecture.md ("JSON lines") says why.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import re
 import sys
+import threading
 import time
 from collections.abc import Callable, MutableMapping
 from typing import IO, Any, Literal
@@ -18,6 +21,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from qmpwatch.aio.lanes import Lane
 from qmpwatch.aio.turns import EndOfTurn
 from qmpwatch.core.events import Event
 from qmpwatch.core.times import iso_from_epoch, iso_utc
@@ -51,6 +55,31 @@ class LineWriter:
         # Run before each batch is written: the daemon commits its state journals there, so
         # that a line on disk implies the state changes of the turn that logged it.
         self.before_write: list[Callable[[], object]] = []
+        self.lane: Lane | None = None  # where batches are written (None: here, at once)
+        self._backlog_max = 0
+        self._backlog = 0  # bytes handed to the lane, not yet written
+        self._dropped = 0  # lines dropped since the last batch written
+        self._lock = threading.Lock()
+
+    def offload(self, lane: Lane, backlog_max: int) -> None:
+        """From now on write each batch in `lane` (a thread), so that a log nobody reads
+        (journald stalled, a full pipe) never blocks the loop. Beyond `backlog_max` bytes
+        waiting, new `info` lines are dropped and counted, and lines of warning and above
+        (alerts, stalls) are kept up to twice that; the next batch written starts with a
+        `log_records_dropped` line saying how many lines were lost."""
+        self.lane = lane
+        self._backlog_max = backlog_max
+
+    def drain(self, timeout: float) -> bool:
+        """Wait (blocking) until the batches handed to the lane are written; False when they
+        are not after `timeout` s."""
+        if self.lane is None:
+            return True
+        try:
+            self.lane.submit(lambda: None).result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            return False
+        return True
 
     def msg(self, line: bytes | str) -> None:
         self.write_line(line if isinstance(line, bytes) else line.encode() + b"\n")
@@ -74,6 +103,39 @@ class LineWriter:
         for hook in self.before_write:
             hook()
         data, self._buffer = self._buffer, bytearray()  # the stream may keep what it is given
+        lane = self.lane
+        if lane is None:
+            self._write(data)
+            return
+        with self._lock:
+            if self._backlog + len(data) > self._backlog_max:
+                data = self._overflow(data)
+                if not data:
+                    return
+            self._backlog += len(data)
+        lane.submit(self._write_in_lane, data)
+
+    def _overflow(self, data: bytearray) -> bytearray:
+        """The backlog is full: drop the batch's `info` lines (counted), keep the others
+        (alerts, stalls, errors) up to twice the bound, then drop those too."""
+        kept = bytearray()
+        room = 2 * self._backlog_max - self._backlog
+        for line in data.splitlines(keepends=True):
+            if _IMPORTANT.search(line, 0, 64) and len(kept) + len(line) <= room:
+                kept += line
+            else:
+                self._dropped += 1
+        return kept
+
+    def _write_in_lane(self, data: bytearray) -> None:
+        with self._lock:
+            self._backlog -= len(data)
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            self._write(_dropped_line(dropped))
+        self._write(data)
+
+    def _write(self, data: bytes | bytearray) -> None:
         try:
             self.stream.write(data)
             self.stream.flush()
@@ -81,6 +143,25 @@ class LineWriter:
             # Nowhere left to write (stdout closed, disk full): the records are lost, but the
             # daemon goes on watching and alerting, which matters more.
             pass
+
+
+_IMPORTANT = re.compile(rb'"level":"(?:warning|error|critical)"')
+
+
+def _dropped_line(dropped: int) -> bytes:
+    """The `log_records_dropped` record, rendered in the log's thread (not through
+    structlog, which belongs to the loop)."""
+    return orjson.dumps(
+        {
+            "timestamp": iso_from_epoch(time.time()),
+            "level": "error",
+            "event": "log_records_dropped",
+            "dropped": dropped,
+            "reason": "the log was not read (journald or the log file stalled); "
+            "daemon.log_backlog_bytes were waiting",
+        },
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
 
 
 def _add_timestamp(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

@@ -26,6 +26,8 @@ from typing import IO, Any
 import structlog
 
 from qmpwatch import __version__
+from qmpwatch.aio.commits import JOURNALS
+from qmpwatch.aio.lanes import Lane
 from qmpwatch.alerts.dispatch import AlertDispatcher
 from qmpwatch.alerts.links import links_for
 from qmpwatch.core.alert import Alert
@@ -38,11 +40,13 @@ from qmpwatch.service.health import Degradation
 from qmpwatch.service.httpserver import Health, HttpServer
 from qmpwatch.service.metrics import Metrics
 from qmpwatch.service.recorder import Services
+from qmpwatch.service.stallwatch import Watched, watch_lanes
 from qmpwatch.service.statestore import StateStore
 from qmpwatch.service.status import FOLLOWERS_MAX, RecordTap, snapshot
 from qmpwatch.service.supervisor import Supervisor
 
 SHUTDOWN_DEADLINE_S = 5.0
+LOG_DRAIN_S = 2.0  # at exit: how long the last lines may take to reach the log
 ALERT_FLUSH_DEADLINE_S = 3.0  # last delivery attempts on shutdown; the rest waits
 STATUS_INTERVAL_S = 1.0
 # Open files qmpwatch needs beside one socket per VM: stdio, the event loop, the state and
@@ -73,6 +77,7 @@ class Daemon:
         if self._signals > 1:
             self.log.warning("daemon_forced_exit", signal=signame)
             self.writer.flush()
+            self.writer.drain(LOG_DRAIN_S / 4)
             os._exit(1)
         self.log.info("daemon_stopping", signal=signame)
         self._stop.set()
@@ -83,6 +88,15 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         state_dir = self.config.daemon.state_dir
+        daemon_cfg = self.config.daemon
+        log_lane = Lane("log")
+        # Lines are written in a thread of their own: a log nobody reads never stalls the loop.
+        self.writer.offload(log_lane, daemon_cfg.log_backlog_bytes)
+        log_target = "journald" if daemon_cfg.log_target == "journal" else "stdout"
+        stalls = [
+            Watched(log_lane, "journal_blocked", daemon_cfg.log_file or log_target, "a log write"),
+            Watched(JOURNALS, "state_store_slow", state_dir or "memory", "a SQLite commit"),
+        ]
         if statestore.flush_all not in self.writer.before_write:
             # The alert outbox and the state store commit a turn's writes before its lines.
             self.writer.before_write.append(statestore.flush_all)
@@ -138,6 +152,7 @@ class Daemon:
                     tg.create_task(self._reload_forever(supervisor, dispatcher), name="reload"),
                     tg.create_task(sdnotify.keep_alive(), name="watchdog"),
                     tg.create_task(self._status_forever(supervisor, status_changed), name="status"),
+                    tg.create_task(watch_lanes(stalls), name="stall-watch"),
                 ]
                 await self._stop.wait()
                 sdnotify.stopping()
@@ -154,6 +169,9 @@ class Daemon:
             store.close()
             self.log.info("daemon_stopped")
             self.writer.flush()
+            self.writer.drain(LOG_DRAIN_S)
+            self.writer.lane = None  # what is logged at exit (a library's last words) at once
+            log_lane.stop()
         return 0
 
     def _endpoints(
@@ -211,10 +229,8 @@ class Daemon:
         """The status document of `qmpwatch status` (`qmpwatch.service.status`)."""
         held = self._supervisor.watched() if self._supervisor is not None else []
         sinks = self._dispatcher.sink_report() if self._dispatcher is not None else []
-        doc = snapshot(host, held, time.time(), followers, sinks)
-        if self._degradation is not None:
-            doc["degraded"] = {**self._degradation.reasons(), **self._unbound}
-        return doc
+        degraded = self._degradation.reasons() if self._degradation is not None else {}
+        return snapshot(host, held, time.time(), followers, sinks, {**degraded, **self._unbound})
 
     def _health(self) -> Health:
         if self._supervisor is None or self._degradation is None:

@@ -2,7 +2,9 @@
 
 `degraded_reasons` names each kind of trouble that breaks the promise that an alert reaches a
 receiver and survives a restart (`state_store_unavailable`, `alert_outbox_unavailable`,
-`sink_failing`), with a sentence for people; `qmpwatch_degraded{reason}` exports them. Pure
+`sink_failing`), and every dependency that is stuck now (`libvirt_unresponsive`,
+`journal_blocked`, `state_store_slow`, ...: `qmpwatch.aio.stalls`), with a sentence for
+people; `qmpwatch_degraded{reason}` exports them. Pure
 apart from reading the state it is given; time is passed in. docs/architecture.md ("Health").
 """
 
@@ -14,10 +16,11 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from qmpwatch.aio.stalls import STALL_REASONS, STALLS, Stalls
 from qmpwatch.alerts.dispatch import AlertDispatcher, SinkFailing
 from qmpwatch.service.statestore import StateStore
 
-REASONS = ("state_store_unavailable", "alert_outbox_unavailable", "sink_failing")
+REASONS = ("state_store_unavailable", "alert_outbox_unavailable", "sink_failing", *STALL_REASONS)
 
 
 def degraded_reasons(
@@ -27,9 +30,11 @@ def degraded_reasons(
     failing: Mapping[str, SinkFailing],
     sink_failing_s: float,
     now: float,
+    stalled: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Reason -> what is wrong, for every reason in REASONS that holds at `now`."""
-    reasons: dict[str, str] = {}
+    """Reason -> what is wrong, for every reason in REASONS that holds at `now`; `stalled`:
+    the dependencies stuck now (`qmpwatch.aio.stalls`), by reason."""
+    reasons: dict[str, str] = dict(stalled or {})
     if store_problem:
         reasons["state_store_unavailable"] = store_problem
     if outbox_problem:
@@ -57,19 +62,23 @@ class Degradation(Collector):
         alerts: AlertDispatcher,
         sink_failing_s: Callable[[], float],
         clock: Callable[[], float] = time.time,
+        stalls: Stalls = STALLS,
     ) -> None:
         self._store = store
+        self._stalls = stalls
         self._alerts = alerts
         self._sink_failing_s = sink_failing_s
         self._clock = clock
 
     def reasons(self) -> dict[str, str]:
+        now = self._clock()
         return degraded_reasons(
+            stalled=self._stalls.current(now),
             store_problem=self._store.problem,
             outbox_problem=self._alerts.durability_problem,
             failing=self._alerts.failing,
             sink_failing_s=self._sink_failing_s(),
-            now=self._clock(),
+            now=now,
         )
 
     def collect(self) -> Iterable[Metric]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from qmpwatch.aio.commits import Committer
 from qmpwatch.aio.turns import EndOfTurn
 from qmpwatch.alerts.outbox import flush_all as flush_outboxes
 from qmpwatch.core.pins import Owner
@@ -61,6 +62,7 @@ class StateStore:
         self._unsaved: set[str] = set()  # VMs whose status is not written (queued or failed)
         self._db: sqlite3.Connection | None = None
         self._end_of_turn = EndOfTurn(self.flush)
+        self._committer = Committer()
         if state_dir is None or self.path is None:
             return
         try:
@@ -151,7 +153,10 @@ class StateStore:
             (vm, self._owners[vm].uid, self._owners[vm].socket, now)
             for vm in sorted(self._unsaved_owners)
         ]
-        try:
+        self._unsaved.clear()  # until the commit says otherwise
+        self._unsaved_owners.clear()
+
+        def work() -> None:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(_UPSERT, rows)
@@ -162,7 +167,16 @@ class StateStore:
                     with contextlib.suppress(sqlite3.Error):
                         db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as err:
+
+        self._committer.commit(
+            work, lambda err: self._committed([r[0] for r in rows], [o[0] for o in owners], err)
+        )
+
+    def _committed(self, vms: list[str], pinned: list[str], err: BaseException | None) -> None:
+        """The outcome of one commit (on the loop, once it is known)."""
+        if err is not None:
+            self._unsaved.update(vms)  # written with the next write that works
+            self._unsaved_owners.update(pinned)
             if self.problem is None:
                 structlog.get_logger().error(
                     "state_store_unavailable",
@@ -170,9 +184,7 @@ class StateStore:
                     effect="run statuses are kept in memory until a write works again",
                 )
             self.problem = f"{self.path}: {err}"
-            return  # still unsaved: written with the next write that works
-        self._unsaved.clear()
-        self._unsaved_owners.clear()
+            return
         if self.problem is not None:
             self.problem = None
             structlog.get_logger().info("state_store_recovered", path=str(self.path))
@@ -182,7 +194,7 @@ class StateStore:
         try:
             self.flush()
         finally:
-            if self._db is not None:
+            if self._db is not None and self._committer.drain():
                 self._db.close()
                 self._db = None
 

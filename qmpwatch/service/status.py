@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,9 +107,11 @@ def snapshot(
     now: float,
     followers: int = 0,
     sinks: list[dict[str, Any]] | None = None,
+    degraded: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The status document: every VM, and whether any needs attention; `sinks`: how each
-    alert sink fares (`AlertDispatcher.sink_report`)."""
+    """The status document: every VM, whether any needs attention, what is degraded (reason
+    -> a sentence, as `/healthz` says it), and `sinks`: how each alert sink fares
+    (`AlertDispatcher.sink_report`)."""
     vms = [vm_status(name, held) for name, held in sorted(sessions, key=lambda p: p[0])]
     attention = [
         vm["vm"] for vm in vms if not vm["connected"] or vm["status"] != "running" or vm["alerts"]
@@ -123,6 +125,7 @@ def snapshot(
         "attention": attention,
         "followers": followers,  # `qmpwatch tail`s following the daemon now
         "sinks": sinks or [],
+        "degraded": dict(degraded or {}),
     }
 
 

@@ -124,6 +124,33 @@ class Supervisor:
     def pin(self, name: str, owner: Owner) -> None:
         self.services.store.pin(name, owner)
 
+    def source_alert(self, alert: Alert, resolved: str | None = None) -> None:
+        alerts = self.services.alerts
+        now = time.time()
+        if resolved is None:
+            getattr(self.log, alert.severity)(
+                "alert",
+                alert=alert.kind,
+                severity=alert.severity,
+                summary=alert.summary,
+                fingerprint=alert.fingerprint,
+                details=dict(alert.details),
+            )
+            if alerts is not None:
+                alerts.fire(alert)
+        else:
+            self.log.info(
+                "alert_resolved",
+                alert=alert.kind,
+                fingerprint=alert.fingerprint,
+                summary=alert.summary,
+                reason=resolved,
+                resolved_summary=resolved_summary(alert.summary, resolved),
+            )
+            if alerts is not None:
+                alerts.resolve(resolved_because(alert, resolved), now)
+        self._changed()
+
     # -- the daemon's ---------------------------------------------------------------------------
 
     def resolve_orphans(self) -> None:

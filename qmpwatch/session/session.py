@@ -14,7 +14,7 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -38,7 +38,7 @@ from qmpwatch.session.link import (
     StatusRefused,
 )
 from qmpwatch.session.protectionprobe import probe
-from qmpwatch.session.storage import disks, filling
+from qmpwatch.session.storage import disks_of, filling, free_bytes, free_percent
 
 # Failures that mean no QEMU is behind the VM's socket (it went away while nobody watched),
 # as opposed to a QEMU that is there but cannot be reached.
@@ -326,8 +326,8 @@ class VmSession:
         except (CommandFailed, LinkClosed, TimeoutError):
             return  # a restricted monitor, a link that ends: alerts go without it
         self._block = block
-        found = disks(block)
-        if not if_changed or found != self.watch.disks:
+        found = await disks_of(block)  # {} when the paths could not be resolved in time
+        if not if_changed or (found and found != self.watch.disks):
             self.watch.on_disks(found, time.time())
 
     async def _agent_ports(self, link: Link) -> dict[str, bool | None] | None:
@@ -484,8 +484,11 @@ class VmSession:
             if filling(self.watch.firing.values()):
                 await self._learn_disks(link, if_changed=True)
             if config.storage_free_percent > 0:
-                found = await _statvfs(self.watch.storages())
-                free = {m: 100.0 * st.f_bavail / st.f_blocks for m, st in found.items()}
+                free: dict[str, float] = {}
+                for mount in self.watch.storages():
+                    share = await free_percent(mount, STATVFS_TIMEOUT_S)
+                    if share is not None:  # None: unreachable now, said by the disk's errors
+                        free[mount] = share
                 self.watch.on_storage_free(free, time.time())
             await asyncio.sleep(config.storage_check_interval_s)
 
@@ -496,8 +499,11 @@ class VmSession:
             await self._space_wanted.wait()
             self._space_wanted.clear()
             while self.watch.resumer.wants_space():
-                found = await _statvfs(self.watch.storages())
-                free = {m: st.f_bavail * st.f_frsize for m, st in found.items()}
+                free: dict[str, int] = {}
+                for mount in self.watch.storages():
+                    left = await free_bytes(mount, STATVFS_TIMEOUT_S)
+                    if left is not None:  # None: unreachable now, said by the disk's errors
+                        free[mount] = left
                 if self.watch.on_space(free, time.time()):
                     self._arm_deadline()
                 await asyncio.sleep(SPACE_POLL_S)
@@ -531,18 +537,3 @@ class VmSession:
     def _store_status(self) -> None:
         self.store.set_status(self.name, self.watch.status)
         self.recorder.status(self.watch.status)
-
-
-async def _statvfs(mounts: Iterable[str]) -> dict[str, os.statvfs_result]:
-    """statvfs of each mount, off the loop and bounded (NFS can hang); a mount that cannot
-    be read now is left out (the disk's own errors say so, if any)."""
-    found: dict[str, os.statvfs_result] = {}
-    for mount in mounts:
-        try:
-            async with asyncio.timeout(STATVFS_TIMEOUT_S):
-                st = await asyncio.to_thread(os.statvfs, mount)
-        except (OSError, TimeoutError):
-            continue
-        if st.f_blocks:
-            found[mount] = st
-    return found

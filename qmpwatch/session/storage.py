@@ -10,10 +10,66 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from qmpwatch.aio.lanes import Lane, LaneTimeout
+from qmpwatch.aio.stalls import STALLS
 from qmpwatch.core.alert import Alert
 from qmpwatch.core.watch import DiskInfo
 
 MOUNTINFO = "/proc/self/mountinfo"
+
+STALL_REASON = "storage_unresponsive"
+PATHS_TIMEOUT_S = 2.0  # resolving the images' paths (a hung mount on the way hangs it)
+
+_lanes: dict[str, Lane] = {}  # mount point -> the lane its statvfs calls run in
+_paths = Lane("storage paths")
+
+
+async def statvfs_of(mount: str, timeout: float) -> os.statvfs_result | None:
+    """`statvfs` of `mount`; None when unknown.
+
+    It runs in the mount's own lane (a thread): a hung file system (a dead NFS server) holds
+    up the calls for that mount only, and while one hangs past `timeout` no other is started
+    (None at once). A call that misses `timeout` starts the stall `storage_unresponsive`
+    (degraded, `dependency_stalled`); the next call that returns, even with an error, ends it.
+    """
+    lane = _lanes.get(mount)
+    if lane is None:
+        lane = _lanes[mount] = Lane(f"statvfs {mount}")
+    if lane.busy_for() >= timeout:
+        return None  # one hangs already: starting more would only pile them up
+    try:
+        st: os.statvfs_result = await lane.call(os.statvfs, mount, timeout=timeout)
+    except LaneTimeout:
+        STALLS.begin(STALL_REASON, mount, f"statvfs has not answered for {timeout:g} s")
+        return None
+    except OSError:
+        STALLS.end(STALL_REASON, mount)
+        return None
+    STALLS.end(STALL_REASON, mount)
+    return st
+
+
+async def free_percent(mount: str, timeout: float) -> float | None:
+    """The share of `mount` free for unprivileged users (`statvfs_of`); None when unknown."""
+    st = await statvfs_of(mount, timeout)
+    return 100.0 * st.f_bavail / st.f_blocks if st is not None and st.f_blocks else None
+
+
+async def free_bytes(mount: str, timeout: float) -> int | None:
+    """The bytes of `mount` free for unprivileged users (`statvfs_of`); None when unknown."""
+    st = await statvfs_of(mount, timeout)
+    return st.f_bavail * st.f_frsize if st is not None else None
+
+
+async def disks_of(block: Any) -> dict[str, DiskInfo]:
+    """`disks(block)` off the loop (it resolves paths, which a hung mount on the way
+    hangs), within PATHS_TIMEOUT_S; nothing known when it does not answer by then."""
+    if _paths.busy_for() >= PATHS_TIMEOUT_S:
+        return {}  # an earlier resolution hangs: starting more would only pile them up
+    try:
+        return await _paths.call(disks, block, timeout=PATHS_TIMEOUT_S)
+    except LaneTimeout:
+        return {}
 
 
 def mounts(text: str) -> list[tuple[str, str, str]]:

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Protocol
 
+from qmpwatch.core.alert import Alert
 from qmpwatch.core.config import Config, NoShutdown, RemediateConfig
 from qmpwatch.core.pins import Owner
 from qmpwatch.session.session import VmSession
@@ -45,6 +46,10 @@ class SessionHost(Protocol):
 
     def pin(self, name: str, owner: Owner) -> None:
         """Pin the VM name to `owner` (the first QEMU that spoke for it)."""
+
+    def source_alert(self, alert: Alert, resolved: str | None = None) -> None:
+        """An alert about a source itself, not one VM (a libvirtd that does not answer):
+        logged and sent to the sinks; with `resolved`, its resolution for that reason."""
 
 
 class Source(Protocol):

@@ -12,6 +12,10 @@ When libvirtd goes away (the close callback), every link ends as `closed` and th
 is made again after a capped backoff; then every domain is resynced: a running one gets a new
 link (its session reports what changed while nobody watched), one that stopped meanwhile is
 reported gone.
+
+No libvirt call runs on the daemon's loop: events come from libvirt's event thread, calls go
+through the connection's own lane, each with a deadline, and a libvirtd that stops answering
+is reported (`qmpwatch.sources.libvirtthread`).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from typing import Any
 
 import libvirt
 import libvirt_qemu
-import libvirtaio
 import structlog
 
+from qmpwatch.aio.lanes import Lane
 from qmpwatch.core.backoff import Backoff, FailureLog
 from qmpwatch.core.config import ConnectConfig, LibvirtConfig, RemediateConfig
 from qmpwatch.session.link import LinkInfo
@@ -42,6 +46,12 @@ from qmpwatch.sources.libvirtlink import (
     end_cause_of,
     libvirt_words,
 )
+from qmpwatch.sources.libvirtthread import (
+    CALL_TIMEOUT_S,
+    Crossing,
+    Responsiveness,
+    start_event_thread,
+)
 
 KEEPALIVE_INTERVAL_S = 5  # libvirtd silent for interval * (count + 1) s: the connection ends
 KEEPALIVE_COUNT = 2
@@ -54,25 +64,6 @@ READ_ONLY_HELP = (
     "or give its user read-write access to libvirt's socket (the unit's "
     "SupplementaryGroups=libvirt, or a polkit rule granting org.libvirt.unix.manage)"
 )
-
-_bound: list[asyncio.AbstractEventLoop] = []  # the loop libvirt's events are bound to
-
-
-def bind_events_to_loop() -> None:
-    """Bind libvirt's event loop to the running asyncio loop (once per process: libvirt
-    keeps the first implementation registered), and keep libvirt from printing its errors:
-    qmpwatch reports them."""
-    loop = asyncio.get_running_loop()
-    if not _bound:
-        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-        libvirt.registerErrorHandler(_ignore_error, None)
-        _bound.append(loop)
-    elif _bound[0] is not loop:
-        raise RuntimeError("libvirt's events are bound to another event loop")
-
-
-def _ignore_error(_ctx: object, _err: object) -> None:
-    return None
 
 
 class LibvirtRefused(Exception):
@@ -155,6 +146,26 @@ class LibvirtConnection:
         self._lost: asyncio.Future[str] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._conflicts: set[str] = set()
+        self._lane = Lane(f"libvirt {entry.uri}")
+        self._crossing: Crossing | None = None
+        self.answers = Responsiveness(
+            self._lane,
+            lambda: self.entry,
+            host.source_alert,
+            self._recovered,
+            lambda: self._conn,
+        )
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in this connection's lane (a thread), within CALL_TIMEOUT_S:
+        LaneTimeout (a TimeoutError) when libvirtd does not answer by then."""
+        return await self._lane.call(self._answered, fn, *args, timeout=CALL_TIMEOUT_S)
+
+    def _answered(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """In the lane: `fn(*args)`; a result (not an error) means libvirtd answers."""
+        result = fn(*args)
+        self.answers.answer()
+        return result
 
     def running(self, name: str) -> bool:
         """Whether the domain `name` is watched through a live link now."""
@@ -168,9 +179,14 @@ class LibvirtConnection:
 
     async def run(self) -> None:
         """Connect, watch, reconnect: until cancelled (the VMs' sessions stay open)."""
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            await self._connect_forever()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self.answers.run(), name=f"libvirt-answers:{self.entry.uri}")
+                await self._connect_forever()
+        finally:
+            self.answers.close()
+            self._lane.stop()
 
     def leave_all(self, reason: str) -> None:
         """The entry is gone from the configuration: every VM it held leaves."""
@@ -178,14 +194,19 @@ class LibvirtConnection:
             self._leave(name, reason)
 
     async def _connect_forever(self) -> None:
-        bind_events_to_loop()
+        start_event_thread()
+        self._crossing = Crossing(asyncio.get_running_loop(), self._events_dropped)
         backoff = Backoff(self.connect.backoff_initial_s, self.connect.backoff_max_s)
         failures = FailureLog(FAILURE_LOG_INTERVAL_S)
         connections = 0
         while True:
             try:
-                conn, callback_ids = self._open()
+                # No deadline here: an open waits as long as libvirtd does; meanwhile the
+                # lane is busy, which `self.answers` reports (degraded, then an alert).
+                future = self._lane.submit(self._open)
+                conn, callback_ids, version = await asyncio.wrap_future(future)
             except LibvirtRefused as err:
+                self.answers.answer()  # libvirtd, or the lack of it, answered
                 delay = backoff.next()
                 if failures.failed(err.reason, time.monotonic()):
                     level = "error" if err.reason in ("read_only", "permission") else "warning"
@@ -201,44 +222,50 @@ class LibvirtConnection:
             failures.succeeded()
             started = time.monotonic()
             connections += 1
-            why = await self._watch(conn, callback_ids, reconnect=connections > 1)
+            self.answers.answer()
+            why = await self._watch(conn, callback_ids, version, reconnect=connections > 1)
             self.log.warning("libvirt_disconnected", error=why)
             if time.monotonic() - started >= HEALTHY_CONNECTION_S:
                 backoff.reset()
             await asyncio.sleep(backoff.next())
 
-    def _open(self) -> tuple[Any, tuple[int, int]]:
+    def _open(self) -> tuple[Any, tuple[int, int], str]:
+        """In the lane: connect, subscribe, and read libvirt's version."""
         conn = open_connection(self.entry.uri)
         try:
             conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
-            qmp_id = register_monitor_events(conn, self._on_qmp_event)
+            qmp_id = register_monitor_events(conn, self._qmp_event_thread)
             try:
                 life_id = conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle_thread, None
                 )
-                conn.registerCloseCallback(self._on_close, None)
+                conn.registerCloseCallback(self._close_thread, None)
             except libvirt.libvirtError as err:
                 raise LibvirtRefused("error", libvirt_words(err)) from None
         except BaseException:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
             raise
-        return conn, (qmp_id, int(life_id))
+        return conn, (qmp_id, int(life_id)), _version(conn)
 
-    async def _watch(self, conn: Any, callback_ids: tuple[int, int], *, reconnect: bool) -> str:
+    async def _watch(
+        self, conn: Any, callback_ids: tuple[int, int], version: str, *, reconnect: bool
+    ) -> str:
         """Watch the domains of `conn` until it is lost; why it was."""
         self._conn = conn
         self._lost = asyncio.get_running_loop().create_future()
         try:
             try:
-                found = self._resync()
+                found = await self._resync()
             except libvirt.libvirtError as err:  # the connection broke at once
                 return f"listing the domains failed: {libvirt_words(err)}"
+            except TimeoutError as err:
+                return f"listing the domains failed: {err}"
             self.log.info(
                 "libvirt_connected",
                 domains=sorted(found),
                 reconnect=reconnect,
-                libvirt_version=_version(conn),
+                libvirt_version=version,
             )
             self._listed(self, found)
             return await self._lost
@@ -252,25 +279,49 @@ class LibvirtConnection:
                     domain.link.end("closed", error)
                 elif domain.link is not None:
                     domain.link = None  # seen starting, never up
-            _drop(conn, callback_ids)
+            self._lane.submit(_drop, conn, callback_ids)  # not awaited: it may hang too
 
-    def _on_close(self, _conn: Any, reason: int, _opaque: object) -> None:
+    def _on_close(self, _conn: Any, reason: int) -> None:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(CLOSE_REASONS.get(reason, f"reason {reason}"))
 
+    def _recovered(self) -> None:
+        """libvirtd answers again after a stall: resync every domain (what happened
+        meanwhile is reported as after a restart of libvirtd)."""
+        if self._conn is not None and self._tg is not None:
+            self._tg.create_task(self._resync_quietly())
+
+    async def _resync_quietly(self) -> None:
+        """A resync that may fail (the connection went meanwhile: its own end resyncs)."""
+        try:
+            if self._conn is not None:
+                await self._resync()
+        except (libvirt.libvirtError, TimeoutError):
+            pass
+        except Exception as err:  # a bug must not end the connection's task group
+            self.log.error("internal_error", error=repr(err), where="libvirt resync")
+
+    def _events_dropped(self, dropped: int) -> None:
+        """QMP events were dropped at the crossing: read every domain's status again."""
+        self.log.warning("libvirt_events_dropped", dropped=dropped)
+        for domain in self.domains.values():
+            if self.running(domain.name):
+                domain.session.request_status()
+
     # -- domains --------------------------------------------------------------------------------
 
-    def _resync(self) -> set[str]:
+    async def _resync(self) -> set[str]:
         """Hand every running wanted domain a new link; report the ones that stopped while
         their link was down. The wanted domains found, running or not."""
         found: set[str] = set()
         running: set[str] = set()
-        for dom in self._conn.listAllDomains(0):
-            name = dom.name()
-            if not self.wanted(name):
-                continue
+        conn = self._conn
+        listed = await self.call(self._list, conn, 0)
+        if conn is not self._conn:
+            raise libvirt.libvirtError("the connection ended while its domains were listed")
+        for dom, name, active in listed:
             found.add(name)
-            if dom.isActive():
+            if active:
                 running.add(name)
                 self._domain_up(dom, settle=True)
         for name, domain in list(self.domains.items()):
@@ -285,17 +336,31 @@ class LibvirtConnection:
                 self._leave_when_quiet(domain, "libvirt no longer has the domain")
         return found
 
+    def _list(self, conn: Any, flags: int) -> list[tuple[Any, str, bool]]:
+        """In the lane: (domain, name, running) of every wanted domain."""
+        found = []
+        for dom in conn.listAllDomains(flags):
+            name = dom.name()
+            if self.wanted(name):
+                found.append((dom, name, bool(dom.isActive())))
+        return found
+
     def retarget(self, entry: LibvirtConfig) -> None:
         """New `domains` globs: VMs no longer matched leave; newly matched domains come."""
         self.entry = entry
         for name in list(self.domains):
             if not self.wanted(name):
                 self._leave(name, "no longer matched by its [[libvirt]] entry's domains")
-        if self._conn is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                for dom in self._conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-                    if self.wanted(dom.name()):
-                        self._domain_up(dom, settle=False)
+        if self._conn is not None and self._tg is not None:
+            self._tg.create_task(self._add_matched(self._conn))
+
+    async def _add_matched(self, conn: Any) -> None:
+        with contextlib.suppress(libvirt.libvirtError, TimeoutError):
+            active = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+            for dom, _, _ in await self.call(self._list, conn, active):
+                if conn is not self._conn:
+                    return  # the connection went meanwhile: the next one lists them
+                self._domain_up(dom, settle=False)
 
     def _domain(self, name: str) -> _Domain | None:
         """The watched domain `name`, its session opened when new; None: not ours to watch."""
@@ -325,7 +390,7 @@ class LibvirtConnection:
                 no_shutdown=True,  # libvirt always runs QEMU with -no-shutdown
                 extra={"uuid": dom.UUIDString(), "domain_id": dom.ID()},
             )
-            domain.link = DomainLink(dom, info, settle=settle)
+            domain.link = DomainLink(dom, info, settle=settle, call=self.call)
         return domain.link
 
     def _domain_up(self, dom: Any, *, settle: bool) -> None:
@@ -380,9 +445,9 @@ class LibvirtConnection:
 
         task.add_done_callback(ended)
 
-    # -- libvirt's callbacks (on the loop; they must not raise) ---------------------------------
+    # -- libvirt's callbacks, in its event thread: each crosses to the loop ----------------------
 
-    def _on_qmp_event(
+    def _qmp_event_thread(
         self,
         _conn: Any,
         dom: Any,
@@ -392,7 +457,30 @@ class LibvirtConnection:
         details: str | None,
         _opaque: object,
     ) -> None:
-        now = time.time()
+        assert self._crossing is not None
+        self._crossing.event(self._on_qmp_event, dom, event, seconds, micros, details, time.time())
+
+    def _lifecycle_thread(
+        self, _conn: Any, dom: Any, event: int, detail: int, _opaque: object
+    ) -> None:
+        assert self._crossing is not None
+        self._crossing.always(self._on_lifecycle, dom, event, detail)
+
+    def _close_thread(self, conn: Any, reason: int, _opaque: object) -> None:
+        assert self._crossing is not None
+        self._crossing.always(self._on_close, conn, reason)
+
+    # -- libvirt's callbacks, on the loop (they must not raise) ---------------------------------
+
+    def _on_qmp_event(
+        self,
+        dom: Any,
+        event: str,
+        seconds: int,
+        micros: int,
+        details: str | None,
+        now: float,
+    ) -> None:
         try:
             name = dom.name()
             domain = self.domains.get(name)
@@ -411,7 +499,7 @@ class LibvirtConnection:
         except Exception as err:  # a bug must not reach libvirt's dispatcher
             self.log.error("internal_error", error=repr(err), where="libvirt QMP event")
 
-    def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: object) -> None:
+    def _on_lifecycle(self, dom: Any, event: int, detail: int) -> None:
         try:
             name = dom.name()
             if event == EVENT_STARTED:

@@ -17,16 +17,16 @@ source says so, from libvirt's lifecycle events (`end_cause_of`):
 - a lost connection to libvirtd ends it with `closed`: nothing is known about QEMU, and the
   next link's resync reports what changed meanwhile.
 
-Every libvirt call runs on the daemon's loop (libvirt's events are bound to it through
-libvirtaio, which is not thread-safe); each is one local RPC, and a libvirtd that stops
-answering is cut off by the connection's keepalive.
+No libvirt call runs on the daemon's loop: the state is read in the connection's lane (a
+thread of its own), with a deadline (`call`, from `qmpwatch.sources.libvirthost`); a
+libvirtd that does not answer in time is a `query-status` that timed out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import libvirt
@@ -138,10 +138,19 @@ def link_gone(err: libvirt.libvirtError, dom: Any) -> bool:
 class DomainLink:
     """One running domain, watched through libvirt until its QEMU stops or libvirtd goes."""
 
-    def __init__(self, dom: Any, info: LinkInfo, *, settle: bool) -> None:
+    def __init__(
+        self,
+        dom: Any,
+        info: LinkInfo,
+        *,
+        settle: bool,
+        call: Callable[..., Awaitable[Any]],
+    ) -> None:
         """`settle`: wait for libvirt to finish reconnecting to QEMU before the first state
-        read (after a restart of libvirtd its state is the one saved before, for a while)."""
+        read (after a restart of libvirtd its state is the one saved before, for a while);
+        `call(fn, *args)`: `fn(*args)` off the loop, with a deadline."""
         self.dom = dom
+        self._call = call
         self.info = info
         self._settle = settle
         self._callbacks: LinkCallbacks | None = None
@@ -210,15 +219,11 @@ class DomainLink:
     async def query_status(self) -> str:
         if self._end is not None:
             raise LinkClosed(self._end[1] or "the link has ended")
-        try:
-            if self._settle:
-                self._settle = False
-                self._wait_reconnected()
-            state, reason = self.dom.state()
-        except libvirt.libvirtError as err:
-            if link_gone(err, self.dom):
-                raise LinkClosed(libvirt_words(err)) from None
-            raise StatusRefused(f"libvirt: {libvirt_words(err)}") from None
+        settle, self._settle = self._settle, False
+        answer = await self._call(_read_state, self.dom, settle)
+        if isinstance(answer, LinkClosed | StatusRefused):
+            raise answer
+        state, reason = answer
         if self._callbacks is not None:
             self._callbacks.on_reply()  # events after this point are newer than the answer
         word = status_word(state, reason)
@@ -227,14 +232,6 @@ class DomainLink:
         if state == SHUTOFF:
             raise LinkClosed("libvirt says the domain is shut off")
         raise StatusRefused(f"libvirt reports no state for the domain ({state}, {reason})")
-
-    def _wait_reconnected(self) -> None:
-        """Block until libvirt has reconnected to the domain's QEMU. After a restart,
-        libvirtd reconnects to each QEMU under a job and updates the saved state at its end;
-        `virDomainMemoryStats` takes a query job, so it returns only then (it reads the
-        balloon, when the domain has one, through libvirt's own monitor: no taint)."""
-        with contextlib.suppress(libvirt.libvirtError):  # the state read says what is wrong
-            self.dom.memoryStats()
 
     async def wait_closed(self) -> tuple[EndCause, str]:
         await self._ended.wait()
@@ -245,3 +242,22 @@ class DomainLink:
         self.end("closed", "")
         assert self._end is not None
         return self._end
+
+
+def _read_state(dom: Any, settle: bool) -> tuple[int, int] | LinkClosed | StatusRefused:
+    """In the connection's lane: the domain's (state, reason), or why there is none.
+
+    With `settle`, first wait until libvirt has reconnected to the domain's QEMU. After a
+    restart, libvirtd reconnects to each QEMU under a job and updates the saved state at its
+    end; `virDomainMemoryStats` takes a query job, so it returns only then (it reads the
+    balloon, when the domain has one, through libvirt's own monitor: no taint)."""
+    try:
+        if settle:
+            with contextlib.suppress(libvirt.libvirtError):  # the state read says what is wrong
+                dom.memoryStats()
+        state, reason = dom.state()
+    except libvirt.libvirtError as err:
+        if link_gone(err, dom):
+            return LinkClosed(libvirt_words(err))
+        return StatusRefused(f"libvirt: {libvirt_words(err)}")
+    return int(state), int(reason)

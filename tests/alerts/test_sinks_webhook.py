@@ -407,3 +407,28 @@ async def test_host_defaults_to_config_then_hostname(tmp_path: Path) -> None:
     assert by_name.host == socket.gethostname()
     await by_config.aclose(0)
     await by_name.aclose(0)
+
+
+async def test_a_webhook_host_name_is_looked_up_in_the_sinks_own_lane(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A webhook URL with a host name (localhost) is resolved in the sink's own lane, not
+    asyncio's default executor, and delivered."""
+    url = receiver.url.replace("127.0.0.1", "localhost")
+    dispatcher = AlertDispatcher(fast(WebhookConfig(url)), tmp_path, host="h")
+    used: list[str] = []
+    loop = asyncio.get_running_loop()
+    original = loop.getaddrinfo
+
+    async def spy(*args: Any, **kwargs: Any) -> Any:
+        used.append(str(args[0]))
+        return await original(*args, **kwargs)
+
+    loop.getaddrinfo = spy  # type: ignore[method-assign]
+    try:
+        async with running(dispatcher):
+            dispatcher.fire(make_alert())
+            await receiver.wait_for(lambda r: r.delivered)
+    finally:
+        del loop.getaddrinfo
+    assert "localhost" not in used

@@ -294,6 +294,16 @@ def test_values_other_than_the_defaults_are_read() -> None:
             id="exec-command-string",
         ),
         pytest.param(
+            "[[libvirt]]\nunresponsive_alert_s = 0",
+            "libvirt[0].unresponsive_alert_s: must be a number greater than 0, got 0",
+            id="libvirt-unresponsive-alert",
+        ),
+        pytest.param(
+            "[daemon]\nlog_backlog_bytes = 10",
+            "daemon.log_backlog_bytes: must be a number greater than 4095, got 10",
+            id="log-backlog",
+        ),
+        pytest.param(
             "[[alert.exec]]\ncommand = []",
             "alert.exec[0].command: expected a non-empty array of strings (argv), got an array",
             id="exec-command-empty",

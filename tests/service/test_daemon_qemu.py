@@ -582,7 +582,8 @@ async def test_discovery_adds_new_sockets_drops_removed_ignores_files(
             connected = await daemon.wait_for("vm_connected", vm="alpha")
             assert connected["no_shutdown"] is True
             await vm.stop()
-            await daemon.wait_for("qmp_event", vm="alpha", qmp="STOP")
+            # the alert, not just the STOP: it needs query-status answered before the quit
+            await daemon.wait_for("alert", vm="alpha", alert="vm_stopped_unexpected")
             await vm.quit()  # QEMU removes its socket file
         assert not (run / "alpha.qmp").exists()
         removed = await daemon.wait_for("vm_removed", vm="alpha")

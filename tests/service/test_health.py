@@ -189,7 +189,7 @@ async def test_unusable_state_dir_is_degraded_and_connect_failures_count_as_logg
         assert str(blocker) in body["degraded"]["alert_outbox_unavailable"]
         text = await scrape(port)
         for reason in REASONS:
-            want = 0 if reason == "sink_failing" else 1
+            want = 1 if reason in ("state_store_unavailable", "alert_outbox_unavailable") else 0
             assert sample(text, "qmpwatch_degraded", reason=reason) == want
 
         missing = await daemon.wait_for("vm_connect_failed", vm="ghost", reason="missing")

@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import threading
 from collections.abc import Collection, Sequence
 
+from qmpwatch.aio.lanes import Lane
 from qmpwatch.alerts.outbox import Entry
 from qmpwatch.alerts.sinks import DeliveryError, scrub, truncate
 from qmpwatch.alerts.sinks.payload import VERSION, encode, payload_v1
@@ -49,6 +52,7 @@ class ExecSink:
         self._hidden: Collection[str] = frozenset(
             s.source[4:] for s in self._secrets if s.source.startswith("env:")
         )
+        self._lane = Lane(f"exec {self.name}")
 
     @staticmethod
     def identity(config: ExecConfig) -> tuple[str, ...]:
@@ -58,7 +62,7 @@ class ExecSink:
         return None
 
     async def stop(self) -> None:
-        return None
+        self._lane.stop()  # its thread ends once a command in progress has
 
     def environment(self, entry: Entry) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in self._hidden}
@@ -80,32 +84,21 @@ class ExecSink:
         return env
 
     async def deliver(self, entry: Entry) -> None:
+        """Run the command in the sink's lane (a thread): starting a program blocks until
+        it has been executed, which hangs as long as the file system holding it does (a
+        dead NFS server). The dispatcher's timeout cancels the wait; the process group is
+        then killed."""
         body = encode(payload_v1(entry, self.host)) + b"\n"
+        run = _Run(self.config.command, body, self.environment(entry))
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.config.command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env=self.environment(entry),
-                start_new_session=True,
-            )
+            status, tail = await asyncio.wrap_future(self._lane.submit(run))
         except OSError as err:
             raise DeliveryError(
                 f"cannot run {self.target}: {err.strerror or type(err).__name__}"
             ) from None
-        finished = False
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(_feed(proc, body))
-                errors = tg.create_task(_tail(proc))
-            status = await proc.wait()
-            finished = True
-        finally:
-            if not finished:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        except BaseException:
+            run.kill()
+            raise
         if status == 0:
             return
         if status < 0:
@@ -115,35 +108,59 @@ class ExecSink:
                 why = f"killed by signal {-status}"
         else:
             why = f"exit status {status}"
-        tail = errors.result().decode("utf-8", "replace").strip()
-        if tail:
-            why = f"{why}: {truncate(scrub(tail, self._secrets)[-400:], 300)}"
-        raise DeliveryError(why)
+        text = tail.decode("utf-8", "replace").strip()
+        if text:
+            why = f"{why}: {truncate(scrub(text, self._secrets)[-400:], 300)}"
+        raise DeliveryError(scrub(why, self._secrets))
 
     async def refresh(self, alerts: Sequence[Alert], now: float) -> None:
         return None
 
 
-async def _feed(proc: asyncio.subprocess.Process, body: bytes) -> None:
-    """Write the payload to the command's stdin and close it; a command may ignore it.
+class _Run:
+    """One run of the command, in the sink's lane: (exit status, the end of its stderr)."""
 
-    A command that exits without reading may have closed the pipe already: uvloop then
-    refuses the write (RuntimeError, "the handler is closed") instead of a broken pipe.
-    """
-    assert proc.stdin is not None
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        if not proc.stdin.is_closing():
-            proc.stdin.write(body)
-            await proc.stdin.drain()
-    proc.stdin.close()
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        await proc.stdin.wait_closed()
+    def __init__(self, argv: Sequence[str], body: bytes, env: dict[str, str]) -> None:
+        self.argv = argv
+        self.body = body
+        self.env = env
+        self._lock = threading.Lock()
+        self._pid: int | None = None  # while the process runs (not yet reaped)
+        self._killed = False
 
+    def __call__(self) -> tuple[int, bytes]:
+        proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            start_new_session=True,
+        )
+        with self._lock:
+            self._pid = proc.pid
+            killed = self._killed
+        if killed:
+            self.kill()
+        assert proc.stdin is not None
+        assert proc.stderr is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            proc.stdin.write(self.body)  # a command may exit without reading it
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            proc.stdin.close()
+        kept = b""
+        while chunk := proc.stderr.read(65536):
+            kept = (kept + chunk)[-STDERR_KEPT:]
+        proc.stderr.close()
+        status = proc.wait()  # never under the lock: kill() runs on the loop
+        with self._lock:
+            self._pid = None
+        return status, kept
 
-async def _tail(proc: asyncio.subprocess.Process) -> bytes:
-    """Read stderr to its end, keeping the last STDERR_KEPT bytes."""
-    assert proc.stderr is not None
-    kept = b""
-    while chunk := await proc.stderr.read(65536):
-        kept = (kept + chunk)[-STDERR_KEPT:]
-    return kept
+    def kill(self) -> None:
+        """The attempt is over (timed out, or qmpwatch stops): kill its process group."""
+        with self._lock:
+            self._killed = True
+            if self._pid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self._pid, signal.SIGKILL)

@@ -4,17 +4,23 @@
 to `stop()`, and `_post` through it. The caller's `asyncio.timeout` bounds the whole exchange
 (connect, send, status, body). Connections are not reused (`force_close`): alerts are rare,
 and a kept-alive connection that the receiver closed meanwhile would cost a failed attempt
-and a backoff.
+and a backoff. Names are looked up in the session's own lane (`LaneResolver`), not asyncio's
+default executor: a DNS server that does not answer holds up this sink's lookups only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import aiohttp
+from aiohttp.resolver import ThreadedResolver
 
 from qmpwatch import __version__
+from qmpwatch.aio.lanes import Lane
 from qmpwatch.alerts.sinks import DeliveryError, redact_url, scrub, truncate
 from qmpwatch.core.config import Secret
 
@@ -27,14 +33,19 @@ class HttpSink:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: LaneResolver | None = None
 
     async def start(self) -> None:
-        self._session = new_session()
+        self._resolver = LaneResolver()
+        self._session = new_session(self._resolver)
 
     async def stop(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
 
     async def _post(
         self, url: str, body: bytes, headers: Mapping[str, str], secrets: Iterable[Secret]
@@ -43,9 +54,40 @@ class HttpSink:
         await post(self._session, url, body, headers, secrets)
 
 
-def new_session() -> aiohttp.ClientSession:
+class _LaneLookups:
+    """What `ThreadedResolver` asks of its event loop (getaddrinfo, getnameinfo), answered
+    from a lane of its own; the caller's timeout bounds the wait, not the lookup."""
+
+    def __init__(self, lane: Lane) -> None:
+        self._lane = lane
+
+    async def getaddrinfo(self, host: str, port: int, **kwargs: Any) -> Any:
+        return await asyncio.wrap_future(self._lane.submit(_getaddrinfo, host, port, kwargs))
+
+    async def getnameinfo(self, sockaddr: Any, flags: int = 0) -> Any:
+        return await asyncio.wrap_future(self._lane.submit(socket.getnameinfo, sockaddr, flags))
+
+
+def _getaddrinfo(host: str, port: int, kwargs: dict[str, Any]) -> Any:
+    return socket.getaddrinfo(host, port, **kwargs)
+
+
+class LaneResolver(ThreadedResolver):
+    """aiohttp's own resolver (its handling of the answers), its lookups in a lane."""
+
+    def __init__(self, name: str = "dns") -> None:
+        super().__init__()
+        self._lane = Lane(name)
+        self._loop = _LaneLookups(self._lane)  # type: ignore[assignment]
+
+    async def close(self) -> None:
+        """Let the lane's thread end (after a lookup in progress, if one hangs)."""
+        self._lane.stop()
+
+
+def new_session(resolver: LaneResolver | None = None) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(force_close=True),
+        connector=aiohttp.TCPConnector(force_close=True, resolver=resolver or LaneResolver()),
         timeout=aiohttp.ClientTimeout(total=None),  # the caller's asyncio.timeout rules
         headers={"User-Agent": USER_AGENT},
         raise_for_status=False,
