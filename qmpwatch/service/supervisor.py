@@ -139,24 +139,28 @@ class Supervisor:
             if alerts is not None:
                 alerts.fire(alert)
         else:
-            self.log.info(
-                "alert_resolved",
-                alert=alert.kind,
-                fingerprint=alert.fingerprint,
-                summary=alert.summary,
-                reason=resolved,
-                resolved_summary=resolved_summary(alert.summary, resolved),
-            )
-            if alerts is not None:
-                alerts.resolve(resolved_because(alert, resolved), now)
+            self._resolved(alert, resolved, now)
         self._changed()
+
+    def _resolved(self, alert: Alert, reason: str, now: float, **vm: str) -> None:
+        """Log `alert`'s resolution for `reason` and hand it to the sinks."""
+        self.log.info(
+            "alert_resolved",
+            **vm,
+            alert=alert.kind,
+            fingerprint=alert.fingerprint,
+            summary=alert.summary,
+            reason=reason,
+            resolved_summary=resolved_summary(alert.summary, reason),
+        )
+        if self.services.alerts is not None:
+            self.services.alerts.resolve(resolved_because(alert, reason), now)
 
     # -- the daemon's ---------------------------------------------------------------------------
 
     def resolve_orphans(self) -> None:
         """Alerts still firing from before a restart, of VMs no source has opened (removed
         from the configuration while qmpwatch was down): resolve them, saying why."""
-        alerts = self.services.alerts
         now = time.time()
         reason = "no longer in the configuration or discovered"
         orphans: dict[str, list[Alert]] = {
@@ -165,17 +169,7 @@ class Supervisor:
         for vm, firing in orphans.items():
             del self._restored[vm]
             for alert in firing:
-                self.log.info(
-                    "alert_resolved",
-                    vm=vm,
-                    alert=alert.kind,
-                    fingerprint=alert.fingerprint,
-                    summary=alert.summary,
-                    reason=reason,
-                    resolved_summary=resolved_summary(alert.summary, reason),
-                )
-                if alerts is not None:
-                    alerts.resolve(resolved_because(alert, reason), now)
+                self._resolved(alert, reason, now, vm=vm)
 
     async def stop_all(self) -> None:
         """Stop every source; their sessions close cleanly."""
