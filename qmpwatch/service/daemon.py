@@ -116,7 +116,10 @@ class Daemon:
             restored.setdefault(alert.vm, []).append(alert)
         metrics.outbox_depth_from(dispatcher.depth)
         self._degradation = Degradation(
-            store, dispatcher, lambda: self.config.alert.degraded_after_sink_failing_s
+            store,
+            dispatcher,
+            lambda: self.config.alert.degraded_after_sink_failing_s,
+            unbound=self._unbound,  # an endpoint that cannot listen now: metrics_unbound
         )
         metrics.registry.register(self._degradation)
         status_changed = asyncio.Event()
@@ -230,14 +233,14 @@ class Daemon:
         held = self._supervisor.watched() if self._supervisor is not None else []
         sinks = self._dispatcher.sink_report() if self._dispatcher is not None else []
         degraded = self._degradation.reasons() if self._degradation is not None else {}
-        return snapshot(host, held, time.time(), followers, sinks, {**degraded, **self._unbound})
+        return snapshot(host, held, time.time(), followers, sinks, degraded)
 
     def _health(self) -> Health:
         if self._supervisor is None or self._degradation is None:
             return Health(False, {"reason": "starting"})
         vms, connected, firing = self._supervisor.counts()
         detail = {"vms": vms, "connected": connected, "alerts_firing": firing}
-        return Health(True, detail, degraded={**self._degradation.reasons(), **self._unbound})
+        return Health(True, detail, degraded=self._degradation.reasons())
 
     async def _status_forever(self, supervisor: Supervisor, changed: asyncio.Event) -> None:
         """Keep systemd's STATUS= line current: sent when it changes, at most once per

@@ -20,7 +20,13 @@ from qmpwatch.aio.stalls import STALL_REASONS, STALLS, Stalls
 from qmpwatch.alerts.dispatch import AlertDispatcher, SinkFailing
 from qmpwatch.service.statestore import StateStore
 
-REASONS = ("state_store_unavailable", "alert_outbox_unavailable", "sink_failing", *STALL_REASONS)
+REASONS = (
+    "state_store_unavailable",
+    "alert_outbox_unavailable",
+    "sink_failing",
+    "metrics_unbound",
+    *STALL_REASONS,
+)
 
 
 def degraded_reasons(
@@ -31,10 +37,12 @@ def degraded_reasons(
     sink_failing_s: float,
     now: float,
     stalled: Mapping[str, str] | None = None,
+    unbound: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Reason -> what is wrong, for every reason in REASONS that holds at `now`; `stalled`:
-    the dependencies stuck now (`qmpwatch.aio.stalls`), by reason."""
-    reasons: dict[str, str] = dict(stalled or {})
+    the dependencies stuck now (`qmpwatch.aio.stalls`), by reason; `unbound`: the endpoints
+    that cannot listen now (`metrics_unbound`)."""
+    reasons: dict[str, str] = {**(stalled or {}), **(unbound or {})}
     if store_problem:
         reasons["state_store_unavailable"] = store_problem
     if outbox_problem:
@@ -63,8 +71,10 @@ class Degradation(Collector):
         sink_failing_s: Callable[[], float],
         clock: Callable[[], float] = time.time,
         stalls: Stalls = STALLS,
+        unbound: Mapping[str, str] | None = None,
     ) -> None:
         self._store = store
+        self._unbound = unbound if unbound is not None else {}
         self._stalls = stalls
         self._alerts = alerts
         self._sink_failing_s = sink_failing_s
@@ -74,6 +84,7 @@ class Degradation(Collector):
         now = self._clock()
         return degraded_reasons(
             stalled=self._stalls.current(now),
+            unbound=self._unbound,
             store_problem=self._store.problem,
             outbox_problem=self._alerts.durability_problem,
             failing=self._alerts.failing,

@@ -600,6 +600,32 @@ async def test_discovery_adds_new_sockets_drops_removed_ignores_files(
     assert len(daemon.find("vm_added", vm="alpha")) == 1
 
 
+async def test_a_discovered_socket_removed_while_qemu_runs_resolves_its_alerts(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    """A paused VM's discovered socket is removed while its QEMU runs on: the VM leaves the
+    watch and its alert resolves as no longer discovered."""
+    run = sock_dir / "run"
+    run.mkdir()
+    cfg = write_config(
+        tmp_path / "c.toml", state_dir=tmp_path / "state", discover=[{"glob": f"{run}/*.qmp"}]
+    )
+    async with (
+        DaemonProcess.start(cfg) as daemon,
+        LabVM.start(LabSpec("beta"), sock_dir, watch_socket=run / "beta.qmp") as vm,
+    ):
+        await daemon.wait_for("vm_connected", vm="beta")
+        await vm.stop()
+        alert = await daemon.wait_for("alert", vm="beta", alert="vm_stopped_unexpected")
+        (run / "beta.qmp").unlink()  # an operator's rm; QEMU runs on
+        removed = await daemon.wait_for("vm_removed", vm="beta")
+        resolved = await daemon.wait_for("alert_resolved", fingerprint=alert["fingerprint"])
+        assert vm.returncode is None  # QEMU was not stopped: only its socket went
+    assert removed["socket"] == str(run / "beta.qmp")
+    assert resolved["reason"] == "no longer discovered (its socket is gone)"
+    assert not daemon.find("vm_crashed", vm="beta")
+
+
 def read_at(record: dict[str, Any]) -> datetime:
     """When qmpwatch read what a record is about: its `timestamp`."""
     return datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00"))
