@@ -341,3 +341,25 @@ async def test_a_connection_step_that_raises_is_started_again(
     assert "injected fault" in failed["error"]
     assert failed["then"] == "starts it again in 2 s"
     assert failed["uri"] == URI
+
+
+async def test_qmp_events_dropped_at_the_crossing_are_counted_and_the_domains_read_again(
+    tmp_path: Path, libvirt_lab: LibvirtLab
+) -> None:
+    """QMP events dropped between libvirt's thread and the loop (injected: the flood a busy loop
+    would take): one libvirt_events_dropped record, and the domain's pause is still alerted."""
+    run = token()
+    dom = await LabDomain(libvirt_lab, DomainSpec(f"{run}f")).create()
+    config = write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        sections={"connect": FAST_CONNECT},
+        arrays={"libvirt": [{"uri": URI, "domains": [f"{run}*"]}]},
+    )
+    async with DaemonProcess.start(config, faults=["libvirt.crossing"]) as daemon:
+        await daemon.wait_for("vm_connected", vm=dom.name)
+        await virsh("suspend", dom.name)
+        dropped = await daemon.wait_for("libvirt_events_dropped")
+        await daemon.wait_for("alert", vm=dom.name, alert="vm_stopped_unexpected")
+        assert daemon.proc.returncode is None, daemon.stderr_text()
+    assert (dropped["uri"], dropped["dropped"]) == (URI, 1)

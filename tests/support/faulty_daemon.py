@@ -12,6 +12,8 @@ FAULT is `STEP` or `STEP:TARGET` (a VM name, or a socket path for listen.accept)
 - `session.resync`  the query-status after a link is up (TARGET: the VM)
 - `session.read`    reading a negotiated link (TARGET: the VM)
 - `libvirt.connect` opening a [[libvirt]] connection
+- `libvirt.crossing` the first QMP event from libvirt's thread counts one event dropped at the
+  crossing, as if the loop had fallen EVENTS_BEHIND_MAX behind (it is still delivered)
 """
 
 from __future__ import annotations
@@ -82,8 +84,28 @@ def inject(fault: str) -> None:
         from qmpwatch.sources import libvirthost
 
         _once(libvirthost.LibvirtConnection, "_open", step, target, lambda self: "")
+    elif step == "libvirt.crossing":
+        _count_one_dropped()
     else:
         raise SystemExit(f"faulty_daemon: unknown fault {fault!r}")
+
+
+def _count_one_dropped() -> None:
+    """The first QMP event at libvirt's crossing counts as one dropped (see the docstring)."""
+    from qmpwatch.sources import libvirtthread
+
+    original = libvirtthread.Crossing.event
+    done = False
+
+    def event(self: libvirtthread.Crossing, fn: Callable[..., None], *args: Any) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            with self._lock:
+                self._dropped += 1
+        original(self, fn, *args)
+
+    libvirtthread.Crossing.event = event  # type: ignore[method-assign]
 
 
 def main(argv: list[str]) -> int:
