@@ -13,7 +13,7 @@ import asyncio
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,23 @@ class _Seen:
 
 def _say(text: str) -> None:
     print(f"\n==> {text}", file=sys.stderr, flush=True)
+
+
+async def watch_during(
+    config: Config, seen: _Seen, state_dir: Path, story: Callable[[], Awaitable[None]]
+) -> None:
+    """Watch `config`'s VMs with the daemon's own supervisor while `story` runs."""
+    store = StateStore(state_dir)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            supervisor = Supervisor(config, Services(store, observe=seen.observe), tg)
+            supervisor.apply()
+            try:
+                await story()
+            finally:
+                await supervisor.stop_all()
+    finally:
+        store.close()
 
 
 async def _script(web: LabVM, db: LabVM, seen: _Seen) -> None:
@@ -113,18 +130,8 @@ async def _demo(workdir: Path) -> int:
             ),
         )
         seen = _Seen()
-        store = StateStore(workdir / "state")
         started = time.monotonic()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                supervisor = Supervisor(config, Services(store, observe=seen.observe), tg)
-                supervisor.apply()
-                try:
-                    await _script(web, db, seen)
-                finally:
-                    await supervisor.stop_all()
-        finally:
-            store.close()
+        await watch_during(config, seen, workdir / "state", lambda: _script(web, db, seen))
         _say(
             f"done in {time.monotonic() - started:.1f} s. Every record above is what "
             "`qmpwatch run` writes; see README.md to watch your own VMs."

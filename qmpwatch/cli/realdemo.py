@@ -20,14 +20,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from qmpwatch.cli.demo import _say, _Seen
+from qmpwatch.cli.demo import _say, _Seen, watch_during
 from qmpwatch.core.config import Config, DaemonConfig, RemediateConfig, VmConfig
 from qmpwatch.lab import GuestSpec, LabError, LabSpec, LabVM, QemuNotFound, fetch_kit, require_qemu
 from qmpwatch.lab.guestkit import DEFAULT_DIR
 from qmpwatch.output import logs
-from qmpwatch.service.recorder import Services
-from qmpwatch.service.statestore import StateStore
-from qmpwatch.service.supervisor import Supervisor
 
 BOOT_TIMEOUT_S = 60.0
 FILL_MIB = 16
@@ -134,17 +131,9 @@ async def _demo(workdir: Path, kit_dir: Path) -> int:
                 ),
             )
             seen = _Seen()
-            state = StateStore(workdir / "state")
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    supervisor = Supervisor(config, Services(state, observe=seen.observe), tg)
-                    supervisor.apply()
-                    try:
-                        await _story(by_name, seen, store)
-                    finally:
-                        await supervisor.stop_all()
-            finally:
-                state.close()
+            await watch_during(
+                config, seen, workdir / "state", lambda: _story(by_name, seen, store)
+            )
             _say(
                 f"done in {time.monotonic() - started:.1f} s. Every record above is what "
                 "`qmpwatch run` writes; see README.md to watch your own VMs."
