@@ -7,7 +7,7 @@ reasons, metrics, degraded reasons) of every record, `/metrics` page and `/healt
 state any qmpwatch produces while the tests run:
 
 - in the test process, while a `Daemon` runs or in a test that started a fake QMP peer:
-  `LineWriter.flush`, `Metrics.render`, `HttpServer._metrics`, `health.degraded_reasons`
+  `LineWriter._write`, `Metrics.render`, `HttpServer._metrics`, `health.degraded_reasons`
   wrapped from the outside (no hook in qmpwatch; a writer's own unit tests log arbitrary
   kinds, so other in-process records do not count);
 - in child processes (`qmpwatch run`, `demo`, `replay`, ...): the same, through
@@ -48,7 +48,6 @@ import pytest
 from tests.support.contract_site.contract_keys import (
     SERIES_SUFFIXES,
     Key,
-    Tee,
     degraded_keys,
     lines_keys,
     metric_keys,
@@ -378,15 +377,11 @@ def _in_process(collector: Collector) -> None:
         if counted():  # not a writer's own test (arbitrary kinds)
             collector.note(lines_keys(bytes(data)))
 
-    def flush(inner: Callable[..., Any]) -> Callable[..., Any]:
-        def tee(self: logs.LineWriter) -> None:
-            # What reaches the stream: the lines that `before_write` hooks log count too.
-            stream = self.stream
-            self.stream = Tee(stream, note_lines)  # type: ignore[assignment]
-            try:
-                inner(self)
-            finally:
-                self.stream = stream
+    def write(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def tee(self: logs.LineWriter, data: bytes | bytearray) -> None:
+            # What reaches the stream, on the loop or in the log's lane (a thread).
+            note_lines(bytes(data))
+            inner(self, data)
 
         return tee
 
@@ -440,7 +435,7 @@ def _in_process(collector: Collector) -> None:
 
     _wrap(daemon.Daemon, "main", main)
     _wrap(httpserver.HttpServer, "_metrics", page)
-    _wrap(logs.LineWriter, "flush", flush)
+    _wrap(logs.LineWriter, "_write", write)
     _wrap(metrics.Metrics, "render", render)
     _wrap(health, "degraded_reasons", reasons)
     _wrap(fake_qmp.FakeQmp, "__init__", fake)

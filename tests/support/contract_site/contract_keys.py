@@ -15,7 +15,6 @@ A key is (table, name):
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -82,19 +81,3 @@ def degraded_keys(reasons: Iterable[str]) -> Iterator[Key]:
     """The keys of the degraded reasons that hold."""
     for reason in reasons:
         yield ("degraded", reason)
-
-
-class Tee:
-    """A stream that hands each write to `note` before passing it on."""
-
-    def __init__(self, stream: Any, note: Any) -> None:
-        self._stream = stream
-        self._note = note
-
-    def write(self, data: Any) -> Any:
-        with contextlib.suppress(Exception):
-            self._note(data)
-        return self._stream.write(data)
-
-    def flush(self) -> Any:
-        return self._stream.flush()

@@ -3,7 +3,7 @@
 The suite's plugin (`tests.support.contract`) puts this directory first on $PYTHONPATH and
 names a directory in $QMPWATCH_CONTRACT_DIR. Python imports this module at start; it does
 nothing until qmpwatch's own modules load, then wraps, from the outside (qmpwatch has no test
-hook): `LineWriter.flush` (every JSON line the process writes), `Metrics.render` and
+hook): `LineWriter._write` (every JSON line the process writes), `Metrics.render` and
 `HttpServer._metrics` (every `/metrics` page) and `health.degraded_reasons`. Each key seen
 for the first time is appended to a file of its own in that directory, one line each:
 `table<TAB>name as JSON<TAB>origin<TAB>test` (origin `replay` for `qmpwatch replay`, else
@@ -47,28 +47,20 @@ def _note(keys: Any) -> None:
 
 def _patch(name: str, module: Any) -> None:
     from contract_keys import (  # type: ignore[import-not-found]  # beside this file
-        Tee,
         degraded_keys,
         lines_keys,
         metric_keys,
     )
 
     if name == "qmpwatch.output.logs":
-        flush = module.LineWriter.flush
+        write = module.LineWriter._write
 
-        def note_lines(data: bytes) -> None:
+        def tee_write(self: Any, data: bytes | bytearray) -> None:
+            # What reaches the stream, on the loop or in the log's lane (a thread).
             _note(lines_keys(bytes(data)))
+            write(self, data)
 
-        def tee_flush(self: Any) -> None:
-            # What reaches the stream: the lines that `before_write` hooks log count too.
-            stream = self.stream
-            self.stream = Tee(stream, note_lines)
-            try:
-                flush(self)
-            finally:
-                self.stream = stream
-
-        module.LineWriter.flush = tee_flush
+        module.LineWriter._write = tee_write
     elif name == "qmpwatch.service.metrics":
         render = module.Metrics.render
 
